@@ -1,0 +1,90 @@
+// Data preparation and processed-dataset access: kiln._core.prepare_dataset and friends.
+#include "bindings.hpp"
+
+#include "kiln/dataset.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln::bindings {
+
+void register_dataset(py::module_& m) {
+  py::class_<ImageSpec>(m, "ImageSpec", "Layout every image of a dataset is brought to (uint8, CHW).")
+      .def_readonly("channels", &ImageSpec::channels)
+      .def_readonly("height", &ImageSpec::height)
+      .def_readonly("width", &ImageSpec::width)
+      .def("__repr__", [](const ImageSpec& spec) { return "ImageSpec(" + to_string(spec) + ")"; });
+
+  py::class_<FileNote>(m, "FileNote", "A file of the raw tree and what happened to it.")
+      .def_readonly("path", &FileNote::path)
+      .def_readonly("reason", &FileNote::reason)
+      .def("__repr__", [](const FileNote& note) { return "FileNote(" + note.path + ": " + note.reason + ")"; });
+
+  py::class_<SplitInfo>(m, "SplitInfo")
+      .def_readonly("name", &SplitInfo::name)
+      .def_readonly("file", &SplitInfo::file)
+      .def_readonly("count", &SplitInfo::count)
+      .def_readonly("bytes", &SplitInfo::bytes)
+      .def_readonly("class_counts", &SplitInfo::class_counts);
+
+  py::class_<Manifest>(m, "Manifest", "Contents of a processed dataset's manifest.json.")
+      .def_readonly("kiln_version", &Manifest::kiln_version)
+      .def_readonly("source_dir", &Manifest::source_dir)
+      .def_readonly("classes", &Manifest::classes)
+      .def_readonly("image", &Manifest::image)
+      .def_readonly("mean", &Manifest::mean)
+      .def_readonly("std", &Manifest::std)
+      .def_readonly("normalization_split", &Manifest::normalization_split)
+      .def_readonly("splits", &Manifest::splits)
+      .def_readonly("skipped", &Manifest::skipped)
+      .def_readonly("converted", &Manifest::converted)
+      .def_readonly("warnings", &Manifest::warnings)
+      .def("split", &Manifest::split, py::arg("name"), py::return_value_policy::reference_internal);
+
+  m.def(
+      "prepare_dataset",
+      [](const std::filesystem::path& raw_dir, const std::filesystem::path& out_dir,
+         std::optional<std::pair<int, int>> image_size, std::optional<int> channels, int num_workers,
+         py::object progress) {
+        PrepareOptions options;
+        options.raw_dir = raw_dir;
+        options.out_dir = out_dir;
+        options.image_size = image_size;
+        options.channels = channels;
+        options.num_workers = num_workers;
+        PythonProgress bridge(std::move(progress));
+        try {
+          py::gil_scoped_release release;
+          return prepare_dataset(options, bridge.function());
+        } catch (const Cancelled&) {
+          bridge.rethrow_python_error();
+          throw;
+        }
+      },
+      py::arg("raw_dir"), py::arg("out_dir"), py::kw_only(), py::arg("image_size") = py::none(),
+      py::arg("channels") = py::none(), py::arg("num_workers") = 0, py::arg("progress") = py::none(),
+      R"doc(Decode <raw_dir>/<split>/<class>/<image> on all cores and commit the processed dataset to out_dir.
+
+image_size: (height, width) for every image; default the size of the first image.
+channels: 1 or 3; default the channel count of the first image.
+num_workers: decoding threads, 0 for one per core.
+progress: called as progress(done, total) from the calling thread; raising cancels the run.
+Returns the Manifest. Unusable files are skipped and listed; raises FileNotFoundError for a
+missing raw dir and ValueError (kiln DataError) when nothing usable is found.)doc");
+
+  m.def("read_manifest", &read_manifest, py::arg("processed_dir"), py::call_guard<py::gil_scoped_release>(),
+        "Read and validate <processed_dir>/manifest.json.");
+
+  m.def(
+      "load_split",
+      [](const std::filesystem::path& processed_dir, const std::string& split) {
+        SplitData data;
+        {
+          py::gil_scoped_release release;
+          data = load_split(processed_dir, split);
+        }
+        return py::make_tuple(data.images, data.labels);
+      },
+      py::arg("processed_dir"), py::arg("split"),
+      "Load (images uint8 [N,C,H,W], labels int64 [N]) of one split, checked against the manifest.");
+}
+
+}  // namespace kiln::bindings

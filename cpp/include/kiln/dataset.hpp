@@ -1,0 +1,88 @@
+// The processed dataset: what `python src/process_data.py` writes and training reads.
+//
+// Layout of a processed dir:
+//   manifest.json   classes, image shape, per-split counts, normalisation, skipped/converted files
+//   <split>.pt      {"images": uint8 [N, C, H, W], "labels": int64 [N]}, readable by LibTorch's
+//                   torch::pickle_load and by Python's torch.load(path, weights_only=True)
+// The dir is committed atomically: it is built next to its destination and swapped in whole.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kiln/decode.hpp"
+
+namespace kiln {
+
+// Called from the calling thread with (files done, files in total); returning false cancels the
+// call, which then throws kiln::Cancelled.
+using ProgressFn = std::function<bool(std::int64_t done, std::int64_t total)>;
+
+struct PrepareOptions {
+  std::filesystem::path raw_dir;
+  std::filesystem::path out_dir;
+  // (height, width) every image is brought to; default: the size of the first image.
+  std::optional<std::pair<int, int>> image_size;
+  // 1 or 3; default: the channel count of the first image.
+  std::optional<int> channels;
+  // Decoding threads; 0 means one per core.
+  int num_workers = 0;
+};
+
+struct FileNote {
+  std::string path;  // relative to the raw dir
+  std::string reason;
+  bool operator==(const FileNote&) const = default;
+};
+
+struct SplitInfo {
+  std::string name;
+  std::string file;  // relative to the processed dir
+  std::int64_t count = 0;
+  std::int64_t bytes = 0;  // size of `file`, checked when loading
+  std::map<std::string, std::int64_t> class_counts;
+};
+
+struct Manifest {
+  static constexpr int kFormatVersion = 1;
+  int format_version = kFormatVersion;
+  std::string kiln_version;
+  std::string source_dir;
+  std::vector<std::string> classes;
+  ImageSpec image;
+  std::vector<double> mean;  // per channel, on the [0, 1] scale
+  std::vector<double> std;
+  std::string normalization_split;  // the split mean/std were computed on
+  std::vector<SplitInfo> splits;
+  std::vector<FileNote> skipped;
+  std::vector<FileNote> converted;
+  std::vector<std::string> warnings;
+
+  const SplitInfo& split(const std::string& name) const;
+};
+
+struct SplitData {
+  at::Tensor images;  // uint8 [N, C, H, W]
+  at::Tensor labels;  // int64 [N]
+};
+
+// Decodes the tree <raw_dir>/<split>/<class>/<image> on all cores and commits the processed dataset
+// to out_dir. Unusable files are skipped and listed in the manifest; a missing raw dir or one with no
+// images throws. Same input and options give byte-identical output.
+Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress = {});
+
+Manifest read_manifest(const std::filesystem::path& processed_dir);
+void write_manifest(const Manifest& manifest, const std::filesystem::path& path);
+
+// Loads one split, checking it against the manifest; a missing or incomplete file throws.
+SplitData load_split(const std::filesystem::path& processed_dir, const std::string& split);
+
+}  // namespace kiln

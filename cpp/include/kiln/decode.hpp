@@ -1,0 +1,42 @@
+// Image decoding shared by data preparation, batch inference and serving, so that every stage
+// sees exactly the same pixels for the same file.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+
+namespace kiln {
+
+// The layout every image of a dataset is brought to: uint8, channels x height x width (CHW).
+struct ImageSpec {
+  int channels = 1;  // 1 (grayscale) or 3 (RGB)
+  int height = 0;
+  int width = 0;
+
+  std::int64_t bytes() const { return std::int64_t{channels} * height * width; }
+  bool operator==(const ImageSpec&) const = default;
+};
+
+std::string to_string(const ImageSpec& spec);
+
+struct DecodeResult {
+  bool ok = false;
+  // Why the image could not be used (ok == false), e.g. "truncated PNG".
+  std::string error;
+  // What was done to fit the spec (ok == true), e.g. "resized from 32x32 to 28x28"; empty if nothing.
+  std::string conversion;
+};
+
+// Reads the native layout of an encoded image (channels after kiln's rules: alpha dropped,
+// 16-bit reduced to 8-bit). Returns nullopt with `error` filled if it cannot be decoded.
+std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std::string* error = nullptr);
+
+// Decodes PNG/JPEG/BMP/... bytes and writes them as `spec` (CHW, RGB order) into `out`, which must
+// hold spec.bytes() bytes. Images of another size are resized (area filter when shrinking, linear
+// when enlarging) and other channel counts converted; both are reported in `conversion`.
+// Corrupt, truncated, empty or non-image input returns ok == false; `out` is then unspecified.
+DecodeResult decode_into(std::span<const std::uint8_t> encoded, const ImageSpec& spec, std::uint8_t* out);
+
+}  // namespace kiln

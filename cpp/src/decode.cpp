@@ -1,0 +1,163 @@
+#include "kiln/decode.hpp"
+
+#include <opencv2/core.hpp>
+#include <opencv2/core/utils/logger.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+namespace kiln {
+namespace {
+
+enum class Format { png, jpeg, other };
+
+Format sniff(std::span<const std::uint8_t> data) {
+  static constexpr std::array<std::uint8_t, 8> kPng = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (data.size() >= kPng.size() && std::equal(kPng.begin(), kPng.end(), data.begin())) return Format::png;
+  if (data.size() >= 3 && data[0] == 0xff && data[1] == 0xd8 && data[2] == 0xff) return Format::jpeg;
+  return Format::other;
+}
+
+// libpng and libjpeg both return a partly grey image for some truncated files instead of failing,
+// so completeness is checked on the bytes: a PNG ends with its IEND chunk, a JPEG with EOI.
+std::string check_complete(std::span<const std::uint8_t> data, Format format) {
+  if (format == Format::png) {
+    static constexpr std::array<std::uint8_t, 4> kIend = {'I', 'E', 'N', 'D'};
+    const auto tail = data.subspan(data.size() - std::min<std::size_t>(data.size(), 64));
+    if (std::search(tail.begin(), tail.end(), kIend.begin(), kIend.end()) == tail.end()) {
+      return "truncated PNG (no IEND chunk at the end)";
+    }
+  } else if (format == Format::jpeg) {
+    std::size_t end = data.size();
+    while (end > 0 && (data[end - 1] == 0x00 || data[end - 1] == '\n' || data[end - 1] == '\r')) --end;
+    if (end < 2 || data[end - 2] != 0xff || data[end - 1] != 0xd9) return "truncated JPEG (no end-of-image marker)";
+  }
+  return {};
+}
+
+const char* format_name(Format format) {
+  switch (format) {
+    case Format::png: return "PNG";
+    case Format::jpeg: return "JPEG";
+    case Format::other: break;
+  }
+  return "image";
+}
+
+const char* channels_name(int channels) { return channels == 1 ? "grayscale" : "RGB"; }
+
+// Decodes to 8-bit grayscale or BGR, appending what it changed (alpha, bit depth) to `conversion`.
+cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, std::string& conversion) {
+  // OpenCV would print every corrupt file to stderr; kiln reports them itself.
+  static const bool silenced = [] {
+    cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_SILENT);
+    return true;
+  }();
+  (void)silenced;
+
+  if (data.empty()) {
+    error = "empty file (0 bytes)";
+    return {};
+  }
+  const Format format = sniff(data);
+  if (error = check_complete(data, format); !error.empty()) return {};
+
+  cv::Mat image;
+  try {
+    const cv::Mat encoded(1, static_cast<int>(data.size()), CV_8U, const_cast<std::uint8_t*>(data.data()));
+    image = cv::imdecode(encoded, cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& exception) {
+    error = std::string("corrupt ") + format_name(format) + " (" + exception.msg + ")";
+    return {};
+  }
+  if (image.empty()) {
+    error = format == Format::other ? "not an image (unrecognised file contents)"
+                                    : std::string("corrupt ") + format_name(format) + " (decoder failed)";
+    return {};
+  }
+
+  if (image.depth() == CV_16U) {
+    image.convertTo(image, CV_8U, 1.0 / 257.0);
+    conversion = "reduced 16-bit to 8-bit";
+  } else if (image.depth() != CV_8U) {
+    error = "unsupported pixel depth (expected 8- or 16-bit integers)";
+    return {};
+  }
+  auto note = [&conversion](const char* what) { conversion += (conversion.empty() ? "" : "; ") + std::string(what); };
+  switch (image.channels()) {
+    case 1:
+    case 3:
+      break;
+    case 4:
+      cv::cvtColor(image, image, cv::COLOR_BGRA2BGR);
+      note("dropped alpha channel");
+      break;
+    case 2: {
+      cv::Mat gray;
+      cv::extractChannel(image, gray, 0);
+      image = gray;
+      note("dropped alpha channel");
+      break;
+    }
+    default:
+      error = "unsupported channel count " + std::to_string(image.channels());
+      return {};
+  }
+  return image;
+}
+
+}  // namespace
+
+std::string to_string(const ImageSpec& spec) {
+  return std::to_string(spec.height) + "x" + std::to_string(spec.width) + " " + channels_name(spec.channels);
+}
+
+std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std::string* error) {
+  std::string why;
+  std::string conversion;
+  const cv::Mat image = decode_native(encoded, why, conversion);
+  if (image.empty()) {
+    if (error != nullptr) *error = why;
+    return std::nullopt;
+  }
+  return ImageSpec{image.channels(), image.rows, image.cols};
+}
+
+DecodeResult decode_into(std::span<const std::uint8_t> encoded, const ImageSpec& spec, std::uint8_t* out) {
+  DecodeResult result;
+  cv::Mat image = decode_native(encoded, result.error, result.conversion);
+  if (image.empty()) return result;
+  auto note = [&result](const std::string& what) {
+    result.conversion += (result.conversion.empty() ? "" : "; ") + what;
+  };
+
+  if (image.channels() != spec.channels) {
+    note(std::string("converted ") + channels_name(image.channels()) + " to " + channels_name(spec.channels));
+    cv::cvtColor(image, image, spec.channels == 1 ? cv::COLOR_BGR2GRAY : cv::COLOR_GRAY2BGR);
+  }
+  if (image.rows != spec.height || image.cols != spec.width) {
+    note("resized from " + std::to_string(image.rows) + "x" + std::to_string(image.cols) + " to " +
+         std::to_string(spec.height) + "x" + std::to_string(spec.width));
+    const bool shrinking = image.rows * image.cols > spec.height * spec.width;
+    cv::resize(image, image, cv::Size(spec.width, spec.height), 0, 0, shrinking ? cv::INTER_AREA : cv::INTER_LINEAR);
+  }
+
+  const std::size_t plane = static_cast<std::size_t>(spec.height) * spec.width;
+  if (spec.channels == 1) {
+    cv::Mat destination(spec.height, spec.width, CV_8U, out);
+    image.copyTo(destination);
+  } else {
+    // BGR interleaved -> RGB planes, written straight into the caller's buffer.
+    std::array<cv::Mat, 3> planes = {cv::Mat(spec.height, spec.width, CV_8U, out + 2 * plane),
+                                     cv::Mat(spec.height, spec.width, CV_8U, out + plane),
+                                     cv::Mat(spec.height, spec.width, CV_8U, out)};
+    cv::split(image, planes.data());
+  }
+  result.ok = true;
+  return result;
+}
+
+}  // namespace kiln

@@ -1,0 +1,167 @@
+#include "kiln/detail/files.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <system_error>
+
+namespace kiln::detail {
+namespace fs = std::filesystem;
+
+namespace {
+
+// Closes a POSIX file descriptor when it goes out of scope.
+class FileDescriptor {
+ public:
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+[[noreturn]] void throw_errno(const std::string& what, const fs::path& path) {
+  throw fs::filesystem_error(what, path, std::error_code(errno, std::generic_category()));
+}
+
+constexpr std::string_view kStagingTag = ".staging-";
+
+std::string staging_prefix(const fs::path& destination) {
+  return "." + destination.filename().string() + std::string(kStagingTag);
+}
+
+}  // namespace
+
+template <typename Byte>
+std::string read_file(const fs::path& path, std::vector<Byte>& buffer) {
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return std::string("cannot open file: ") + std::strerror(errno);
+  struct stat info {};
+  if (::fstat(fd.get(), &info) != 0) return std::string("cannot stat file: ") + std::strerror(errno);
+  if (!S_ISREG(info.st_mode)) return "not a regular file";
+  if (info.st_size == 0) return "empty file (0 bytes)";
+  buffer.resize(static_cast<std::size_t>(info.st_size));
+  std::size_t filled = 0;
+  while (filled < buffer.size()) {
+    const ssize_t got = ::read(fd.get(), buffer.data() + filled, buffer.size() - filled);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return std::string("cannot read file: ") + std::strerror(errno);
+    }
+    if (got == 0) break;  // the file shrank while we read it
+    filled += static_cast<std::size_t>(got);
+  }
+  buffer.resize(filled);
+  if (filled == 0) return "empty file (0 bytes)";
+  return {};
+}
+
+template std::string read_file(const fs::path&, std::vector<std::uint8_t>&);
+template std::string read_file(const fs::path&, std::vector<char>&);
+
+AtomicFile::AtomicFile(fs::path path)
+    : path_(std::move(path)),
+      temp_(path_.parent_path() / ("." + path_.filename().string() + ".tmp-" + std::to_string(::getpid()))) {
+  fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw_errno("cannot create file", temp_);
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(temp_.c_str());
+  }
+}
+
+void AtomicFile::write(const void* data, std::size_t size) {
+  const auto* bytes = static_cast<const char*>(data);
+  std::size_t written = 0;
+  while (written < size) {
+    const ssize_t put = ::write(fd_, bytes + written, size - written);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("cannot write file", temp_);
+    }
+    written += static_cast<std::size_t>(put);
+  }
+  bytes_written_ += static_cast<std::int64_t>(size);
+}
+
+void AtomicFile::commit() {
+  // The data must be on disk before the rename makes it visible, or a crash could expose an empty file.
+  if (::fsync(fd_) != 0) throw_errno("cannot sync file", temp_);
+  if (::close(fd_) != 0) {
+    fd_ = -1;
+    ::unlink(temp_.c_str());
+    throw_errno("cannot close file", temp_);
+  }
+  fd_ = -1;
+  if (std::rename(temp_.c_str(), path_.c_str()) != 0) {
+    const int saved = errno;
+    ::unlink(temp_.c_str());
+    errno = saved;
+    throw_errno("cannot rename file into place", path_);
+  }
+}
+
+void write_file_atomic(const fs::path& path, std::string_view data) {
+  AtomicFile file(path);
+  file.write(data.data(), data.size());
+  file.commit();
+}
+
+fs::path make_staging_dir(const fs::path& destination) {
+  static std::atomic<int> counter{0};
+  const fs::path parent = destination.parent_path().empty() ? fs::path(".") : destination.parent_path();
+  fs::create_directories(parent);
+  const fs::path staging =
+      parent / (staging_prefix(destination) + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+  fs::remove_all(staging);
+  fs::create_directory(staging);
+  return staging;
+}
+
+void commit_dir(const fs::path& staging, const fs::path& destination) {
+  if (!fs::exists(destination)) {
+    if (std::rename(staging.c_str(), destination.c_str()) != 0) throw_errno("cannot move dataset into place", destination);
+    return;
+  }
+  if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, destination.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(staging);  // now holds the previous contents
+    return;
+  }
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) throw_errno("cannot swap dataset into place", destination);
+  // File systems without RENAME_EXCHANGE: move the old dir aside first. A crash in between leaves no
+  // dataset at the destination (never a partial one) and the old one recoverable next to it.
+  const fs::path aside = staging.string() + "-previous";
+  if (std::rename(destination.c_str(), aside.c_str()) != 0) throw_errno("cannot move previous dataset aside", destination);
+  if (std::rename(staging.c_str(), destination.c_str()) != 0) throw_errno("cannot move dataset into place", destination);
+  fs::remove_all(aside);
+}
+
+void remove_stale_staging_dirs(const fs::path& destination) {
+  const fs::path parent = destination.parent_path().empty() ? fs::path(".") : destination.parent_path();
+  std::error_code error;
+  if (!fs::is_directory(parent, error)) return;
+  const std::string prefix = staging_prefix(destination);
+  for (const auto& entry : fs::directory_iterator(parent, error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const pid_t owner = static_cast<pid_t>(std::atol(name.c_str() + prefix.size()));
+    const bool owner_alive = owner > 0 && (::kill(owner, 0) == 0 || errno == EPERM);
+    if (!owner_alive) fs::remove_all(entry.path(), error);
+  }
+}
+
+}  // namespace kiln::detail

@@ -1,0 +1,102 @@
+// manifest.json of a processed dataset: written by prepare_dataset, read by training and by tools.
+#include <nlohmann/json.hpp>
+
+
+#include "kiln/dataset.hpp"
+#include "kiln/detail/files.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln {
+namespace fs = std::filesystem;
+using nlohmann::ordered_json;
+
+namespace {
+
+constexpr const char* kFormatName = "kiln-processed-dataset";
+
+ordered_json notes_to_json(const std::vector<FileNote>& notes) {
+  ordered_json array = ordered_json::array();
+  for (const auto& note : notes) array.push_back({{"path", note.path}, {"reason", note.reason}});
+  return array;
+}
+
+std::vector<FileNote> notes_from_json(const ordered_json& array) {
+  std::vector<FileNote> notes;
+  for (const auto& item : array) notes.push_back({item.at("path").get<std::string>(), item.at("reason").get<std::string>()});
+  return notes;
+}
+
+}  // namespace
+
+void write_manifest(const Manifest& manifest, const fs::path& path) {
+  ordered_json splits = ordered_json::object();
+  for (const auto& split : manifest.splits) {
+    splits[split.name] = {{"file", split.file}, {"count", split.count}, {"bytes", split.bytes},
+                          {"class_counts", split.class_counts}};
+  }
+  const ordered_json json = {
+      {"format", kFormatName},
+      {"format_version", manifest.format_version},
+      {"kiln_version", manifest.kiln_version},
+      {"source_dir", manifest.source_dir},
+      {"classes", manifest.classes},
+      {"image_shape", {manifest.image.channels, manifest.image.height, manifest.image.width}},
+      {"normalization", {{"mean", manifest.mean}, {"std", manifest.std}, {"computed_on", manifest.normalization_split}}},
+      {"splits", splits},
+      {"skipped_count", manifest.skipped.size()},
+      {"skipped", notes_to_json(manifest.skipped)},
+      {"converted_count", manifest.converted.size()},
+      {"converted", notes_to_json(manifest.converted)},
+      {"warnings", manifest.warnings},
+  };
+  // File names need not be valid UTF-8; undecodable bytes become U+FFFD instead of failing the run.
+  detail::write_file_atomic(path, json.dump(2, ' ', false, ordered_json::error_handler_t::replace) + "\n");
+}
+
+Manifest read_manifest(const fs::path& processed_dir) {
+  const fs::path path = processed_dir / "manifest.json";
+  if (!fs::exists(processed_dir)) {
+    throw NotFoundError("processed data dir '" + processed_dir.string() + "' does not exist; run process_data first");
+  }
+  if (!fs::exists(path)) {
+    throw NotFoundError("processed data dir '" + processed_dir.string() +
+                        "' holds no manifest.json; it is not a complete kiln dataset. Run process_data first");
+  }
+  std::vector<char> text;
+  if (std::string error = detail::read_file(path, text); !error.empty()) {
+    throw_data_error("cannot read '" + path.string() + "': " + error);
+  }
+  Manifest manifest;
+  try {
+    const ordered_json json = ordered_json::parse(text.begin(), text.end());
+    if (json.value("format", "") != kFormatName) throw_data_error("'" + path.string() + "' is not a kiln dataset manifest");
+    manifest.format_version = json.at("format_version").get<int>();
+    if (manifest.format_version > Manifest::kFormatVersion) {
+      throw_data_error("'" + path.string() + "' has format version " + std::to_string(manifest.format_version) +
+                       ", newer than this kiln reads (" + std::to_string(Manifest::kFormatVersion) + "); upgrade kiln");
+    }
+    manifest.kiln_version = json.at("kiln_version").get<std::string>();
+    manifest.source_dir = json.at("source_dir").get<std::string>();
+    manifest.classes = json.at("classes").get<std::vector<std::string>>();
+    const auto shape = json.at("image_shape").get<std::vector<int>>();
+    if (shape.size() != 3) throw_data_error("'" + path.string() + "': image_shape must be [channels, height, width]");
+    manifest.image = {shape[0], shape[1], shape[2]};
+    const auto& normalization = json.at("normalization");
+    manifest.mean = normalization.at("mean").get<std::vector<double>>();
+    manifest.std = normalization.at("std").get<std::vector<double>>();
+    manifest.normalization_split = normalization.at("computed_on").get<std::string>();
+    for (const auto& [name, split] : json.at("splits").items()) {
+      manifest.splits.push_back({name, split.at("file").get<std::string>(), split.at("count").get<std::int64_t>(),
+                                 split.at("bytes").get<std::int64_t>(),
+                                 split.at("class_counts").get<std::map<std::string, std::int64_t>>()});
+    }
+    manifest.skipped = notes_from_json(json.at("skipped"));
+    manifest.converted = notes_from_json(json.at("converted"));
+    manifest.warnings = json.at("warnings").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& error) {
+    throw_data_error("'" + path.string() + "' is not a valid kiln manifest: " + error.what());
+  }
+  return manifest;
+}
+
+}  // namespace kiln
