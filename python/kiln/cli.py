@@ -1,0 +1,57 @@
+"""Helpers shared by the Hydra apps in ``src/``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from kiln import general_utils
+
+# The apps keep the template's `@hydra.main(version_base=None, ...)`, which Hydra 1.4 (the line whose
+# Optuna sweeper works with current Optuna) reports as deprecated on every run.
+warnings.filterwarnings("ignore", message="The version_base parameter is deprecated")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+_PREFIXED_OVERRIDE = re.compile(r"^(?P<op>\+\+|\+|~)?(?P<app>[A-Za-z_]\w*)\.(?P<rest>.+)$")
+
+
+def accept_app_prefixed_overrides(app_name: str, argv: list[str] | None = None) -> None:
+    """Accept ``<app_name>.<key>=value`` overrides as ``<key>=value``.
+
+    The template's Run:ai and Polyaxon guides write overrides such as
+    ``process_data.raw_data_dir_path=…`` and ``train_model.epochs=3`` while the apps' YAML keys are
+    top-level; both spellings work in kiln. Rewrites ``sys.argv`` (or ``argv``) in place before
+    Hydra parses it.
+    """
+    args = sys.argv if argv is None else argv
+    for index, arg in enumerate(args[1:], start=1):
+        if arg.startswith("-"):
+            continue
+        match = _PREFIXED_OVERRIDE.match(arg)
+        if match and match["app"] == app_name:
+            args[index] = (match["op"] or "") + match["rest"]
+
+
+def setup_app_logging(log_dir: str | None) -> None:
+    """Configure logging from the repo's conf/logging.yaml, with files in ``log_dir``."""
+    general_utils.setup_logging(logging_config_path=str(CONF_DIR / "logging.yaml"), log_dir=log_dir)
+
+
+@contextlib.contextmanager
+def exit_on_user_error(logger: logging.Logger) -> Iterator[None]:
+    """Turn errors in the user's input into one clear log line and exit code 1, not a traceback.
+
+    Missing paths (FileNotFoundError) and unusable data or options (ValueError, which kiln's
+    DataError is) are the user's to fix; anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as error:
+        logger.error("%s", error)
+        raise SystemExit(1) from error

@@ -1,0 +1,119 @@
+"""Data preparation behind ``python src/process_data.py``.
+
+The C++ core decodes the raw image tree on all cores and commits the processed dataset; this module
+turns the Hydra config into core options, shows progress, and logs what was skipped or converted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Past this many, further skipped/converted files go to the debug log only; all are in the manifest.
+MAX_FILES_LOGGED = 50
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    size = tuple(value)
+    if len(size) != 2:
+        raise ValueError(f"image_size must be [height, width] or one int, got {list(size)}")
+    return (int(size[0]), int(size[1]))
+
+
+class _ProgressBar:
+    """tqdm bar fed by the core's progress reports (done, total)."""
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+        self._bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self._description, unit="img", mininterval=0.5)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _log_files(level: int, what: str, notes: list[Any]) -> None:
+    for index, note in enumerate(notes):
+        logger.log(level if index < MAX_FILES_LOGGED else logging.DEBUG, "%s %s: %s", what, note.path, note.reason)
+    if len(notes) > MAX_FILES_LOGGED:
+        logger.log(
+            level,
+            "%d more files %s; all are listed in manifest.json and the debug log",
+            len(notes) - MAX_FILES_LOGGED,
+            what.lower(),
+        )
+
+
+def process_data(cfg: Mapping[str, Any]):
+    """Prepare ``cfg["raw_data_dir_path"]`` into ``cfg["processed_data_dir_path"]``.
+
+    Returns the dataset's :class:`kiln.Manifest`. Raises ``FileNotFoundError`` for a missing raw
+    dir and ``ValueError`` (``kiln.DataError``) when the tree holds nothing usable; a previous
+    processed dataset is then left as it was.
+    """
+    import kiln
+
+    raw_dir = Path(cfg["raw_data_dir_path"])
+    out_dir = Path(cfg["processed_data_dir_path"])
+    if not raw_dir.exists():
+        raise FileNotFoundError(
+            f"raw data dir '{raw_dir}' does not exist; point raw_data_dir_path at a "
+            "<raw>/<split>/<class>/<image> tree (kiln's embedded sample: raw_data_dir_path=./data/sample)"
+        )
+    prepare_dataset = kiln.prepare_dataset  # loads the C++ core before the clock starts
+    if not cfg.get("no_cuda", True):
+        logger.info("Data preparation decodes on the CPU; no_cuda=false only matters for training.")
+    logger.info("Preparing images from %s into %s", raw_dir, out_dir)
+
+    progress = _ProgressBar("Decoding images")
+    started = time.perf_counter()
+    try:
+        manifest = prepare_dataset(
+            raw_dir,
+            out_dir,
+            image_size=_image_size(cfg.get("image_size")),
+            channels=cfg.get("channels"),
+            num_workers=int(cfg.get("num_workers") or 0),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - started
+
+    _log_files(logging.WARNING, "Skipped", manifest.skipped)
+    _log_files(logging.INFO, "Converted", manifest.converted)
+    for warning in manifest.warnings:
+        logger.warning(warning)
+    images = sum(split.count for split in manifest.splits)
+    logger.info(
+        "Prepared %d images (%s) of %dx%d with %d channel(s) in %d classes into %s in %.2fs "
+        "(%.0f images/s); %d files skipped, %d converted",
+        images,
+        ", ".join(f"{split.name}: {split.count}" for split in manifest.splits),
+        manifest.image.height,
+        manifest.image.width,
+        manifest.image.channels,
+        len(manifest.classes),
+        out_dir,
+        elapsed,
+        images / elapsed if elapsed > 0 else float("inf"),
+        len(manifest.skipped),
+        len(manifest.converted),
+    )
+    return manifest
