@@ -14,11 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 
-def run_app(script: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_app(
+    script: str, *overrides: str, cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `python src/<script> <overrides>` as a user would, from `cwd`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, str(REPO / "src" / script), *overrides, f"hydra.run.dir={cwd / 'outputs'}"],
+        [
+            sys.executable,
+            str(REPO / "src" / script),
+            *overrides,
+            f"hydra.run.dir={cwd / 'outputs'}",
+        ],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kiln.data import read_idx
 from PIL import Image
+
+from kiln.data import read_idx
 
 FASHION_FOLDERS = [
     "0_T-shirt_top",

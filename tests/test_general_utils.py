@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kiln.general_utils import BASIC_LOG_FORMAT, setup_logging
 from pythonjsonlogger.json import JsonFormatter
+
+from kiln.general_utils import BASIC_LOG_FORMAT, setup_logging
 
 REPO_CONFIG = Path(__file__).parents[1] / "conf" / "logging.yaml"
 FILE_HANDLERS = {

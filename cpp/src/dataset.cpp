@@ -22,11 +22,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr std::array<std::string_view, 10> kImageExtensions = {".png", ".jpg", ".jpeg", ".bmp", ".tif",
-                                                                ".tiff", ".webp", ".pgm", ".ppm", ".pbm"};
+constexpr std::array<std::string_view, 10> kImageExtensions = {".png",  ".jpg",  ".jpeg", ".bmp", ".tif",
+                                                               ".tiff", ".webp", ".pgm",  ".ppm", ".pbm"};
 constexpr const char* kLayoutHint = "expected <raw>/<split>/<class name>/<image>, e.g. raw/train/Sneaker/0001.png";
-
-bool is_hidden(const fs::path& path) { return path.filename().string().starts_with('.'); }
 
 bool has_image_extension(const fs::path& path) {
   std::string extension = path.extension().string();
@@ -37,12 +35,15 @@ bool has_image_extension(const fs::path& path) {
 
 // Directory entries sorted by name (byte order), so the same tree always gives the same dataset.
 std::vector<fs::directory_entry> sorted_entries(const fs::path& dir) {
-  std::vector<fs::directory_entry> entries;
+  std::vector<std::pair<std::string, fs::directory_entry>> named;
   for (const auto& entry : fs::directory_iterator(dir)) {
-    if (!is_hidden(entry.path())) entries.push_back(entry);
+    std::string name = entry.path().filename().string();
+    if (!name.starts_with('.')) named.emplace_back(std::move(name), entry);
   }
-  std::sort(entries.begin(), entries.end(),
-            [](const auto& a, const auto& b) { return a.path().filename().string() < b.path().filename().string(); });
+  std::sort(named.begin(), named.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<fs::directory_entry> entries;
+  entries.reserve(named.size());
+  for (auto& [name, entry] : named) entries.push_back(std::move(entry));
   return entries;
 }
 
@@ -74,7 +75,8 @@ Tree scan_tree(const fs::path& raw_dir) {
     auto& classes = tree.split_classes.emplace_back();
     for (const auto& class_entry : sorted_entries(split_entry.path())) {
       if (!class_entry.is_directory()) {
-        tree.skipped.push_back({relative(class_entry.path()), "not inside a class folder (" + std::string(kLayoutHint) + ")"});
+        tree.skipped.push_back(
+            {relative(class_entry.path()), "not inside a class folder (" + std::string(kLayoutHint) + ")"});
         continue;
       }
       classes.push_back(class_entry.path().filename().string());
@@ -83,7 +85,8 @@ Tree scan_tree(const fs::path& raw_dir) {
   if (tree.splits.empty()) {
     throw_data_error("raw data dir '" + raw_dir.string() + "' holds no split folders; " + kLayoutHint);
   }
-  for (const auto& classes : tree.split_classes) tree.classes.insert(tree.classes.end(), classes.begin(), classes.end());
+  for (const auto& classes : tree.split_classes)
+    tree.classes.insert(tree.classes.end(), classes.begin(), classes.end());
   std::sort(tree.classes.begin(), tree.classes.end());
   tree.classes.erase(std::unique(tree.classes.begin(), tree.classes.end()), tree.classes.end());
 
@@ -94,8 +97,9 @@ Tree scan_tree(const fs::path& raw_dir) {
         if (file.is_directory()) {
           tree.skipped.push_back({relative(file.path()), "folder inside a class folder (not read)"});
         } else if (!has_image_extension(file.path())) {
-          tree.skipped.push_back({relative(file.path()), "unsupported file type '" + file.path().extension().string() +
-                                                             "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
+          tree.skipped.push_back(
+              {relative(file.path()), "unsupported file type '" + file.path().extension().string() +
+                                          "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
         } else {
           tree.files.push_back({file.path(), relative(file.path()), static_cast<int>(split), label});
         }
@@ -375,7 +379,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
       if (!results[i].conversion.empty()) manifest.converted.push_back({tree.files[i].relative, results[i].conversion});
     }
   }
-  std::sort(manifest.skipped.begin(), manifest.skipped.end(), [](const auto& a, const auto& b) { return a.path < b.path; });
+  std::sort(manifest.skipped.begin(), manifest.skipped.end(),
+            [](const auto& a, const auto& b) { return a.path < b.path; });
   if (usable == 0) {
     throw_data_error("no usable images under raw data dir '" + options.raw_dir.string() + "': all " +
                      std::to_string(tree.files.size()) + " image files were skipped (first: " +
@@ -385,7 +390,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
   const double pixels = static_cast<double>(stats.images) * spec.height * spec.width;
   for (int c = 0; c < spec.channels; ++c) {
     const double mean = pixels > 0 ? static_cast<double>(stats.sum[c]) / pixels / 255.0 : 0.0;
-    const double mean_square = pixels > 0 ? static_cast<double>(stats.sum_of_squares[c]) / pixels / (255.0 * 255.0) : 0.0;
+    const double mean_square =
+        pixels > 0 ? static_cast<double>(stats.sum_of_squares[c]) / pixels / (255.0 * 255.0) : 0.0;
     manifest.mean.push_back(mean);
     // A constant channel would divide by zero when normalising; 1 leaves it centred only.
     const double std = std::sqrt(std::max(0.0, mean_square - mean * mean));
@@ -414,7 +420,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
       }
     }
     for (const auto& class_name : tree.classes) {
-      if (std::find(tree.split_classes[s].begin(), tree.split_classes[s].end(), class_name) == tree.split_classes[s].end()) {
+      if (std::find(tree.split_classes[s].begin(), tree.split_classes[s].end(), class_name) ==
+          tree.split_classes[s].end()) {
         manifest.warnings.push_back("split '" + info.name + "' has no folder for class '" + class_name + "'");
       }
     }
@@ -444,7 +451,8 @@ SplitData load_split(const fs::path& processed_dir, const std::string& split) {
   }
   if (static_cast<std::int64_t>(size) != info.bytes) {
     throw_data_error("split file '" + path.string() + "' has " + std::to_string(size) + " bytes, the manifest says " +
-                     std::to_string(info.bytes) + "; it is incomplete or was changed after process_data wrote it. "
+                     std::to_string(info.bytes) +
+                     "; it is incomplete or was changed after process_data wrote it. "
                      "Run process_data again");
   }
   const c10::IValue value = detail::load_ivalue(path);

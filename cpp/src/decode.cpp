@@ -40,14 +40,19 @@ std::string check_complete(std::span<const std::uint8_t> data, Format format) {
 
 const char* format_name(Format format) {
   switch (format) {
-    case Format::png: return "PNG";
-    case Format::jpeg: return "JPEG";
-    case Format::other: break;
+    case Format::png:
+      return "PNG";
+    case Format::jpeg:
+      return "JPEG";
+    case Format::other:
+      break;
   }
   return "image";
 }
 
-const char* channels_name(int channels) { return channels == 1 ? "grayscale" : "RGB"; }
+const char* channels_name(int channels) {
+  return channels == 1 ? "grayscale" : "RGB";
+}
 
 // Decodes to 8-bit grayscale or BGR, appending what it changed (alpha, bit depth) to `conversion`.
 cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, std::string& conversion) {

@@ -134,19 +134,23 @@ fs::path make_staging_dir(const fs::path& destination) {
 
 void commit_dir(const fs::path& staging, const fs::path& destination) {
   if (!fs::exists(destination)) {
-    if (std::rename(staging.c_str(), destination.c_str()) != 0) throw_errno("cannot move dataset into place", destination);
+    if (std::rename(staging.c_str(), destination.c_str()) != 0)
+      throw_errno("cannot move dataset into place", destination);
     return;
   }
   if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, destination.c_str(), RENAME_EXCHANGE) == 0) {
     fs::remove_all(staging);  // now holds the previous contents
     return;
   }
-  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) throw_errno("cannot swap dataset into place", destination);
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP)
+    throw_errno("cannot swap dataset into place", destination);
   // File systems without RENAME_EXCHANGE: move the old dir aside first. A crash in between leaves no
   // dataset at the destination (never a partial one) and the old one recoverable next to it.
   const fs::path aside = staging.string() + "-previous";
-  if (std::rename(destination.c_str(), aside.c_str()) != 0) throw_errno("cannot move previous dataset aside", destination);
-  if (std::rename(staging.c_str(), destination.c_str()) != 0) throw_errno("cannot move dataset into place", destination);
+  if (std::rename(destination.c_str(), aside.c_str()) != 0)
+    throw_errno("cannot move previous dataset aside", destination);
+  if (std::rename(staging.c_str(), destination.c_str()) != 0)
+    throw_errno("cannot move dataset into place", destination);
   fs::remove_all(aside);
 }
 

@@ -1,7 +1,6 @@
 // manifest.json of a processed dataset: written by prepare_dataset, read by training and by tools.
 #include <nlohmann/json.hpp>
 
-
 #include "kiln/dataset.hpp"
 #include "kiln/detail/files.hpp"
 #include "kiln/error.hpp"
@@ -22,7 +21,8 @@ ordered_json notes_to_json(const std::vector<FileNote>& notes) {
 
 std::vector<FileNote> notes_from_json(const ordered_json& array) {
   std::vector<FileNote> notes;
-  for (const auto& item : array) notes.push_back({item.at("path").get<std::string>(), item.at("reason").get<std::string>()});
+  for (const auto& item : array)
+    notes.push_back({item.at("path").get<std::string>(), item.at("reason").get<std::string>()});
   return notes;
 }
 
@@ -31,8 +31,8 @@ std::vector<FileNote> notes_from_json(const ordered_json& array) {
 void write_manifest(const Manifest& manifest, const fs::path& path) {
   ordered_json splits = ordered_json::object();
   for (const auto& split : manifest.splits) {
-    splits[split.name] = {{"file", split.file}, {"count", split.count}, {"bytes", split.bytes},
-                          {"class_counts", split.class_counts}};
+    splits[split.name] = {
+        {"file", split.file}, {"count", split.count}, {"bytes", split.bytes}, {"class_counts", split.class_counts}};
   }
   const ordered_json json = {
       {"format", kFormatName},
@@ -41,7 +41,8 @@ void write_manifest(const Manifest& manifest, const fs::path& path) {
       {"source_dir", manifest.source_dir},
       {"classes", manifest.classes},
       {"image_shape", {manifest.image.channels, manifest.image.height, manifest.image.width}},
-      {"normalization", {{"mean", manifest.mean}, {"std", manifest.std}, {"computed_on", manifest.normalization_split}}},
+      {"normalization",
+       {{"mean", manifest.mean}, {"std", manifest.std}, {"computed_on", manifest.normalization_split}}},
       {"splits", splits},
       {"skipped_count", manifest.skipped.size()},
       {"skipped", notes_to_json(manifest.skipped)},
@@ -69,7 +70,8 @@ Manifest read_manifest(const fs::path& processed_dir) {
   Manifest manifest;
   try {
     const ordered_json json = ordered_json::parse(text.begin(), text.end());
-    if (json.value("format", "") != kFormatName) throw_data_error("'" + path.string() + "' is not a kiln dataset manifest");
+    if (json.value("format", "") != kFormatName)
+      throw_data_error("'" + path.string() + "' is not a kiln dataset manifest");
     manifest.format_version = json.at("format_version").get<int>();
     if (manifest.format_version > Manifest::kFormatVersion) {
       throw_data_error("'" + path.string() + "' has format version " + std::to_string(manifest.format_version) +

@@ -29,7 +29,8 @@ void write_clean_tree(const fs::path& raw, int per_class = 3) {
   }
 }
 
-PrepareOptions options(const fs::path& raw, const fs::path& out, const std::function<void(PrepareOptions&)>& adjust = {}) {
+PrepareOptions options(const fs::path& raw, const fs::path& out,
+                       const std::function<void(PrepareOptions&)>& adjust = {}) {
   PrepareOptions result;
   result.raw_dir = raw;
   result.out_dir = out;
@@ -111,9 +112,9 @@ TEST(dataset, class_folder_without_usable_images_gives_a_warning) {
   write_bytes(dir.path() / "raw/train/zebra/broken.png", {'n', 'o'});
   const Manifest manifest = prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
   ASSERT_FALSE(manifest.warnings.empty());
-  EXPECT_NE(std::find(manifest.warnings.begin(), manifest.warnings.end(),
-                      "class folder 'train/zebra' has no usable images"),
-            manifest.warnings.end());
+  EXPECT_NE(
+      std::find(manifest.warnings.begin(), manifest.warnings.end(), "class folder 'train/zebra' has no usable images"),
+      manifest.warnings.end());
 }
 
 TEST(dataset, missing_raw_dir_names_the_path) {
@@ -159,7 +160,9 @@ TEST(dataset, options_set_size_and_channels) {
   }));
   EXPECT_EQ(manifest.image, (ImageSpec{3, 14, 20}));
   EXPECT_EQ(load_split(dir.path() / "out", "test").images.sizes(), (std::vector<std::int64_t>{6, 3, 14, 20}));
-  EXPECT_THROW(prepare_dataset(options(dir.path() / "raw", dir.path() / "x", [](PrepareOptions& o) { o.channels = 2; })), DataError);
+  EXPECT_THROW(
+      prepare_dataset(options(dir.path() / "raw", dir.path() / "x", [](PrepareOptions& o) { o.channels = 2; })),
+      DataError);
 }
 
 TEST(dataset, rerun_replaces_previous_dataset_whole) {

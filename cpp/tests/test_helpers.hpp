@@ -43,7 +43,8 @@ inline cv::Mat pattern(int height, int width, int channels, int seed) {
   for (int y = 0; y < height; ++y) {
     for (int x = 0; x < width; ++x) {
       for (int c = 0; c < channels; ++c) {
-        image.ptr<std::uint8_t>(y)[x * channels + c] = static_cast<std::uint8_t>((seed * 31 + y * 7 + x * 3 + c * 50) % 256);
+        image.ptr<std::uint8_t>(y)[x * channels + c] =
+            static_cast<std::uint8_t>((seed * 31 + y * 7 + x * 3 + c * 50) % 256);
       }
     }
   }
@@ -58,7 +59,8 @@ inline std::vector<std::uint8_t> encode(const cv::Mat& image, const std::string&
 
 inline void write_bytes(const std::filesystem::path& path, const std::vector<std::uint8_t>& bytes) {
   std::filesystem::create_directories(path.parent_path());
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
 inline void write_image(const std::filesystem::path& path, const cv::Mat& image) {

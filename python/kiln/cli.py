@@ -12,8 +12,8 @@ from pathlib import Path
 
 from kiln import general_utils
 
-# The apps keep the template's `@hydra.main(version_base=None, ...)`, which Hydra 1.4 (the line whose
-# Optuna sweeper works with current Optuna) reports as deprecated on every run.
+# The apps keep the template's `@hydra.main(version_base=None, ...)`, which Hydra 1.4 (the line
+# whose Optuna sweeper works with current Optuna) reports as deprecated on every run.
 warnings.filterwarnings("ignore", message="The version_base parameter is deprecated")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

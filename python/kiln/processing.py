@@ -50,7 +50,13 @@ class _ProgressBar:
 
 def _log_files(level: int, what: str, notes: list[Any]) -> None:
     for index, note in enumerate(notes):
-        logger.log(level if index < MAX_FILES_LOGGED else logging.DEBUG, "%s %s: %s", what, note.path, note.reason)
+        logger.log(
+            level if index < MAX_FILES_LOGGED else logging.DEBUG,
+            "%s %s: %s",
+            what,
+            note.path,
+            note.reason,
+        )
     if len(notes) > MAX_FILES_LOGGED:
         logger.log(
             level,
@@ -74,7 +80,8 @@ def process_data(cfg: Mapping[str, Any]):
     if not raw_dir.exists():
         raise FileNotFoundError(
             f"raw data dir '{raw_dir}' does not exist; point raw_data_dir_path at a "
-            "<raw>/<split>/<class>/<image> tree (kiln's embedded sample: raw_data_dir_path=./data/sample)"
+            "<raw>/<split>/<class>/<image> tree (kiln's embedded sample: "
+            "raw_data_dir_path=./data/sample)"
         )
     prepare_dataset = kiln.prepare_dataset  # loads the C++ core before the clock starts
     if not cfg.get("no_cuda", True):

@@ -25,6 +25,8 @@ class Cancelled : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-[[noreturn]] inline void throw_data_error(const std::string& message) { throw DataError(message); }
+[[noreturn]] inline void throw_data_error(const std::string& message) {
+  throw DataError(message);
+}
 
 }  // namespace kiln
