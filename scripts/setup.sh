@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libopencv-dev libgtest-dev nlohmann-json3-dev)
+APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libopencv-dev libgtest-dev nlohmann-json3-dev libdeflate-dev)
 PYTHON="${PYTHON:-python3}"
 
 missing=()

@@ -9,6 +9,8 @@
 #include <array>
 #include <cstring>
 
+#include "kiln/detail/png.hpp"
+
 namespace kiln {
 namespace {
 
@@ -114,6 +116,37 @@ cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, st
   return image;
 }
 
+// The common case without OpenCV: a PNG that already has the dataset's layout. Returns false when
+// OpenCV must decide (a layout to convert, or a PNG variant outside the fast path).
+bool decode_png_fast(std::span<const std::uint8_t> data, const ImageSpec& spec, std::uint8_t* out,
+                     DecodeResult& result) {
+  thread_local detail::PngImage png;
+  switch (detail::decode_png(data, png, result.error)) {
+    case detail::PngStatus::corrupt:
+      return true;
+    case detail::PngStatus::unsupported:
+      return false;
+    case detail::PngStatus::decoded:
+      break;
+  }
+  const bool has_alpha = png.channels == 2 || png.channels == 4;
+  const int colour_channels = has_alpha ? png.channels - 1 : png.channels;
+  if (colour_channels != spec.channels || png.height != spec.height || png.width != spec.width) return false;
+
+  const std::size_t plane = static_cast<std::size_t>(spec.height) * spec.width;
+  const std::uint8_t* pixels = png.pixels.data();
+  if (png.channels == 1) {
+    std::memcpy(out, pixels, plane);
+  } else {
+    for (std::size_t i = 0; i < plane; ++i) {
+      for (int c = 0; c < colour_channels; ++c) out[c * plane + i] = pixels[i * png.channels + c];
+    }
+  }
+  if (has_alpha) result.conversion = "dropped alpha channel";
+  result.ok = true;
+  return true;
+}
+
 }  // namespace
 
 std::string to_string(const ImageSpec& spec) {
@@ -133,6 +166,7 @@ std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std:
 
 DecodeResult decode_into(std::span<const std::uint8_t> encoded, const ImageSpec& spec, std::uint8_t* out) {
   DecodeResult result;
+  if (sniff(encoded) == Format::png && decode_png_fast(encoded, spec, out, result)) return result;
   cv::Mat image = decode_native(encoded, result.error, result.conversion);
   if (image.empty()) return result;
   auto note = [&result](const std::string& what) {
