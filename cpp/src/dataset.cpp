@@ -26,32 +26,40 @@ constexpr std::array<std::string_view, 10> kImageExtensions = {".png",  ".jpg", 
                                                                ".tiff", ".webp", ".pgm",  ".ppm", ".pbm"};
 constexpr const char* kLayoutHint = "expected <raw>/<split>/<class name>/<image>, e.g. raw/train/Sneaker/0001.png";
 
-bool has_image_extension(const fs::path& path) {
-  std::string extension = path.extension().string();
+bool has_image_extension(std::string_view name) {
+  const auto dot = name.rfind('.');
+  if (dot == std::string_view::npos) return false;
+  std::string extension(name.substr(dot));
   std::transform(extension.begin(), extension.end(), extension.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   return std::find(kImageExtensions.begin(), kImageExtensions.end(), extension) != kImageExtensions.end();
 }
 
-// Directory entries sorted by name (byte order), so the same tree always gives the same dataset.
-std::vector<fs::directory_entry> sorted_entries(const fs::path& dir) {
-  std::vector<std::pair<std::string, fs::directory_entry>> named;
+struct DirEntry {
+  std::string name;
+  bool is_directory = false;
+};
+
+// Entries of `dir` sorted by name (byte order), hidden ones left out, so the same tree always gives
+// the same dataset.
+std::vector<DirEntry> list_dir(const fs::path& dir) {
+  std::vector<DirEntry> entries;
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::string name = entry.path().filename().string();
-    if (!name.starts_with('.')) named.emplace_back(std::move(name), entry);
+    if (!name.starts_with('.')) entries.push_back({std::move(name), entry.is_directory()});
   }
-  std::sort(named.begin(), named.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<fs::directory_entry> entries;
-  entries.reserve(named.size());
-  for (auto& [name, entry] : named) entries.push_back(std::move(entry));
+  std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   return entries;
 }
 
 struct Candidate {
-  fs::path path;
-  std::string relative;  // to the raw dir, as listed in the manifest
+  std::string relative;         // <split>/<class>/<name>, as listed in the manifest
+  std::size_t name_offset = 0;  // where <name> starts in `relative`
+  int dir = 0;                  // index into Tree::dirs
   int split = 0;
   std::int64_t label = 0;
+
+  const char* name() const { return relative.c_str() + name_offset; }
 };
 
 struct Tree {
@@ -59,8 +67,11 @@ struct Tree {
   std::vector<std::string> classes;
   // split index -> class folders present in that split
   std::vector<std::vector<std::string>> split_classes;
+  std::vector<fs::path> dirs;  // the class folders, in file order
   std::vector<Candidate> files;
   std::vector<FileNote> skipped;
+
+  fs::path path(const Candidate& file) const { return dirs[file.dir] / file.name(); }
 };
 
 Tree scan_tree(const fs::path& raw_dir) {
@@ -68,40 +79,43 @@ Tree scan_tree(const fs::path& raw_dir) {
   if (!fs::is_directory(raw_dir)) throw_data_error("raw data dir '" + raw_dir.string() + "' is not a directory");
 
   Tree tree;
-  auto relative = [&raw_dir](const fs::path& path) { return path.lexically_relative(raw_dir).generic_string(); };
-  for (const auto& split_entry : sorted_entries(raw_dir)) {
-    if (!split_entry.is_directory()) continue;  // README, licence files and the like next to the splits
-    tree.splits.push_back(split_entry.path().filename().string());
+  for (const auto& split_entry : list_dir(raw_dir)) {
+    if (!split_entry.is_directory) continue;  // README, licence files and the like next to the splits
+    tree.splits.push_back(split_entry.name);
     auto& classes = tree.split_classes.emplace_back();
-    for (const auto& class_entry : sorted_entries(split_entry.path())) {
-      if (!class_entry.is_directory()) {
-        tree.skipped.push_back(
-            {relative(class_entry.path()), "not inside a class folder (" + std::string(kLayoutHint) + ")"});
+    for (const auto& class_entry : list_dir(raw_dir / split_entry.name)) {
+      if (!class_entry.is_directory) {
+        tree.skipped.push_back({split_entry.name + "/" + class_entry.name,
+                                "not inside a class folder (" + std::string(kLayoutHint) + ")"});
         continue;
       }
-      classes.push_back(class_entry.path().filename().string());
+      classes.push_back(class_entry.name);
     }
   }
   if (tree.splits.empty()) {
     throw_data_error("raw data dir '" + raw_dir.string() + "' holds no split folders; " + kLayoutHint);
   }
-  for (const auto& classes : tree.split_classes)
+  for (const auto& classes : tree.split_classes) {
     tree.classes.insert(tree.classes.end(), classes.begin(), classes.end());
+  }
   std::sort(tree.classes.begin(), tree.classes.end());
   tree.classes.erase(std::unique(tree.classes.begin(), tree.classes.end()), tree.classes.end());
 
   for (std::size_t split = 0; split < tree.splits.size(); ++split) {
     for (const auto& class_name : tree.split_classes[split]) {
       const auto label = std::lower_bound(tree.classes.begin(), tree.classes.end(), class_name) - tree.classes.begin();
-      for (const auto& file : sorted_entries(raw_dir / tree.splits[split] / class_name)) {
-        if (file.is_directory()) {
-          tree.skipped.push_back({relative(file.path()), "folder inside a class folder (not read)"});
-        } else if (!has_image_extension(file.path())) {
+      const std::string prefix = tree.splits[split] + "/" + class_name + "/";
+      const int dir = static_cast<int>(tree.dirs.size());
+      tree.dirs.push_back(raw_dir / tree.splits[split] / class_name);
+      for (const auto& file : list_dir(tree.dirs.back())) {
+        if (file.is_directory) {
+          tree.skipped.push_back({prefix + file.name, "folder inside a class folder (not read)"});
+        } else if (!has_image_extension(file.name)) {
           tree.skipped.push_back(
-              {relative(file.path()), "unsupported file type '" + file.path().extension().string() +
-                                          "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
+              {prefix + file.name, "unsupported file type '" + fs::path(file.name).extension().string() +
+                                       "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
         } else {
-          tree.files.push_back({file.path(), relative(file.path()), static_cast<int>(split), label});
+          tree.files.push_back({prefix + file.name, prefix.size(), dir, static_cast<int>(split), label});
         }
       }
     }
@@ -136,7 +150,7 @@ ImageSpec choose_spec(const Tree& tree, const PrepareOptions& options, int first
   std::stable_partition(order.begin(), order.end(), [&](std::size_t i) { return tree.files[i].split == first_split; });
   std::vector<std::uint8_t> buffer;
   for (const std::size_t index : order) {
-    if (!detail::read_file(tree.files[index].path, buffer).empty()) continue;
+    if (!detail::read_file(tree.path(tree.files[index]), buffer).empty()) continue;
     const auto native = probe_image(buffer);
     if (!native) continue;
     ImageSpec spec = *native;
@@ -201,6 +215,8 @@ std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, st
   auto work = [&] {
     ChannelStats local;
     std::vector<std::uint8_t> buffer;
+    // Files are opened relative to their class folder: one path component to resolve, not five.
+    detail::OpenDirectory folder;
     try {
       while (!stop.load(std::memory_order_relaxed)) {
         const std::size_t begin = next.fetch_add(kChunk);
@@ -210,7 +226,8 @@ std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, st
           const Candidate& file = tree.files[i];
           auto& split = splits[file.split];
           std::uint8_t* out = split.images.data_ptr<std::uint8_t>() + row_of_file[i] * spec.bytes();
-          if (std::string error = detail::read_file(file.path, buffer); !error.empty()) {
+          if (std::string error = detail::read_file_at(folder.open(tree.dirs[file.dir]), file.name(), buffer);
+              !error.empty()) {
             results[i].error = std::move(error);
             continue;
           }

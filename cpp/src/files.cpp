@@ -43,18 +43,18 @@ std::string staging_prefix(const fs::path& destination) {
 
 }  // namespace
 
+namespace {
+
 template <typename Byte>
-std::string read_file(const fs::path& path, std::vector<Byte>& buffer) {
-  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) return std::string("cannot open file: ") + std::strerror(errno);
+std::string read_open_file(int fd, std::vector<Byte>& buffer) {
   struct stat info {};
-  if (::fstat(fd.get(), &info) != 0) return std::string("cannot stat file: ") + std::strerror(errno);
+  if (::fstat(fd, &info) != 0) return std::string("cannot stat file: ") + std::strerror(errno);
   if (!S_ISREG(info.st_mode)) return "not a regular file";
   if (info.st_size == 0) return "empty file (0 bytes)";
   buffer.resize(static_cast<std::size_t>(info.st_size));
   std::size_t filled = 0;
   while (filled < buffer.size()) {
-    const ssize_t got = ::read(fd.get(), buffer.data() + filled, buffer.size() - filled);
+    const ssize_t got = ::read(fd, buffer.data() + filled, buffer.size() - filled);
     if (got < 0) {
       if (errno == EINTR) continue;
       return std::string("cannot read file: ") + std::strerror(errno);
@@ -65,6 +65,34 @@ std::string read_file(const fs::path& path, std::vector<Byte>& buffer) {
   buffer.resize(filled);
   if (filled == 0) return "empty file (0 bytes)";
   return {};
+}
+
+}  // namespace
+
+template <typename Byte>
+std::string read_file(const fs::path& path, std::vector<Byte>& buffer) {
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return std::string("cannot open file: ") + std::strerror(errno);
+  return read_open_file(fd.get(), buffer);
+}
+
+std::string read_file_at(int dir_fd, const char* name, std::vector<std::uint8_t>& buffer) {
+  if (dir_fd < 0) return std::string("cannot open its folder: ") + std::strerror(errno);
+  FileDescriptor fd(::openat(dir_fd, name, O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return std::string("cannot open file: ") + std::strerror(errno);
+  return read_open_file(fd.get(), buffer);
+}
+
+OpenDirectory::~OpenDirectory() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int OpenDirectory::open(const fs::path& dir) {
+  if (fd_ >= 0 && dir.native() == path_.native()) return fd_;
+  if (fd_ >= 0) ::close(fd_);
+  path_ = dir;
+  fd_ = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  return fd_;
 }
 
 template std::string read_file(const fs::path&, std::vector<std::uint8_t>&);

@@ -17,7 +17,9 @@ bool is_type(const std::uint8_t* type, const char* name) {
 }
 
 // Critical chunks have an upper-case first letter (PNG spec, 5.4).
-bool is_critical(const std::uint8_t* type) { return (type[0] & 0x20) == 0; }
+bool is_critical(const std::uint8_t* type) {
+  return (type[0] & 0x20) == 0;
+}
 
 struct DecompressorDeleter {
   void operator()(libdeflate_decompressor* decompressor) const { libdeflate_free_decompressor(decompressor); }
@@ -41,8 +43,7 @@ int paeth(int a, int b, int c) {
 
 // Reverses the per-row filters (PNG spec, 9) of `raw` (rows of 1 filter byte + `stride` bytes) into
 // `out` (rows of `stride` bytes).
-bool unfilter(const std::uint8_t* raw, std::uint8_t* out, int height, std::size_t stride, int bpp,
-              std::string& error) {
+bool unfilter(const std::uint8_t* raw, std::uint8_t* out, int height, std::size_t stride, int bpp, std::string& error) {
   const std::uint8_t* previous = nullptr;
   for (int y = 0; y < height; ++y) {
     const std::uint8_t filter = raw[0];
@@ -142,11 +143,20 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
   }
 
   switch (colour_type) {
-    case 0: image.channels = 1; break;
-    case 2: image.channels = 3; break;
-    case 4: image.channels = 2; break;
-    case 6: image.channels = 4; break;
-    default: return PngStatus::unsupported;
+    case 0:
+      image.channels = 1;
+      break;
+    case 2:
+      image.channels = 3;
+      break;
+    case 4:
+      image.channels = 2;
+      break;
+    case 6:
+      image.channels = 4;
+      break;
+    default:
+      return PngStatus::unsupported;
   }
   if (bit_depth != 8 || interlace != 0) return PngStatus::unsupported;
 
@@ -155,8 +165,8 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
   thread_local std::vector<std::uint8_t> filtered;
   filtered.resize(filtered_size);
   std::size_t produced = 0;
-  const libdeflate_result result = libdeflate_zlib_decompress(&thread_decompressor(), compressed.data(),
-                                                              compressed.size(), filtered.data(), filtered_size, &produced);
+  const libdeflate_result result = libdeflate_zlib_decompress(
+      &thread_decompressor(), compressed.data(), compressed.size(), filtered.data(), filtered_size, &produced);
   if (result != LIBDEFLATE_SUCCESS || produced != filtered_size) {
     error = result == LIBDEFLATE_SUCCESS || result == LIBDEFLATE_SHORT_OUTPUT
                 ? "corrupt PNG (image data is shorter than its header says)"

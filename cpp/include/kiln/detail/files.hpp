@@ -14,6 +14,25 @@ namespace kiln::detail {
 template <typename Byte>
 std::string read_file(const std::filesystem::path& path, std::vector<Byte>& buffer);
 
+// As read_file, for `name` relative to the open directory `dir_fd` (see OpenDirectory).
+std::string read_file_at(int dir_fd, const char* name, std::vector<std::uint8_t>& buffer);
+
+// Keeps the most recently used directory open, for opening many files in the same folder.
+class OpenDirectory {
+ public:
+  OpenDirectory() = default;
+  OpenDirectory(const OpenDirectory&) = delete;
+  OpenDirectory& operator=(const OpenDirectory&) = delete;
+  ~OpenDirectory();
+
+  // The descriptor of `dir` (negative with errno set if it cannot be opened).
+  int open(const std::filesystem::path& dir);
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
+};
+
 // A file written under a temp name in its final dir and renamed into place by commit() after an
 // fsync: readers see either the old file or the complete new one. Dropped uncommitted, the temp
 // file is removed.
