@@ -11,7 +11,6 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -19,12 +18,9 @@
 #include <vector>
 
 #include "kiln/decode.hpp"
+#include "kiln/progress.hpp"
 
 namespace kiln {
-
-// Called from the calling thread with (files done, files in total); returning false cancels the
-// call, which then throws kiln::Cancelled.
-using ProgressFn = std::function<bool(std::int64_t done, std::int64_t total)>;
 
 struct PrepareOptions {
   std::filesystem::path raw_dir;

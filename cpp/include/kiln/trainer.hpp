@@ -1,0 +1,93 @@
+// The training loop behind `python src/train_model.py`: the processed dataset resident in memory (or
+// on the GPU), shuffled index batches from a seeded generator, one call per epoch.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kiln/dataset.hpp"
+#include "kiln/model.hpp"
+#include "kiln/progress.hpp"
+
+namespace kiln {
+
+enum class Precision {
+  fp32,
+  bf16,  // autocast to bfloat16 for convolutions and matmuls, losses and updates in float32
+};
+
+struct TrainerOptions {
+  std::filesystem::path data_dir;
+  std::string model = "mnist_cnn";
+  double lr = 1.3;
+  double gamma = 0.7;  // StepLR(step_size=1) after every epoch
+  std::int64_t train_batch_size = 32;
+  std::int64_t test_batch_size = 100;
+  std::uint64_t seed = 1;
+  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
+  Precision precision = Precision::fp32;
+  bool channels_last = true;
+  std::string train_split = "train";
+  std::string test_split = "test";
+  // Use only the first N images of each split in a seeded random order (0 = all): quick runs, tests.
+  std::int64_t train_limit = 0;
+  std::int64_t test_limit = 0;
+};
+
+struct EpochMetrics {
+  std::int64_t epoch = 0;  // 1-based, counting every epoch this model was trained (resumes included)
+  double train_loss = 0;   // mean cross-entropy over the epoch's training batches
+  double train_accuracy = 0;
+  double test_loss = 0;
+  double test_accuracy = 0;
+  double learning_rate = 0;  // the rate this epoch trained with
+  double seconds = 0;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(TrainerOptions options);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  // Trains one epoch, evaluates on the test split and steps the learning-rate schedule; progress
+  // counts the epoch's training batches. Throws
+  // kiln::TrainingError on a NaN/inf loss (the model is then unusable: reload a checkpoint) and
+  // kiln::Cancelled when `progress` returns false.
+  EpochMetrics run_epoch(const ProgressFn& progress = {});
+
+  // Confusion matrix [true class, predicted class] of the last evaluation (int64 [K, K]).
+  at::Tensor confusion_matrix() const;
+
+  // Atomic; readable by torch.load(weights_only=True) and by kiln::Predictor.
+  void save_checkpoint(const std::filesystem::path& path) const;
+  // Restores model, optimizer, schedule, RNG state, epoch counter and history. Throws
+  // kiln::DataError if the checkpoint is not for this model and dataset.
+  void load_checkpoint(const std::filesystem::path& path);
+
+  std::int64_t epoch() const;
+  const std::vector<EpochMetrics>& history() const;
+  const Manifest& manifest() const;
+  const ModelSpec& model_spec() const;
+  std::string device() const;
+  std::int64_t train_size() const;
+  std::int64_t test_size() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+class TrainingError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace kiln

@@ -1,0 +1,149 @@
+#include "kiln/optimizer.hpp"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+
+#include "kiln/error.hpp"
+
+namespace kiln {
+namespace {
+
+// All of Adadelta's update in one pass over memory, instead of the ~10 passes of the tensor-op form.
+// Matches torch.optim.Adadelta's single-tensor arithmetic order.
+void fused_step_cpu(float* param, const float* grad, float* square_avg, float* acc_delta, std::int64_t size,
+                    const AdadeltaOptions& options) {
+  const float rho = static_cast<float>(options.rho);
+  const float one_minus_rho = static_cast<float>(1.0 - options.rho);
+  const float eps = static_cast<float>(options.eps);
+  const float lr = static_cast<float>(options.lr);
+  const float weight_decay = static_cast<float>(options.weight_decay);
+  at::parallel_for(0, size, 32768, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const float g = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+      const float avg = square_avg[i] * rho + one_minus_rho * (g * g);
+      square_avg[i] = avg;
+      const float std = std::sqrt(avg + eps);
+      const float delta = std::sqrt(acc_delta[i] + eps) / std * g;
+      acc_delta[i] = acc_delta[i] * rho + one_minus_rho * (delta * delta);
+      param[i] -= lr * delta;
+    }
+  });
+}
+
+void tensor_step(at::Tensor& param, at::Tensor grad, at::Tensor& square_avg, at::Tensor& acc_delta,
+                 const AdadeltaOptions& options) {
+  if (options.weight_decay != 0.0) grad = grad.add(param, options.weight_decay);
+  square_avg.mul_(options.rho).addcmul_(grad, grad, 1.0 - options.rho);
+  const at::Tensor std = square_avg.add(options.eps).sqrt_();
+  at::Tensor delta = acc_delta.add(options.eps).sqrt_();
+  delta.div_(std).mul_(grad);
+  acc_delta.mul_(options.rho).addcmul_(delta, delta, 1.0 - options.rho);
+  param.add_(delta, -options.lr);
+}
+
+}  // namespace
+
+Adadelta::Adadelta(std::vector<at::Tensor> params, AdadeltaOptions options)
+    : params_(std::move(params)), steps_(params_.size(), 0.0), options_(options) {
+  for (const auto& param : params_) {
+    // Same memory format as the parameter (channels-last conv weights stay channels-last).
+    square_avg_.push_back(at::zeros_like(param));
+    acc_delta_.push_back(at::zeros_like(param));
+  }
+}
+
+void Adadelta::zero_grad() {
+  for (auto& param : params_) param.mutable_grad().reset();
+}
+
+void Adadelta::step() {
+  c10::NoGradGuard no_grad;
+  for (const auto i : c10::irange(params_.size())) {
+    at::Tensor& param = params_[i];
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;
+    steps_[i] += 1.0;
+    const bool fusable = param.device().is_cpu() && param.scalar_type() == at::kFloat && param.is_contiguous() &&
+                         grad.is_contiguous() && grad.scalar_type() == at::kFloat && square_avg_[i].is_contiguous() &&
+                         acc_delta_[i].is_contiguous() && grad.strides() == param.strides();
+    if (fusable) {
+      fused_step_cpu(param.data_ptr<float>(), grad.const_data_ptr<float>(), square_avg_[i].data_ptr<float>(),
+                     acc_delta_[i].data_ptr<float>(), param.numel(), options_);
+    } else {
+      tensor_step(param, grad, square_avg_[i], acc_delta_[i], options_);
+    }
+  }
+}
+
+c10::IValue Adadelta::state_dict() const {
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
+  std::vector<std::int64_t> indices;
+  for (const auto i : c10::irange(params_.size())) {
+    indices.push_back(static_cast<std::int64_t>(i));
+    if (steps_[i] == 0.0) continue;  // torch.optim has no state for parameters never stepped
+    c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
+    entry.insert("step", at::scalar_tensor(steps_[i], at::kFloat));
+    entry.insert("square_avg", square_avg_[i].cpu().contiguous());
+    entry.insert("acc_delta", acc_delta_[i].cpu().contiguous());
+    state.insert(static_cast<std::int64_t>(i), entry);
+  }
+  c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
+  group.insert("lr", options_.lr);
+  group.insert("rho", options_.rho);
+  group.insert("eps", options_.eps);
+  group.insert("weight_decay", options_.weight_decay);
+  group.insert("foreach", c10::IValue());
+  group.insert("capturable", false);
+  group.insert("maximize", false);
+  group.insert("differentiable", false);
+  group.insert("params", c10::List<std::int64_t>(indices));
+  c10::impl::GenericList groups(c10::AnyType::get());
+  groups.push_back(group);
+  c10::impl::GenericDict result(c10::StringType::get(), c10::AnyType::get());
+  result.insert("state", state);
+  result.insert("param_groups", groups);
+  return result;
+}
+
+void Adadelta::load_state_dict(const c10::IValue& value) {
+  try {
+    const auto dict = value.toGenericDict();
+    const auto groups = dict.at("param_groups").toList();
+    if (groups.size() != 1)
+      throw_data_error("expected one optimizer param group, got " + std::to_string(groups.size()));
+    const auto group = groups.get(0).toGenericDict();
+    options_.lr = group.at("lr").toDouble();
+    options_.rho = group.at("rho").toDouble();
+    options_.eps = group.at("eps").toDouble();
+    options_.weight_decay = group.at("weight_decay").toDouble();
+    const auto state = dict.at("state").toGenericDict();
+    for (const auto i : c10::irange(params_.size())) {
+      const c10::IValue key(static_cast<std::int64_t>(i));
+      if (!state.contains(key)) {
+        steps_[i] = 0.0;
+        square_avg_[i].zero_();
+        acc_delta_[i].zero_();
+        continue;
+      }
+      const auto entry = state.at(key).toGenericDict();
+      const at::Tensor square_avg = entry.at("square_avg").toTensor();
+      const at::Tensor acc_delta = entry.at("acc_delta").toTensor();
+      if (square_avg.sizes() != params_[i].sizes() || acc_delta.sizes() != params_[i].sizes()) {
+        throw_data_error("optimizer state of parameter " + std::to_string(i) + " has the wrong shape");
+      }
+      steps_[i] = entry.at("step").toTensor().item<double>();
+      square_avg_[i].copy_(square_avg);
+      acc_delta_[i].copy_(acc_delta);
+    }
+  } catch (const c10::Error& error) {
+    throw_data_error(std::string("optimizer state is not an Adadelta state_dict: ") + error.what_without_backtrace());
+  }
+}
+
+}  // namespace kiln
