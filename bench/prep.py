@@ -100,9 +100,7 @@ def ensure_raw_tree(raw: Path | None, cache: Path) -> Path:
     if (cache / "train").is_dir():
         return cache
     if not DEBIAN_IDX.is_dir():
-        raise SystemExit(
-            f"{DEBIAN_IDX} not found: `apt-get install dataset-fashion-mnist`, or pass --raw DIR"
-        )
+        raise SystemExit(f"{DEBIAN_IDX} not found: `apt-get install dataset-fashion-mnist`, or pass --raw DIR")
     print(f"writing the Fashion-MNIST PNG tree to {cache} (once) ...", flush=True)
     subprocess.run(
         [
@@ -126,22 +124,15 @@ def same_arrays(a: Path, b: Path) -> bool:
     for split_file in sorted(p.name for p in a.glob("*.pt")):
         left = torch.load(a / split_file, weights_only=True)
         right = torch.load(b / split_file, weights_only=True)
-        if not (
-            torch.equal(left["images"], right["images"])
-            and torch.equal(left["labels"], right["labels"])
-        ):
+        if not (torch.equal(left["images"], right["images"]) and torch.equal(left["labels"], right["labels"])):
             return False
     return True
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", type=Path, help="image tree; default: full Fashion-MNIST as PNGs")
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "kiln-bench-fashion-mnist"
-    )
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kiln-bench-fashion-mnist")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--worker", choices=["kiln", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -170,13 +161,9 @@ def main() -> None:
     budget = 2 * output_mb + 300
     runs = f"best of {args.repeat}"
     within = "within" if peak <= budget else "OVER"
-    print(
-        f"images: {best_kiln['images']} from {raw} on {os.cpu_count()} cores; identical arrays: yes"
-    )
+    print(f"images: {best_kiln['images']} from {raw} on {os.cpu_count()} cores; identical arrays: yes")
     print(f"kiln      {kiln_rate:10.0f} images/s  ({runs}: {best_kiln['seconds']:.3f} s)")
-    print(
-        f"baseline  {baseline_rate:10.0f} images/s  ({runs}: {best_baseline['seconds']:.3f} s, PIL)"
-    )
+    print(f"baseline  {baseline_rate:10.0f} images/s  ({runs}: {best_baseline['seconds']:.3f} s, PIL)")
     print(f"ratio     {kiln_rate / baseline_rate:10.2f} x   (target >= 5x)")
     print(f"kiln peak RSS {peak:.0f} MB; output {output_mb:.0f} MB; budget 2 x output + 300 MB =")
     print(f"  {budget:.0f} MB ({within})")

@@ -14,9 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 
-def run_app(
-    script: str, *overrides: str, cwd: Path, timeout: float = 300
-) -> subprocess.CompletedProcess:
+def run_app(script: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python src/<script> <overrides>` as a user would, from `cwd`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(

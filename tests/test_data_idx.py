@@ -84,10 +84,7 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def png_names(split_dir: Path) -> dict[str, list[str]]:
-    return {
-        folder.name: sorted(png.name for png in folder.iterdir())
-        for folder in sorted(split_dir.iterdir())
-    }
+    return {folder.name: sorted(png.name for png in folder.iterdir()) for folder in sorted(split_dir.iterdir())}
 
 
 def leftovers_beside(out: Path) -> list[str]:
@@ -116,9 +113,7 @@ def test_writes_every_image_under_its_class_folder(idx_dir: Path, tmp_path: Path
     assert leftovers_beside(out) == ["png"]
 
 
-def test_per_class_limits_keep_the_first_images_of_each_class(
-    idx_dir: Path, tmp_path: Path
-) -> None:
+def test_per_class_limits_keep_the_first_images_of_each_class(idx_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "png"
     result = run_cli(
         "--idx-dir",
@@ -142,9 +137,7 @@ def test_per_class_limits_keep_the_first_images_of_each_class(
             assert png_names(out / split)[str(digit)] == [f"{i:05d}.png" for i in first_indices]
 
 
-def test_refuses_to_replace_a_non_empty_out_without_overwrite(
-    idx_dir: Path, tmp_path: Path
-) -> None:
+def test_refuses_to_replace_a_non_empty_out_without_overwrite(idx_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "png"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -165,9 +158,7 @@ def test_refuses_to_replace_a_non_empty_out_without_overwrite(
 
 
 @pytest.mark.parametrize("corrupt", ["truncated", "bad magic"])
-def test_invalid_idx_file_fails_naming_it_and_writes_nothing(
-    idx_dir: Path, tmp_path: Path, corrupt: str
-) -> None:
+def test_invalid_idx_file_fails_naming_it_and_writes_nothing(idx_dir: Path, tmp_path: Path, corrupt: str) -> None:
     images_path = next(idx_dir.glob("t10k-images-idx3-ubyte*"))
     raw = idx_bytes(load_split(idx_dir, "t10k")[0])
     raw = raw[:-7] if corrupt == "truncated" else b"\x08\x03" + raw[2:]
@@ -206,9 +197,7 @@ def test_truncated_gzip_stream_fails_naming_the_file(tmp_path: Path) -> None:
 def test_label_count_mismatch_is_reported(idx_dir: Path, tmp_path: Path) -> None:
     for path in idx_dir.glob("train-labels-idx1-ubyte*"):
         path.unlink()
-    labels_path = write_idx(
-        idx_dir / "train-labels-idx1-ubyte", np.zeros(39, dtype=np.uint8), compressed=False
-    )
+    labels_path = write_idx(idx_dir / "train-labels-idx1-ubyte", np.zeros(39, dtype=np.uint8), compressed=False)
 
     result = run_cli("--idx-dir", idx_dir, "--out", tmp_path / "png")
 

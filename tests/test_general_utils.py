@@ -61,11 +61,7 @@ def file_config(*filenames):
 
 
 def root_file_handlers():
-    return [
-        handler
-        for handler in logging.getLogger().handlers
-        if isinstance(handler, logging.FileHandler)
-    ]
+    return [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
 
 
 def flush_root_handlers():
@@ -79,9 +75,7 @@ def read_json_lines(path):
 
 def fallback_warnings(caplog):
     return [
-        record
-        for record in caplog.records
-        if record.name == "kiln.general_utils" and record.levelno == logging.WARNING
+        record for record in caplog.records if record.name == "kiln.general_utils" and record.levelno == logging.WARNING
     ]
 
 
@@ -120,9 +114,7 @@ def test_log_dir_moves_file_handlers_and_writes_json_lines(tmp_path, monkeypatch
     setup_logging(REPO_CONFIG, log_dir=log_dir)
 
     file_handlers = root_file_handlers()
-    assert sorted(Path(h.baseFilename).name for h in file_handlers) == sorted(
-        FILE_HANDLERS.values()
-    )
+    assert sorted(Path(h.baseFilename).name for h in file_handlers) == sorted(FILE_HANDLERS.values())
     for handler in file_handlers:
         assert Path(handler.baseFilename).parent == log_dir.resolve()
     # The YAML's own ./logs directory is not created when log_dir is given.
@@ -226,9 +218,7 @@ def test_bad_config_falls_back_with_warning(tmp_path, caplog, content, error_nam
 
 def test_caller_config_file_is_not_modified(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config_path = write_config(
-        tmp_path / "logging.yaml", file_config("./logs/app.log", "./logs/other.log")
-    )
+    config_path = write_config(tmp_path / "logging.yaml", file_config("./logs/app.log", "./logs/other.log"))
     before = config_path.read_bytes()
 
     setup_logging(config_path, log_dir=tmp_path / "first")

@@ -140,9 +140,7 @@ def test_missing_raw_dir_fails_with_one_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "processed").exists()
 
 
-def test_raw_dir_without_images_fails_and_keeps_previous_dataset(
-    tmp_path: Path, small_raw: Path
-) -> None:
+def test_raw_dir_without_images_fails_and_keeps_previous_dataset(tmp_path: Path, small_raw: Path) -> None:
     processed = tmp_path / "processed"
     assert (
         run_app(
@@ -192,10 +190,7 @@ def test_image_size_and_channels_options(tmp_path: Path, small_raw: Path) -> Non
     test = torch.load(tmp_path / "p" / "test.pt", weights_only=True)
     assert test["images"].shape[1:] == (3, 32, 24)
     bad = run_app("process_data.py", f"raw_data_dir_path={small_raw}", "channels=2", cwd=tmp_path)
-    assert (
-        bad.returncode != 0
-        and "channels must be 1 (grayscale) or 3 (RGB), got 2" in bad.stdout + bad.stderr
-    )
+    assert bad.returncode != 0 and "channels must be 1 (grayscale) or 3 (RGB), got 2" in bad.stdout + bad.stderr
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_previous_dataset(tmp_path: Path, small_raw: Path) -> None:
@@ -203,9 +198,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_previous_dataset(tmp_path: Path, small_r
     kiln.prepare_dataset(small_raw, processed)
     before = {p.name: p.read_bytes() for p in processed.iterdir()}
     (small_raw / "train" / "extra").mkdir()
-    shutil.copyfile(
-        next((small_raw / "test").rglob("*.png")), small_raw / "train" / "extra" / "x.png"
-    )
+    shutil.copyfile(next((small_raw / "test").rglob("*.png")), small_raw / "train" / "extra" / "x.png")
     # A real SIGINT delivered while the core runs: it must surface as KeyboardInterrupt.
     script = textwrap.dedent(
         f"""
@@ -218,9 +211,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_previous_dataset(tmp_path: Path, small_r
             print("interrupted")
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "interrupted", result.stderr
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]

@@ -53,5 +53,6 @@ class PythonProgress {
 
 void register_errors(py::module_& m);
 void register_dataset(py::module_& m);
+void register_training(py::module_& m);
 
 }  // namespace kiln::bindings

@@ -2,11 +2,13 @@
 #include "bindings.hpp"
 
 #include "kiln/error.hpp"
+#include "kiln/trainer.hpp"
 
 namespace kiln::bindings {
 
 void register_errors(py::module_& m) {
   py::register_exception<DataError>(m, "DataError", PyExc_ValueError);
+  py::register_exception<TrainingError>(m, "TrainingError", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -23,4 +25,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = KILN_VERSION;
   kiln::bindings::register_errors(m);
   kiln::bindings::register_dataset(m);
+  kiln::bindings::register_training(m);
 }

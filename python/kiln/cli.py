@@ -43,15 +43,38 @@ def setup_app_logging(log_dir: str | None) -> None:
     general_utils.setup_logging(logging_config_path=str(CONF_DIR / "logging.yaml"), log_dir=log_dir)
 
 
+def _is_expected(error: Exception) -> bool:
+    from kiln.general_utils import TrackingError
+
+    expected: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, TrackingError)
+    core = sys.modules.get("kiln._core")  # loaded by then if the error came from the C++ core
+    if core is not None:
+        expected += (core.TrainingError,)
+    return isinstance(error, expected)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @contextlib.contextmanager
 def exit_on_user_error(logger: logging.Logger) -> Iterator[None]:
-    """Turn errors in the user's input into one clear log line and exit code 1, not a traceback.
+    """Turn expected failures into one clear log line and exit code 1, not a traceback.
 
-    Missing paths (FileNotFoundError) and unusable data or options (ValueError, which kiln's
-    DataError is) are the user's to fix; anything else is a bug and keeps its traceback.
+    Missing paths (FileNotFoundError), unusable data or options (ValueError, which kiln's
+    DataError is), an unusable MLflow (TrackingError) and a diverging loss (kiln.TrainingError) are
+    the user's to fix; anything else is a bug and keeps its traceback. In a --multirun sweep the
+    error is logged and re-raised, so the sweeper records the trial as failed and goes on.
     """
     try:
         yield
-    except (FileNotFoundError, ValueError) as error:
+    except Exception as error:
+        if not _is_expected(error):
+            raise
         logger.error("%s", error)
+        if _in_multirun():
+            raise
         raise SystemExit(1) from error

@@ -22,8 +22,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from_idx = commands.add_parser(
         "from-idx",
         help="convert MNIST-style IDX files into OUT/{train,test}/<class>/<index>.png",
-        description="Convert train-*/t10k-* IDX files (plain or .gz) "
-        "into OUT/{train,test}/<class>/<index>.png.",
+        description="Convert train-*/t10k-* IDX files (plain or .gz) into OUT/{train,test}/<class>/<index>.png.",
     )
     from_idx.add_argument("--idx-dir", required=True, help="directory holding the four IDX files")
     from_idx.add_argument("--out", required=True, help="output directory (built atomically)")

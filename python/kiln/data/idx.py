@@ -80,16 +80,13 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
         raise ValueError(
-            f"{path}: truncated IDX header: {len(raw)} bytes, "
-            f"expected {header_size} for {ndim} dimensions"
+            f"{path}: truncated IDX header: {len(raw)} bytes, expected {header_size} for {ndim} dimensions"
         )
     shape = tuple(int(dim) for dim in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected_size = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected_size:
         problem = "truncated" if len(raw) < expected_size else "has trailing bytes"
-        raise ValueError(
-            f"{path}: {problem}: {len(raw)} bytes, expected {expected_size} for shape {shape}"
-        )
+        raise ValueError(f"{path}: {problem}: {len(raw)} bytes, expected {expected_size} for shape {shape}")
     return np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
 
 
@@ -97,9 +94,7 @@ def _find_idx_file(idx_dir: Path, stem: str) -> Path:
     for candidate in (idx_dir / stem, idx_dir / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"missing IDX file: neither {idx_dir / stem} nor {idx_dir / stem}.gz exists"
-    )
+    raise FileNotFoundError(f"missing IDX file: neither {idx_dir / stem} nor {idx_dir / stem}.gz exists")
 
 
 def _load_split(idx_dir: Path, prefix: str, class_count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,14 +113,9 @@ def _load_split(idx_dir: Path, prefix: str, class_count: int) -> tuple[np.ndarra
             f"got {labels.ndim}-D {labels.dtype}"
         )
     if len(images) != len(labels):
-        raise ValueError(
-            f"{labels_path}: holds {len(labels)} labels "
-            f"but {images_path} holds {len(images)} images"
-        )
+        raise ValueError(f"{labels_path}: holds {len(labels)} labels but {images_path} holds {len(images)} images")
     if len(labels) and labels.max() >= class_count:
-        raise ValueError(
-            f"{labels_path}: label {labels.max()} out of range for {class_count} classes"
-        )
+        raise ValueError(f"{labels_path}: label {labels.max()} out of range for {class_count} classes")
     return images, labels
 
 
@@ -190,24 +180,17 @@ def idx_to_png_tree(
     idx_dir = Path(idx_dir)
     out = Path(out)
     if classes not in CLASS_FOLDER_NAMES:
-        raise ValueError(
-            f"unknown class set {classes!r}; choose from {', '.join(CLASS_FOLDER_NAMES)}"
-        )
+        raise ValueError(f"unknown class set {classes!r}; choose from {', '.join(CLASS_FOLDER_NAMES)}")
     for limit in (per_class_limit, test_per_class_limit):
         if limit is not None and limit < 1:
             raise ValueError(f"per-class limit must be at least 1, got {limit}")
     # Checked before any work so that a refused run costs nothing.
     if _is_nonempty(out) and not overwrite:
-        raise FileExistsError(
-            f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
     class_folders = CLASS_FOLDER_NAMES[classes]
     # Load and validate every file before writing anything.
-    splits = {
-        split: _load_split(idx_dir, prefix, len(class_folders))
-        for prefix, split in SPLIT_PREFIXES.items()
-    }
+    splits = {split: _load_split(idx_dir, prefix, len(class_folders)) for prefix, split in SPLIT_PREFIXES.items()}
     split_limits = {
         "train": per_class_limit,
         "test": test_per_class_limit if test_per_class_limit is not None else per_class_limit,

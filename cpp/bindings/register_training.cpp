@@ -1,0 +1,143 @@
+// Training and inference: kiln._core.Trainer and kiln._core.Predictor.
+#include "bindings.hpp"
+
+#include "kiln/error.hpp"
+#include "kiln/optimizer.hpp"
+#include "kiln/predictor.hpp"
+#include "kiln/trainer.hpp"
+
+namespace kiln::bindings {
+namespace {
+
+py::dict metrics_dict(const EpochMetrics& m) {
+  py::dict d;
+  d["epoch"] = m.epoch;
+  d["train_loss"] = m.train_loss;
+  d["train_accuracy"] = m.train_accuracy;
+  d["test_loss"] = m.test_loss;
+  d["test_accuracy"] = m.test_accuracy;
+  d["learning_rate"] = m.learning_rate;
+  d["seconds"] = m.seconds;
+  return d;
+}
+
+// The plain values kiln's state dicts hold (dicts, lists, tensors, numbers, strings, None) as Python
+// objects; torch's general IValue converter lives in a much heavier header.
+py::object to_python(const c10::IValue& value) {
+  if (value.isNone()) return py::none();
+  if (value.isTensor()) return py::cast(value.toTensor());
+  if (value.isBool()) return py::bool_(value.toBool());
+  if (value.isInt()) return py::int_(value.toInt());
+  if (value.isDouble()) return py::float_(value.toDouble());
+  if (value.isString()) return py::str(value.toStringRef());
+  if (value.isList()) {
+    py::list list;
+    for (const auto& item : value.toListRef()) list.append(to_python(item));
+    return list;
+  }
+  if (value.isGenericDict()) {
+    py::dict dict;
+    for (const auto& entry : value.toGenericDict()) dict[to_python(entry.key())] = to_python(entry.value());
+    return dict;
+  }
+  throw std::runtime_error("cannot convert a " + value.tagKind() + " to Python");
+}
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::fp32;
+  if (name == "bf16") return Precision::bf16;
+  throw DataError("precision must be 'fp32' or 'bf16', got '" + name + "'");
+}
+
+}  // namespace
+
+void register_training(py::module_& m) {
+  py::class_<Trainer>(m, "Trainer",
+                      "Trains a classifier on a processed dataset held in memory; one run_epoch() call per epoch.")
+      .def(py::init([](const std::filesystem::path& data_dir, const std::string& model, double lr, double gamma,
+                       std::int64_t train_batch_size, std::int64_t test_batch_size, std::uint64_t seed,
+                       const std::string& device, const std::string& precision, bool channels_last,
+                       std::int64_t train_limit, std::int64_t test_limit) {
+             TrainerOptions options;
+             options.data_dir = data_dir;
+             options.model = model;
+             options.lr = lr;
+             options.gamma = gamma;
+             options.train_batch_size = train_batch_size;
+             options.test_batch_size = test_batch_size;
+             options.seed = seed;
+             options.device = device;
+             options.precision = parse_precision(precision);
+             options.channels_last = channels_last;
+             options.train_limit = train_limit;
+             options.test_limit = test_limit;
+             py::gil_scoped_release release;
+             return std::make_unique<Trainer>(options);
+           }),
+           py::arg("data_dir"), py::kw_only(), py::arg("model") = "mnist_cnn", py::arg("lr") = 1.3,
+           py::arg("gamma") = 0.7, py::arg("train_batch_size") = 32, py::arg("test_batch_size") = 100,
+           py::arg("seed") = 1, py::arg("device") = "cpu", py::arg("precision") = "fp32",
+           py::arg("channels_last") = true, py::arg("train_limit") = 0, py::arg("test_limit") = 0)
+      .def(
+          "run_epoch",
+          [](Trainer& trainer, py::object progress) {
+            PythonProgress bridge(std::move(progress));
+            EpochMetrics metrics;
+            try {
+              py::gil_scoped_release release;
+              metrics = trainer.run_epoch(bridge.function());
+            } catch (const Cancelled&) {
+              bridge.rethrow_python_error();
+              throw;
+            }
+            return metrics_dict(metrics);
+          },
+          py::arg("progress") = py::none(),
+          "Train one epoch, evaluate, step the LR schedule; returns the epoch's metrics as a dict. "
+          "progress(batches_done, batches_total) is called from this thread; raising in it (or Ctrl-C) stops the "
+          "epoch. Raises kiln.TrainingError when the loss becomes NaN/inf.")
+      .def("save_checkpoint", &Trainer::save_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def("load_checkpoint", &Trainer::load_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def("confusion_matrix", &Trainer::confusion_matrix)
+      .def_property_readonly("epoch", &Trainer::epoch)
+      .def_property_readonly("history",
+                             [](const Trainer& trainer) {
+                               py::list history;
+                               for (const auto& metrics : trainer.history()) history.append(metrics_dict(metrics));
+                               return history;
+                             })
+      .def_property_readonly("classes", [](const Trainer& trainer) { return trainer.manifest().classes; })
+      .def_property_readonly("model_name", [](const Trainer& trainer) { return trainer.model_spec().name; })
+      .def_property_readonly("device", &Trainer::device)
+      .def_property_readonly("train_size", &Trainer::train_size)
+      .def_property_readonly("test_size", &Trainer::test_size);
+
+  py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
+      .def(py::init<const std::filesystem::path&, const std::string&>(), py::arg("checkpoint"),
+           py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>())
+      .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
+           "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
+      .def_property_readonly("classes", &Predictor::classes)
+      .def_property_readonly("image_shape",
+                             [](const Predictor& predictor) {
+                               const ImageSpec spec = predictor.image_spec();
+                               return py::make_tuple(spec.channels, spec.height, spec.width);
+                             })
+      .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
+      .def_property_readonly("epoch", &Predictor::epoch);
+
+  m.def("model_names", &model_names, "Names of the models Trainer(model=...) accepts.");
+
+  py::class_<Adadelta>(m, "Adadelta", "kiln's C++ Adadelta, as the Trainer uses it (exposed for testing).")
+      .def(py::init([](std::vector<at::Tensor> params, double lr, double rho, double eps, double weight_decay) {
+             return std::make_unique<Adadelta>(std::move(params), AdadeltaOptions{lr, rho, eps, weight_decay});
+           }),
+           py::arg("params"), py::kw_only(), py::arg("lr") = 1.0, py::arg("rho") = 0.9, py::arg("eps") = 1e-6,
+           py::arg("weight_decay") = 0.0)
+      .def("step", &Adadelta::step, py::call_guard<py::gil_scoped_release>())
+      .def("zero_grad", &Adadelta::zero_grad)
+      .def("state_dict", [](const Adadelta& optimizer) { return to_python(optimizer.state_dict()); })
+      .def_property("lr", &Adadelta::lr, &Adadelta::set_lr);
+}
+
+}  // namespace kiln::bindings

@@ -1,0 +1,46 @@
+"""kiln's model in MLflow's pyfunc format (logged as "models from code").
+
+MLflow copies this file into the logged model and runs it on load; the weights come from the kiln
+checkpoint artifact, read by the C++ predictor. Nothing is unpickled.
+
+    model = mlflow.pyfunc.load_model("runs:/<run id>/model")
+    model.predict(images)   # uint8 [N, C, H, W] -> DataFrame: prediction, probability, probabilities
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class KilnImageClassifier(PythonModel):
+    def load_context(self, context) -> None:
+        import kiln
+
+        self.predictor = kiln.Predictor(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        import torch
+
+        images = np.ascontiguousarray(np.asarray(model_input))
+        channels, height, width = self.predictor.image_shape
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (channels, height, width):
+            raise ValueError(
+                f"expected uint8 images of shape [N, {channels}, {height}, {width}], "
+                f"got {images.dtype} {list(images.shape)}"
+            )
+        probabilities = self.predictor.predict(torch.from_numpy(images)).numpy()
+        best = probabilities.argmax(axis=1)
+        classes = self.predictor.classes
+        return pd.DataFrame(
+            {
+                "prediction": [classes[i] for i in best],
+                "probability": probabilities[np.arange(len(best)), best],
+                "probabilities": [row.tolist() for row in probabilities],
+            }
+        )
+
+
+mlflow.models.set_model(KilnImageClassifier())
