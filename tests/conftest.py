@@ -14,9 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 
-def run_app(script: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python src/<script> <overrides>` as a user would, from `cwd`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_app(
+    script: str,
+    *overrides: str,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    replace_env: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run `python src/<script> <overrides>` as a user would, from `cwd`.
+
+    `env` adds to this process's environment, or replaces it with `replace_env`.
+    """
+    env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
+    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run(
         [
             sys.executable,
@@ -48,3 +59,62 @@ def copy_sample(destination: Path, per_class: int, classes: int = 10) -> Path:
 @pytest.fixture
 def small_raw(tmp_path: Path) -> Path:
     return copy_sample(tmp_path / "raw", per_class=5, classes=3)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def processed_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded sample, prepared once for the session."""
+    import kiln
+
+    processed = tmp_path_factory.mktemp("sample") / "processed"
+    kiln.prepare_dataset(SAMPLE, processed)
+    return processed
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` (SQLite backend, local artifacts) on a free loopback port."""
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()

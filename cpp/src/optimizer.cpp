@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -104,7 +105,7 @@ c10::IValue Adadelta::state_dict() const {
   group.insert("capturable", false);
   group.insert("maximize", false);
   group.insert("differentiable", false);
-  group.insert("params", c10::List<std::int64_t>(indices));
+  group.insert("params", detail::plain_list(indices));
   c10::impl::GenericList groups(c10::AnyType::get());
   groups.push_back(group);
   c10::impl::GenericDict result(c10::StringType::get(), c10::AnyType::get());

@@ -130,11 +130,6 @@ EpochMetrics metrics_from_ivalue(const c10::IValue& value) {
   return m;
 }
 
-template <typename T>
-c10::List<T> to_list(const std::vector<T>& values) {
-  return c10::List<T>(values);
-}
-
 }  // namespace
 
 struct Trainer::State {
@@ -341,15 +336,15 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   model.insert("state_dict", module_state_dict(*s.model));
 
   Dict normalization = dict();
-  normalization.insert("mean", to_list(s.manifest.mean));
-  normalization.insert("std", to_list(s.manifest.std));
+  normalization.insert("mean", detail::plain_list(s.manifest.mean));
+  normalization.insert("std", detail::plain_list(s.manifest.std));
 
   Dict scheduler = dict();
   scheduler.insert("step_size", std::int64_t{1});
   scheduler.insert("gamma", s.options.gamma);
-  scheduler.insert("base_lrs", to_list(std::vector<double>{s.base_lr}));
+  scheduler.insert("base_lrs", detail::plain_list(std::vector<double>{s.base_lr}));
   scheduler.insert("last_epoch", s.epoch);
-  scheduler.insert("_last_lr", to_list(std::vector<double>{s.optimizer->lr()}));
+  scheduler.insert("_last_lr", detail::plain_list(std::vector<double>{s.optimizer->lr()}));
 
   Dict rng = dict();
   rng.insert("torch_cpu", s.torch_stream.clone());
@@ -376,7 +371,7 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   checkpoint.insert("format_version", static_cast<std::int64_t>(kCheckpointFormatVersion));
   checkpoint.insert("kiln_version", std::string(KILN_VERSION));
   checkpoint.insert("model", model);
-  checkpoint.insert("classes", to_list(s.manifest.classes));
+  checkpoint.insert("classes", detail::plain_list(s.manifest.classes));
   checkpoint.insert("normalization", normalization);
   checkpoint.insert("optimizer", s.optimizer->state_dict());
   checkpoint.insert("scheduler", scheduler);

@@ -8,6 +8,15 @@
 
 namespace kiln::detail {
 
+// A list pickled as a plain Python list. Typed lists (c10::List<double>) are pickled through JIT
+// helpers (torch.jit._pickle.build_doublelist) that weights_only loading rejects; use this instead.
+template <typename T>
+c10::impl::GenericList plain_list(const std::vector<T>& values) {
+  c10::impl::GenericList list(c10::AnyType::get());
+  for (const auto& value : values) list.push_back(value);
+  return list;
+}
+
 // Saves dicts, lists, tuples, strings, numbers and CPU tensors. Containers are pickled untagged
 // (LibTorch's pickle_save tags them with a JIT helper that weights_only loading rejects). Written
 // atomically; returns the file's size in bytes.

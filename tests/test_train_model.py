@@ -1,0 +1,328 @@
+"""`python src/train_model.py` end to end: the real Hydra CLI, the C++ trainer, a real MLflow server
+and the ./mlruns file store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln
+from conftest import run_app
+
+# A small but real run: 600 training and 300 test images of the sample per epoch.
+QUICK = ("train_limit=600", "test_limit=300")
+
+
+def train_args(processed: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    return [
+        f"data_dir_path={processed}",
+        f"artifact_dir_path={tmp_path / 'models'}",
+        f"log_dir={tmp_path / 'logs'}",
+        *QUICK,
+        *overrides,
+    ]
+
+
+def client_for(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def only_run(client, experiment: str = "kiln"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    experiment = "tracked-run"
+    env = {"JOB_UUID": "job-123", "JOB_NAME": "kiln-train"}
+    result = run_app(
+        "train_model.py",
+        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "epochs=2"),
+        f"mlflow_exp_name={experiment}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = client_for(mlflow_server)
+    run = only_run(client, experiment)
+    assert re.fullmatch(r"train-model-\d+", run.info.run_name)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (
+        params["learning_rate"] == "1.3" and params["train_batch_size"] == "32" and params["test_batch_size"] == "100"
+    )
+    assert params["model"] == "mnist_cnn" and params["device"] == "cpu" and params["seed"] == "1111"
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert steps(client, run.info.run_id, key) == [1, 2], key
+    assert run.data.tags["job_uuid"] == "job-123" and run.data.tags["job_name"] == "kiln-train"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"train_model_config.json", "checkpoint", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss_accuracy.png", "plots/confusion_matrix.png"}
+    config = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "train_model_config.json", str(tmp_path))).read_text()
+    )
+    assert config["lr"] == 1.3 and config["epochs"] == 2
+
+    # The checkpoint: torch.load(weights_only=True) reads it, no code unpickled.
+    checkpoint = torch.load(tmp_path / "models" / run.info.run_id / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["classes"] == kiln.read_manifest(processed_sample).classes
+    assert set(checkpoint["optimizer"]) == {"state", "param_groups"}
+
+    # The pyfunc model predicts in a fresh process.
+    script = textwrap.dedent(
+        f"""
+        import mlflow, torch, kiln
+        mlflow.set_tracking_uri({mlflow_server!r})
+        model = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/model")
+        images, labels = kiln.load_split({str(processed_sample)!r}, "test")
+        out = model.predict(images[:200].numpy())
+        classes = kiln.read_manifest({str(processed_sample)!r}).classes
+        hits = sum(p == classes[int(l)] for p, l in zip(out["prediction"], labels[:200]))
+        print(len(out), hits, float(out["probability"].min()), len(out["probabilities"][0]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    count, hits, min_probability, width = done.stdout.split()
+    assert int(count) == 200 and int(width) == 10
+    assert int(hits) > 100  # far above the 10% of guessing after two short epochs
+    assert 0 < float(min_probability) <= 1
+
+
+def test_default_file_store_works_out_of_the_box(tmp_path: Path, processed_sample: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_ALLOW_FILE_STORE"}
+    result = run_app(
+        "train_model.py", *train_args(processed_sample, tmp_path, "epochs=1"), cwd=tmp_path, env=env, replace_env=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # for this process's client only
+    run = only_run(client_for(str(tmp_path / "mlruns")))
+    assert steps(client_for(str(tmp_path / "mlruns")), run.info.run_id, "test_accuracy") == [1]
+
+
+def test_sweep_style_run_is_named_and_tagged(tmp_path: Path, processed_sample: Path, mlflow_server: str) -> None:
+    experiment = "hp-tagging"
+    result = run_app(
+        "train_model.py",
+        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "epochs=1"),
+        f"mlflow_exp_name={experiment}",
+        cwd=tmp_path,
+        env={"MLFLOW_HPTUNING_TAG": "sweep-42"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = only_run(client_for(mlflow_server), experiment)
+    assert re.fullmatch(r"train-model-hp-\d+", run.info.run_name)
+    assert run.data.tags["hptuning_tag"] == "sweep-42"
+
+
+def test_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Path, processed_sample: Path) -> None:
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_app(
+        "train_model.py", *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={uri}"), cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert uri in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()
+    assert time.monotonic() - started < 60
+
+
+def test_untracked_training_writes_the_checkpoint_only(tmp_path: Path, processed_sample: Path) -> None:
+    result = run_app(
+        "train_model.py", *train_args(processed_sample, tmp_path, "setup_mlflow=false", "epochs=1"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "mlruns").exists()
+    assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_diverging_loss_stops_the_run_with_a_clear_error(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    experiment = "diverging"
+    result = run_app(
+        "train_model.py",
+        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "lr=1e30", "epochs=2"),
+        f"mlflow_exp_name={experiment}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "NaN or inf" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert only_run(client_for(mlflow_server), experiment).info.status == "FAILED"
+
+
+def test_sigkill_mid_epoch_then_resume_gives_contiguous_steps(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    from conftest import REPO
+
+    experiment = "killed-and-resumed"
+    args = train_args(
+        processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", f"mlflow_exp_name={experiment}"
+    )
+    args = [a for a in args if not a.startswith(("train_limit", "test_limit"))] + ["test_limit=200"]
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "src" / "train_model.py"),
+            *args,
+            "epochs=20",
+            f"hydra.run.dir={tmp_path / 'out1'}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = client_for(mlflow_server)
+    deadline = time.monotonic() + 240
+    run_id = None
+    while time.monotonic() < deadline and job.poll() is None:
+        experiment_record = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([experiment_record.experiment_id]) if experiment_record else []
+        if runs:
+            run_id = runs[0].info.run_id
+            if steps(client, run_id, "test_accuracy"):
+                break
+        time.sleep(0.2)
+    assert run_id is not None and job.poll() is None, "training did not log an epoch in time"
+    time.sleep(0.4)  # into the next epoch
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    completed = torch.load(tmp_path / "models" / run_id / "checkpoint.pt", weights_only=True)["epoch"]
+    assert completed >= 1
+
+    result = run_app("train_model.py", *args, "resume=true", "epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = only_run(client, experiment)
+    assert run.info.run_id == run_id
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert steps(client, run_id, key) == list(range(1, completed + 3)), key
+    assert torch.load(tmp_path / "models" / run_id / "checkpoint.pt", weights_only=True)["epoch"] == completed + 2
+    predictor = kiln.Predictor(tmp_path / "models" / run_id / "checkpoint.pt")
+    assert predictor.epoch == completed + 2
+
+
+def test_resume_logs_an_epoch_that_was_checkpointed_but_not_logged(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    """The job died between writing epoch 2's checkpoint and logging epoch 2's metrics."""
+    import mlflow
+
+    experiment = "checkpointed-not-logged"
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment(experiment)
+    trainer = kiln.Trainer(processed_sample, seed=5, train_limit=300, test_limit=100)
+    first, second = trainer.run_epoch(), trainer.run_epoch()
+    with mlflow.start_run(run_name=f"train-model-{int(time.time())}") as run:
+        mlflow.log_metrics(
+            {k: first[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}, step=1
+        )
+    (tmp_path / "models" / run.info.run_id).mkdir(parents=True)
+    trainer.save_checkpoint(tmp_path / "models" / run.info.run_id / "checkpoint.pt")
+
+    result = run_app(
+        "train_model.py",
+        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "resume=true", "epochs=1"),
+        f"mlflow_exp_name={experiment}",
+        "seed=5",
+        "train_limit=300",
+        "test_limit=100",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = client_for(mlflow_server)
+    assert steps(client, run.info.run_id, "test_loss") == [1, 2, 3]
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
+    assert logged[2] == pytest.approx(second["test_loss"])
+
+
+def test_resume_without_an_earlier_run_starts_fresh_and_says_so(tmp_path: Path, processed_sample: Path) -> None:
+    result = run_app("train_model.py", *train_args(processed_sample, tmp_path, "resume=true", "epochs=1"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "has no run named train-model-<time>; starting a new run" in result.stdout + result.stderr
+
+
+def test_autolog_does_not_break_training(tmp_path: Path, processed_sample: Path) -> None:
+    result = run_app(
+        "train_model.py", *train_args(processed_sample, tmp_path, "mlflow_autolog=true", "epochs=1"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kiln_adadelta_matches_torch_step_for_step() -> None:
+    from kiln._core import Adadelta
+
+    torch.manual_seed(0)
+    ours = torch.randn(3000, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    kiln_optimizer = Adadelta([ours], lr=1.3, weight_decay=0.01)
+    torch_optimizer = torch.optim.Adadelta([theirs], lr=1.3, weight_decay=0.01, foreach=False)
+    for _ in range(50):
+        grad = torch.randn(3000)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        kiln_optimizer.step()
+        torch_optimizer.step()
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # The state dict has torch.optim.Adadelta's layout: it loads there and continues identically.
+    restored = torch.optim.Adadelta([theirs], lr=0.1)
+    restored.load_state_dict(kiln_optimizer.state_dict())
+    assert restored.param_groups[0]["lr"] == 1.3
+    assert torch.equal(restored.state[theirs]["square_avg"], kiln_optimizer.state_dict()["state"][0]["square_avg"])
+
+
+def test_checkpoint_loads_into_the_python_definition_of_the_model(tmp_path: Path, processed_sample: Path) -> None:
+    import torch.nn.functional as F
+    from torch import nn
+
+    trainer = kiln.Trainer(processed_sample, train_limit=300, test_limit=100)
+    trainer.run_epoch()
+    trainer.save_checkpoint(tmp_path / "checkpoint.pt")
+
+    class Net(nn.Module):  # pytorch/examples mnist/main.py
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
+            self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+            return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    net = Net().eval()
+    net.load_state_dict(checkpoint["model"]["state_dict"])
+    images, _ = kiln.load_split(processed_sample, "test")
+    mean, std = checkpoint["normalization"]["mean"][0], checkpoint["normalization"]["std"][0]
+    with torch.no_grad():
+        expected = torch.softmax(net((images[:50].float() / 255 - mean) / std), dim=1)
+    assert torch.allclose(kiln.Predictor(tmp_path / "checkpoint.pt").predict(images[:50]), expected, atol=1e-5)
+
+
+def test_same_seed_same_metrics_and_subsets(processed_sample: Path) -> None:
+    first = kiln.Trainer(processed_sample, seed=9, train_limit=200, test_limit=100).run_epoch()
+    second = kiln.Trainer(processed_sample, seed=9, train_limit=200, test_limit=100).run_epoch()
+    assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
