@@ -14,3 +14,9 @@ fi
 
 echo "kiln demo: preparing data (python src/process_data.py)"
 "$PYTHON" src/process_data.py
+
+echo "kiln demo: training, tracked in ./mlruns (python src/train_model.py epochs=3)"
+"$PYTHON" src/train_model.py epochs=3
+
+echo "kiln demo: done. See the runs with:"
+echo "  MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri ./mlruns   # then open http://127.0.0.1:5000"
