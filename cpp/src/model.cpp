@@ -8,6 +8,9 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -36,10 +39,10 @@ class MnistCnn : public Classifier {
     auto x = torch::relu(conv1_->forward(input));
     x = torch::relu(conv2_->forward(x));
     x = torch::max_pool2d(x, 2);
-    x = torch::dropout(x, 0.25, is_training());
+    x = dropout(x, 0.25, is_training(), dropout_stream_);
     x = torch::flatten(x, 1);
     x = torch::relu(fc1_->forward(x));
-    x = torch::dropout(x, 0.5, is_training());
+    x = dropout(x, 0.5, is_training(), dropout_stream_);
     return fc2_->forward(x);
   }
 
@@ -112,7 +115,46 @@ class ResNet8 : public Classifier {
   torch::nn::Linear fc_{nullptr};
 };
 
+// splitmix64's finaliser: a well-mixed 64-bit value per (seed, index).
+inline std::uint64_t mix(std::uint64_t seed, std::uint64_t index) {
+  std::uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+void fill_mask(T* mask, std::int64_t size, std::uint64_t seed, std::uint64_t offset, double keep) {
+  // Compare 24-bit uniforms against an integer threshold: exact, and vectorisable.
+  const auto threshold = static_cast<std::uint64_t>(keep * 16777216.0);
+  const T kept = static_cast<T>(1.0 / keep);
+  const T dropped = static_cast<T>(0.0);
+  at::parallel_for(0, size, 16384, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      mask[i] = (mix(seed, offset + static_cast<std::uint64_t>(i)) >> 40) < threshold ? kept : dropped;
+    }
+  });
+}
+
 }  // namespace
+
+torch::Tensor dropout(const torch::Tensor& input, double p, bool training, DropoutStream* stream) {
+  if (!training || p == 0.0) return input;
+  if (stream == nullptr || !input.device().is_cpu() ||
+      (input.scalar_type() != at::kFloat && input.scalar_type() != at::kBFloat16)) {
+    return torch::dropout(input, p, training);
+  }
+  // The mask takes the input's memory format, so the product needs no layout conversion.
+  at::Tensor mask = at::empty_like(input);
+  const double keep = 1.0 - p;
+  if (input.scalar_type() == at::kFloat) {
+    fill_mask(mask.data_ptr<float>(), mask.numel(), stream->seed, stream->offset, keep);
+  } else {
+    fill_mask(mask.data_ptr<at::BFloat16>(), mask.numel(), stream->seed, stream->offset, keep);
+  }
+  stream->offset += static_cast<std::uint64_t>(mask.numel());
+  return input * mask;
+}
 
 std::vector<std::string> model_names() {
   return {"mnist_cnn", "resnet8"};

@@ -145,6 +145,7 @@ struct Trainer::State {
   at::Generator shuffle;
   at::Tensor torch_stream;   // this trainer's state of torch's CPU generator (init, dropout on the CPU)
   at::Tensor device_stream;  // and of the GPU's generator (dropout on the GPU); undefined on the CPU
+  DropoutStream dropout;     // dropout masks on the CPU
   std::int64_t epoch = 0;
   std::vector<EpochMetrics> history;
   at::Tensor confusion;
@@ -218,6 +219,8 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
     RandomStreamScope stream(s.torch_stream, torch::kCPU);
     s.model = make_model(s.spec);
   }
+  s.dropout.seed = o.seed ^ 0x6b696c6e64726f70ULL;  // a stream apart from the shuffle's
+  s.model->set_dropout_stream(&s.dropout);
   s.model->to(s.device);
   if (o.channels_last) {
     c10::NoGradGuard no_grad;
@@ -348,6 +351,8 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
 
   Dict rng = dict();
   rng.insert("torch_cpu", s.torch_stream.clone());
+  rng.insert("dropout_seed", static_cast<std::int64_t>(s.dropout.seed));
+  rng.insert("dropout_offset", static_cast<std::int64_t>(s.dropout.offset));
   if (s.device_stream.defined()) rng.insert("torch_device", s.device_stream.clone());
   {
     at::Generator shuffle = s.shuffle;
@@ -409,6 +414,8 @@ void Trainer::load_checkpoint(const std::filesystem::path& path) {
     for (const auto& item : checkpoint.at("history").toListRef()) s.history.push_back(metrics_from_ivalue(item));
     const auto rng = checkpoint.at("rng").toGenericDict();
     s.torch_stream = rng.at("torch_cpu").toTensor().clone();
+    s.dropout.seed = static_cast<std::uint64_t>(rng.at("dropout_seed").toInt());
+    s.dropout.offset = static_cast<std::uint64_t>(rng.at("dropout_offset").toInt());
     if (s.device_stream.defined() && rng.contains("torch_device")) {
       s.device_stream = rng.at("torch_device").toTensor().clone();
     }

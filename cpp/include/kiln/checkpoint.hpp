@@ -6,7 +6,8 @@
 //   optimizer:  torch.optim.Adadelta's state_dict layout
 //   scheduler:  torch.optim.lr_scheduler.StepLR's state_dict layout
 //   epoch, history: [{epoch, train_loss, train_accuracy, test_loss, test_accuracy, learning_rate}]
-//   rng:        {torch_cpu: uint8 tensor, shuffle: uint8 tensor}, options
+//   rng:        {torch_cpu, shuffle: generator states (uint8 tensors), dropout_seed, dropout_offset}
+//   options
 #pragma once
 
 #include <ATen/core/ivalue.h>

@@ -4,6 +4,7 @@
 
 #include <torch/nn/module.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,10 +19,27 @@ struct ModelSpec {
   int width = 28;
 };
 
-// A classifier: uint8-free float input [N, C, H, W] (already normalised) -> logits [N, classes].
+// A counter-based random stream for dropout masks: element i of a mask depends only on (seed,
+// position in the stream), so masks are the same for any thread count, cheap to make in parallel,
+// and the stream resumes exactly from (seed, offset) stored in a checkpoint.
+struct DropoutStream {
+  std::uint64_t seed = 0;
+  std::uint64_t offset = 0;
+};
+
+// Dropout with a mask from `stream` on the CPU (torch's bernoulli_ draws each element from a
+// sequential Mersenne Twister, a large share of a small CNN's CPU time); elsewhere torch's dropout.
+torch::Tensor dropout(const torch::Tensor& input, double p, bool training, DropoutStream* stream);
+
+// A classifier: float input [N, C, H, W] (already normalised) -> logits [N, classes].
 class Classifier : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(const torch::Tensor& input) = 0;
+  // Where dropout masks come from while training; none: torch's global generator.
+  void set_dropout_stream(DropoutStream* stream) { dropout_stream_ = stream; }
+
+ protected:
+  DropoutStream* dropout_stream_ = nullptr;
 };
 
 // The names make_model accepts: "mnist_cnn" (the PyTorch MNIST example network) and "resnet8".
