@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,17 +93,15 @@ def _log_model(trainer, checkpoint: Path) -> None:
 
     channels, height, width = kiln.Predictor(checkpoint).image_shape
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width))]))
-    with warnings.catch_warnings():
-        # kiln states its signature explicitly instead of through predict's type hints.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(kiln.__file__).with_name("mlflow_model.py")),
-            artifacts={"checkpoint": str(checkpoint)},
-            signature=signature,
-            input_example=np.zeros((1, channels, height, width), dtype=np.uint8),
-            pip_requirements=["torch==2.13.0", f"kiln-mlops=={kiln.__version__}"],
-        )
+    # kiln states the signature explicitly; MLflow still advises predict() type hints (a warning).
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(kiln.__file__).with_name("mlflow_model.py")),
+        artifacts={"checkpoint": str(checkpoint)},
+        signature=signature,
+        input_example=np.zeros((1, channels, height, width), dtype=np.uint8),
+        pip_requirements=["torch==2.13.0", f"kiln-mlops=={kiln.__version__}"],
+    )
 
 
 def _log_plots(trainer) -> None:
