@@ -36,7 +36,10 @@ class MnistCnn : public Classifier {
   }
 
   torch::Tensor forward(const torch::Tensor& input) override {
-    auto x = torch::relu(conv1_->forward(input));
+    // With one input channel, "channels-last" and "contiguous" are the same strides, and conv1 picks
+    // contiguous output; the rest of the network then mixes layouts (slow kernels, extra copies).
+    // Hand conv2 its input in the layout of its weights instead.
+    auto x = torch::relu(conv1_->forward(input).contiguous(conv2_->weight.suggest_memory_format()));
     x = torch::relu(conv2_->forward(x));
     x = torch::max_pool2d(x, 2);
     x = dropout(x, 0.25, is_training(), dropout_stream_);
