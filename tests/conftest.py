@@ -79,42 +79,54 @@ def processed_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return processed
 
 
+class MlflowServer:
+    """A real `mlflow server` process on a free loopback port."""
+
+    def __init__(self, root: Path, *backend_args: str, env: dict[str, str] | None = None) -> None:
+        import time
+        import urllib.request
+
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        self._log_path = root / f"mlflow-server-{port}.log"
+        self._log = open(self._log_path, "w")  # noqa: SIM115 - closed in stop()
+        command = [sys.executable, "-m", "mlflow", "server", *backend_args]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        self._process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start:\n{self._log_path.read_text()}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        self._log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` (SQLite backend, local artifacts) on a free loopback port."""
-    import time
-    import urllib.request
-
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-        time.sleep(0.5)
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    server = MlflowServer(
+        root,
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    )
+    yield server.uri
+    server.stop()

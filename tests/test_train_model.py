@@ -109,15 +109,24 @@ def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
     assert 0 < float(min_probability) <= 1
 
 
-def test_default_file_store_works_out_of_the_box(tmp_path: Path, processed_sample: Path) -> None:
+def test_default_file_store_works_out_of_the_box_and_shows_in_the_ui(tmp_path: Path, processed_sample: Path) -> None:
+    from conftest import MlflowServer
+
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_ALLOW_FILE_STORE"}
     result = run_app(
         "train_model.py", *train_args(processed_sample, tmp_path, "epochs=1"), cwd=tmp_path, env=env, replace_env=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # for this process's client only
-    run = only_run(client_for(str(tmp_path / "mlruns")))
-    assert steps(client_for(str(tmp_path / "mlruns")), run.info.run_id, "test_accuracy") == [1]
+    # What `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri ./mlruns` serves (the README's command).
+    ui = MlflowServer(
+        tmp_path, "--backend-store-uri", str(tmp_path / "mlruns"), env={"MLFLOW_ALLOW_FILE_STORE": "true"}
+    )
+    try:
+        client = client_for(ui.uri)
+        run = only_run(client)
+        assert steps(client, run.info.run_id, "test_accuracy") == [1]
+    finally:
+        ui.stop()
 
 
 def test_sweep_style_run_is_named_and_tagged(tmp_path: Path, processed_sample: Path, mlflow_server: str) -> None:
@@ -326,3 +335,14 @@ def test_same_seed_same_metrics_and_subsets(processed_sample: Path) -> None:
     first = kiln.Trainer(processed_sample, seed=9, train_limit=200, test_limit=100).run_epoch()
     second = kiln.Trainer(processed_sample, seed=9, train_limit=200, test_limit=100).run_epoch()
     assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
+
+
+def test_ctrl_c_stops_an_epoch_and_keeps_the_trainer_consistent(processed_sample: Path) -> None:
+    trainer = kiln.Trainer(processed_sample, train_limit=600, test_limit=100)
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_epoch(progress=interrupt)
+    assert trainer.epoch == 0 and trainer.history == []

@@ -60,7 +60,8 @@ class Trainer {
   // Trains one epoch, evaluates on the test split and steps the learning-rate schedule; progress
   // counts the epoch's training batches. Throws
   // kiln::TrainingError on a NaN/inf loss (the model is then unusable: reload a checkpoint) and
-  // kiln::Cancelled when `progress` returns false.
+  // kiln::Cancelled when `progress` returns false; after either, the epoch counter is
+  // unchanged but the weights hold the partial epoch's updates: load the last checkpoint to go on exactly.
   EpochMetrics run_epoch(const ProgressFn& progress = {});
 
   // Confusion matrix [true class, predicted class] of the last evaluation (int64 [K, K]).
