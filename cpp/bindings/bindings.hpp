@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "kiln/dataset.hpp"
+#include "kiln/error.hpp"
 
 namespace py = pybind11;
 
@@ -50,6 +51,20 @@ class PythonProgress {
   py::object callback_;
   std::optional<py::error_already_set> error_;
 };
+
+// Runs `work(progress_fn)` with the GIL released, reporting to the Python callable `progress`; a
+// Ctrl-C or an exception raised by `progress` stops the work and is re-raised here.
+template <typename Work>
+auto run_with_progress(py::object progress, Work&& work) {
+  PythonProgress bridge(std::move(progress));
+  try {
+    py::gil_scoped_release release;
+    return work(bridge.function());
+  } catch (const Cancelled&) {
+    bridge.rethrow_python_error();
+    throw;
+  }
+}
 
 void register_errors(py::module_& m);
 void register_dataset(py::module_& m);

@@ -50,14 +50,8 @@ void register_dataset(py::module_& m) {
         options.image_size = image_size;
         options.channels = channels;
         options.num_workers = num_workers;
-        PythonProgress bridge(std::move(progress));
-        try {
-          py::gil_scoped_release release;
-          return prepare_dataset(options, bridge.function());
-        } catch (const Cancelled&) {
-          bridge.rethrow_python_error();
-          throw;
-        }
+        return run_with_progress(std::move(progress),
+                                 [&](const ProgressFn& report) { return prepare_dataset(options, report); });
       },
       py::arg("raw_dir"), py::arg("out_dir"), py::kw_only(), py::arg("image_size") = py::none(),
       py::arg("channels") = py::none(), py::arg("num_workers") = 0, py::arg("progress") = py::none(),

@@ -81,16 +81,8 @@ void register_training(py::module_& m) {
       .def(
           "run_epoch",
           [](Trainer& trainer, py::object progress) {
-            PythonProgress bridge(std::move(progress));
-            EpochMetrics metrics;
-            try {
-              py::gil_scoped_release release;
-              metrics = trainer.run_epoch(bridge.function());
-            } catch (const Cancelled&) {
-              bridge.rethrow_python_error();
-              throw;
-            }
-            return metrics_dict(metrics);
+            return metrics_dict(run_with_progress(std::move(progress),
+                                                  [&](const ProgressFn& report) { return trainer.run_epoch(report); }));
           },
           py::arg("progress") = py::none(),
           "Train one epoch, evaluate, step the LR schedule; returns the epoch's metrics as a dict. "

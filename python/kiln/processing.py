@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from kiln.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +29,6 @@ def _image_size(value: Any) -> tuple[int, int] | None:
     if len(size) != 2:
         raise ValueError(f"image_size must be [height, width] or one int, got {list(size)}")
     return (int(size[0]), int(size[1]))
-
-
-class _ProgressBar:
-    """tqdm bar fed by the core's progress reports (done, total)."""
-
-    def __init__(self, description: str) -> None:
-        self._description = description
-        self._bar: tqdm | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            self._bar = tqdm(total=total, desc=self._description, unit="img", mininterval=0.5)
-        self._bar.update(done - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _log_files(level: int, what: str, notes: list[Any]) -> None:
@@ -88,7 +71,7 @@ def process_data(cfg: Mapping[str, Any]):
         logger.info("Data preparation decodes on the CPU; no_cuda=false only matters for training.")
     logger.info("Preparing images from %s into %s", raw_dir, out_dir)
 
-    progress = _ProgressBar("Decoding images")
+    progress = ProgressBar("Decoding images", unit="img")
     started = time.perf_counter()
     try:
         manifest = prepare_dataset(

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from kiln import general_utils
 from kiln.general_utils import TRAINING_METRICS, TrackingError, mlflow_log
+from kiln.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +41,6 @@ def resolve_precision(requested: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-class _EpochBar:
-    def __init__(self, epoch: int) -> None:
-        self._epoch = epoch
-        self._bar: tqdm | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            self._bar = tqdm(total=total, desc=f"Epoch {self._epoch}", unit="batch", mininterval=0.5)
-        self._bar.update(done - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _metrics(epoch_metrics: Mapping[str, float]) -> dict[str, float]:
@@ -248,7 +232,7 @@ def _train(cfg, kiln, device, precision, status, run, step_offset) -> dict[str, 
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     epoch_metrics: dict[str, float] = {}
     for _ in range(int(cfg["epochs"])):
-        bar = _EpochBar(trainer.epoch + 1)
+        bar = ProgressBar(f"Epoch {trainer.epoch + 1}", unit="batch")
         try:
             epoch_metrics = trainer.run_epoch(progress=bar)
         finally:
