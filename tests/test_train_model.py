@@ -346,3 +346,12 @@ def test_ctrl_c_stops_an_epoch_and_keeps_the_trainer_consistent(processed_sample
     with pytest.raises(KeyboardInterrupt):
         trainer.run_epoch(progress=interrupt)
     assert trainer.epoch == 0 and trainer.history == []
+
+
+def test_missing_dataset_fails_clearly_and_leaves_no_run(tmp_path: Path) -> None:
+    missing = tmp_path / "no-processed-data"
+    result = run_app("train_model.py", f"data_dir_path={missing}", "epochs=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert str(missing) in result.stdout + result.stderr and "run process_data first" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns").exists()

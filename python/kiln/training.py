@@ -116,6 +116,20 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     device = resolve_device(bool(cfg.get("no_cuda", True)))
     precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
+    trainer = kiln.Trainer(
+        Path(cfg["data_dir_path"]),
+        model=str(cfg.get("model", "mnist_cnn")),
+        lr=float(cfg["lr"]),
+        gamma=float(cfg.get("gamma", 0.7)),
+        train_batch_size=int(cfg["train_bs"]),
+        test_batch_size=int(cfg["test_bs"]),
+        seed=int(cfg.get("seed", 1)),
+        device=device,
+        precision=precision,
+        train_limit=int(cfg.get("train_limit") or 0),
+        test_limit=int(cfg.get("test_limit") or 0),
+    )
     tracking = bool(cfg.get("setup_mlflow", False))
     uri = cfg.get("mlflow_tracking_uri")
     status, run, step_offset = general_utils.mlflow_init(
@@ -132,7 +146,7 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "above); fix mlflow_tracking_uri or set setup_mlflow=false to train untracked"
         )
     try:
-        return _train(cfg, kiln, device, precision, status, run, step_offset)
+        return _train(cfg, trainer, precision, status, run, step_offset)
     except BaseException as error:
         if status:
             import mlflow
@@ -143,25 +157,12 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise
 
 
-def _train(cfg, kiln, device, precision, status, run, step_offset) -> dict[str, Any]:
+def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
     import mlflow
 
     run_id = run.info.run_id if run is not None else None
     artifact_dir = Path(cfg.get("artifact_dir_path", "./models"))
     checkpoint = artifact_dir / run_id / CHECKPOINT_NAME if run_id else artifact_dir / CHECKPOINT_NAME
-    trainer = kiln.Trainer(
-        Path(cfg["data_dir_path"]),
-        model=str(cfg.get("model", "mnist_cnn")),
-        lr=float(cfg["lr"]),
-        gamma=float(cfg.get("gamma", 0.7)),
-        train_batch_size=int(cfg["train_bs"]),
-        test_batch_size=int(cfg["test_bs"]),
-        seed=int(cfg.get("seed", 1)),
-        device=device,
-        precision=precision,
-        train_limit=int(cfg.get("train_limit") or 0),
-        test_limit=int(cfg.get("test_limit") or 0),
-    )
     resumed = False
     if cfg.get("resume", False):
         found = _find_checkpoint(checkpoint, run_id if status and step_offset > 0 else None)
