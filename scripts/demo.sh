@@ -18,5 +18,8 @@ echo "kiln demo: preparing data (python src/process_data.py)"
 echo "kiln demo: training, tracked in ./mlruns (python src/train_model.py epochs=3)"
 "$PYTHON" src/train_model.py epochs=3
 
+echo "kiln demo: hyperparameter sweep, the template's 3 Optuna trials (python src/train_model.py --multirun epochs=1)"
+"$PYTHON" src/train_model.py --multirun epochs=1
+
 echo "kiln demo: done. See the runs with:"
 echo "  MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri ./mlruns   # then open http://127.0.0.1:5000"

@@ -18,8 +18,18 @@ logger = logging.getLogger(__name__)
 @hydra.main(version_base=None, config_path="../conf", config_name="train_model.yaml")
 def main(args: DictConfig) -> tuple[float, float]:
     cli.setup_app_logging(args.get("log_dir"))
-    with cli.exit_on_user_error(logger):
-        result = train(args)
+    if cli.in_multirun():
+        tags = cli.sweep_trial_tags()
+        try:
+            result = train(args, tags=tags)
+        except Exception:
+            # NaN objectives make Optuna record the trial as FAIL, and the sweep goes on (the
+            # sweeper's default max_failure_rate of 0 would end it at the first exception).
+            logger.exception("Trial %s failed; the sweep goes on", tags["trial_number"])
+            return float("nan"), float("nan")
+    else:
+        with cli.exit_on_user_error(logger):
+            result = train(args)
     return result["test_loss"], result["test_accuracy"]
 
 

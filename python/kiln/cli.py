@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -53,11 +54,28 @@ def _is_expected(error: Exception) -> bool:
     return isinstance(error, expected)
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this Hydra job is one trial of a --multirun sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_trial_tags() -> dict[str, str]:
+    """Group a sweep's trials in MLflow: MLFLOW_HPTUNING_TAG, when the user did not set it, becomes
+    the sweep's output dir (named after the sweep's start time, the same for every trial, also in
+    parallel worker processes); returns the trial's own tags (trial number, study name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    config = HydraConfig.get()
+    os.environ.setdefault("MLFLOW_HPTUNING_TAG", str(config.sweep.dir))
+    tags = {"trial_number": str(config.job.num)}
+    study_name = OmegaConf.select(config, "sweeper.study_name")
+    if study_name:
+        tags["study_name"] = str(study_name)
+    return tags
 
 
 @contextlib.contextmanager
@@ -66,8 +84,7 @@ def exit_on_user_error(logger: logging.Logger) -> Iterator[None]:
 
     Missing paths (FileNotFoundError), unusable data or options (ValueError, which kiln's
     DataError is), an unusable MLflow (TrackingError) and a diverging loss (kiln.TrainingError) are
-    the user's to fix; anything else is a bug and keeps its traceback. In a --multirun sweep the
-    error is logged and re-raised, so the sweeper records the trial as failed and goes on.
+    the user's to fix; anything else is a bug and keeps its traceback.
     """
     try:
         yield
@@ -75,6 +92,4 @@ def exit_on_user_error(logger: logging.Logger) -> Iterator[None]:
         if not _is_expected(error):
             raise
         logger.error("%s", error)
-        if _in_multirun():
-            raise
         raise SystemExit(1) from error

@@ -105,8 +105,10 @@ def _log_plots(trainer) -> None:
         plt.close(figure)
 
 
-def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def train(cfg: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Train as configured by conf/train_model.yaml; returns the last epoch's metrics and paths.
+
+    ``tags`` are set on the MLflow run (a sweep's trial number and study name).
 
     Raises TrackingError when setup_mlflow is on and MLflow cannot be used (before any training),
     kiln.TrainingError when the loss diverges, FileNotFoundError/ValueError for bad data or config.
@@ -145,6 +147,7 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
             f"setup_mlflow=true but MLflow could not be set up with tracking URI {uri} (reason logged "
             "above); fix mlflow_tracking_uri or set setup_mlflow=false to train untracked"
         )
+    mlflow_log(status, "set_tags", tags=dict(tags or {}))
     try:
         return _train(cfg, trainer, precision, status, run, step_offset)
     except BaseException as error:
