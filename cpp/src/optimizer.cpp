@@ -72,9 +72,12 @@ void Adadelta::step() {
     const at::Tensor& grad = param.grad();
     if (!grad.defined()) continue;
     steps_[i] += 1.0;
-    const bool fusable = param.device().is_cpu() && param.scalar_type() == at::kFloat && param.is_contiguous() &&
-                         grad.is_contiguous() && grad.scalar_type() == at::kFloat && square_avg_[i].is_contiguous() &&
-                         acc_delta_[i].is_contiguous() && grad.strides() == param.strides();
+    // Dense tensors with identical strides hold element k of each at the same memory offset, whatever
+    // the layout (channels-last, transposed): the update can run over raw memory.
+    const bool fusable = param.device().is_cpu() && param.scalar_type() == at::kFloat &&
+                         grad.scalar_type() == at::kFloat && param.is_non_overlapping_and_dense() &&
+                         grad.is_non_overlapping_and_dense() && grad.strides() == param.strides() &&
+                         square_avg_[i].strides() == param.strides() && acc_delta_[i].strides() == param.strides();
     if (fusable) {
       fused_step_cpu(param.data_ptr<float>(), grad.const_data_ptr<float>(), square_avg_[i].data_ptr<float>(),
                      acc_delta_[i].data_ptr<float>(), param.numel(), options_);
