@@ -355,3 +355,29 @@ def test_missing_dataset_fails_clearly_and_leaves_no_run(tmp_path: Path) -> None
     assert str(missing) in result.stdout + result.stderr and "run process_data first" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_resume_of_a_run_without_checkpoint_starts_a_new_run(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    import mlflow
+
+    experiment = "no-checkpoint"
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"train-model-{int(time.time())}") as earlier:
+        mlflow.log_metric("test_loss", 1.0, step=1)
+    result = run_app(
+        "train_model.py",
+        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "resume=true", "epochs=1"),
+        f"mlflow_exp_name={experiment}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no checkpoint found" in result.stdout + result.stderr
+    client = client_for(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    newer = [run for run in runs if run.info.run_id != earlier.info.run_id]
+    assert len(runs) == 2 and len(newer) == 1
+    assert steps(client, newer[0].info.run_id, "test_loss") == [1]
+    assert steps(client, earlier.info.run_id, "test_loss") == [1]

@@ -100,6 +100,11 @@ void register_training(py::module_& m) {
                              })
       .def_property_readonly("classes", [](const Trainer& trainer) { return trainer.manifest().classes; })
       .def_property_readonly("model_name", [](const Trainer& trainer) { return trainer.model_spec().name; })
+      .def_property_readonly("image_shape",
+                             [](const Trainer& trainer) {
+                               const ImageSpec& image = trainer.manifest().image;
+                               return py::make_tuple(image.channels, image.height, image.width);
+                             })
       .def_property_readonly("device", &Trainer::device)
       .def_property_readonly("train_size", &Trainer::train_size)
       .def_property_readonly("test_size", &Trainer::test_size);

@@ -111,6 +111,11 @@ def _check_tracking_server(tracking_uri, timeout=10.0):
         raise TrackingError(f"MLflow tracking server {tracking_uri} is unreachable: {reason}") from error
 
 
+def run_base_name(run_name):
+    """The template's naming: ``-hp`` is appended for hyperparameter-tuning jobs."""
+    return f"{run_name}-hp" if "MLFLOW_HPTUNING_TAG" in os.environ else run_name
+
+
 def start_mlflow_run(run_name):
     """Start a run named ``{run_name}-{unix time}``, tagged from the environment as the template does."""
     import mlflow
@@ -182,8 +187,7 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
             mlflow.enable_system_metrics_logging()  # system/* metrics, as the template logs
         if autolog:
             mlflow.autolog()
-        if "MLFLOW_HPTUNING_TAG" in os.environ:
-            run_name += "-hp"
+        run_name = run_base_name(run_name)
         if resume:
             client = mlflow.MlflowClient()
             previous = _latest_run_named(client, experiment.experiment_id, run_name)

@@ -63,7 +63,9 @@ def _find_checkpoint(local: Path, run_id: str | None) -> Path | None:
         logger.debug("No checkpoint artifact in run %s: %s", run_id, error)
         return None
     local.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(downloaded, local)
+    partial = local.with_name(local.name + ".download")
+    shutil.copyfile(downloaded, partial)
+    os.replace(partial, local)  # a killed copy never leaves a truncated checkpoint behind
     return local
 
 
@@ -75,7 +77,7 @@ def _log_model(trainer, checkpoint: Path) -> None:
 
     import kiln
 
-    channels, height, width = kiln.Predictor(checkpoint).image_shape
+    channels, height, width = trainer.image_shape
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width))]))
     # kiln states the signature explicitly; MLflow still advises predict() type hints (a warning).
     mlflow.pyfunc.log_model(
@@ -199,7 +201,7 @@ def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
             if status and step_offset > 0:
                 mlflow.end_run()
                 run = general_utils.start_mlflow_run(
-                    cfg.get("mlflow_run_name", "train-model") + ("-hp" if "MLFLOW_HPTUNING_TAG" in os.environ else "")
+                    general_utils.run_base_name(cfg.get("mlflow_run_name", "train-model"))
                 )
                 run_id = run.info.run_id
                 checkpoint = artifact_dir / run_id / CHECKPOINT_NAME
