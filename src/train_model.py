@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 def main(args: DictConfig) -> tuple[float, float]:
     cli.setup_app_logging(args.get("log_dir"))
     if cli.in_multirun():
+        cli.share_cores_between_parallel_trials()
         tags = cli.sweep_trial_tags()
         try:
             result = train(args, tags=tags)

@@ -98,3 +98,29 @@ def test_a_sqlite_study_continues_across_invocations(
     trials = optuna.load_study(study_name="continued", storage=storage).trials
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_parallel_trials_in_separate_processes(tmp_path: Path, processed_sample: Path, mlflow_server: str) -> None:
+    import mlflow
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = sweep(
+        processed_sample,
+        tmp_path,
+        mlflow_server,
+        "sweep-parallel",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=parallel",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is launching 2 jobs" in result.stdout + result.stderr
+    trials = optuna.load_study(study_name="parallel", storage=storage).trials
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-parallel").experiment_id])
+    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+    # Separate processes, one sweep: the same group tag in both.
+    assert {run.data.tags["hptuning_tag"] for run in runs} == {str(tmp_path / "multirun")}

@@ -62,6 +62,20 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def share_cores_between_parallel_trials() -> None:
+    """With a process launcher running n_jobs trials at once (hydra/launcher=joblib), give each
+    trial's torch its share of the cores instead of letting every process take all of them."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    config = HydraConfig.get()
+    n_jobs = int(OmegaConf.select(config, "sweeper.n_jobs", default=1) or 1)
+    launcher = str(OmegaConf.select(config, "launcher._target_", default=""))
+    if n_jobs > 1 and "BasicLauncher" not in launcher:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+
+
 def sweep_trial_tags() -> dict[str, str]:
     """Group a sweep's trials in MLflow: MLFLOW_HPTUNING_TAG, when the user did not set it, becomes
     the sweep's output dir (named after the sweep's start time, the same for every trial, also in
