@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from conftest import REPO, free_port
 
@@ -107,4 +108,12 @@ def test_two_sweep_processes_share_one_postgres_study(tmp_path: Path, processed_
     trials = optuna.load_study(study_name="distributed", storage=postgres).trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # every worker's trials, none duplicated
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert len({(t.params["lr"], t.params["train_bs"], t.number) for t in trials}) == 4
+    # The worker that finished last wrote the Pareto front of the whole study, all workers' trials included.
+    study_front = sorted(
+        tuple(t.values) for t in optuna.load_study(study_name="distributed", storage=postgres).best_trials
+    )
+    fronts = [
+        sorted(tuple(solution["values"]) for solution in yaml.safe_load(path.read_text())["solutions"])
+        for path in tmp_path.glob("worker-*/optimization_results.yaml")
+    ]
+    assert study_front in fronts
