@@ -121,6 +121,6 @@ def test_parallel_trials_in_separate_processes(tmp_path: Path, processed_sample:
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep-parallel").experiment_id])
-    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}, result.stdout + result.stderr
     # Separate processes, one sweep: the same group tag in both.
     assert {run.data.tags["hptuning_tag"] for run in runs} == {str(tmp_path / "multirun")}

@@ -6,6 +6,7 @@ template keeps in ``general_utils``: :func:`setup_logging`, which configures
 :func:`mlflow_init` and :func:`mlflow_log`.
 """
 
+import contextlib
 import importlib.util
 import logging
 import logging.config
@@ -136,6 +137,21 @@ def _set_job_tags():
     mlflow.set_tags({key: value for key, value in tags.items() if value})
 
 
+def _set_experiment(name):
+    """``mlflow.set_experiment(name)``, safe when parallel trials create the experiment at once: with
+    MLflow 3.17 the loser of that race went on to log into the Default experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # Another process may create it in the meantime; either way it is read back below.
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.create_experiment(name)
+        experiment = client.get_experiment_by_name(name)
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id)
+
+
 def _latest_run_named(client, experiment_id, base_run_name):
     """The newest run called ``{base_run_name}-{unix time}`` (not ``{base_run_name}-hp-...``)."""
     pattern = re.compile(re.escape(base_run_name) + r"-\d+$")
@@ -182,7 +198,7 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
         elif urlparse(str(tracking_uri)).scheme in ("http", "https"):
             _check_tracking_server(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
-        experiment = mlflow.set_experiment(exp_name)
+        experiment = _set_experiment(exp_name)
         if importlib.util.find_spec("psutil") is not None:
             mlflow.enable_system_metrics_logging()  # system/* metrics, as the template logs
         if autolog:
