@@ -5,6 +5,7 @@
 
 #include "kiln/checkpoint.hpp"
 #include "kiln/error.hpp"
+#include "kiln/normalize.hpp"
 
 namespace kiln {
 
@@ -12,7 +13,7 @@ struct Predictor::State {
   CheckpointModel saved;
   torch::Device device{torch::kCPU};
   std::shared_ptr<Classifier> model;
-  at::Tensor scale, shift;
+  Normalizer normalizer;
 };
 
 Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device)
@@ -29,15 +30,7 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
   s.saved.state_dict = c10::IValue();  // the weights now live in the model
   s.model->to(s.device);
   s.model->eval();
-  std::vector<float> scale;
-  std::vector<float> shift;
-  for (std::size_t c = 0; c < s.saved.mean.size(); ++c) {
-    scale.push_back(static_cast<float>(1.0 / (255.0 * s.saved.std[c])));
-    shift.push_back(static_cast<float>(s.saved.mean[c] / s.saved.std[c]));
-  }
-  const auto channels = static_cast<std::int64_t>(scale.size());
-  s.scale = at::tensor(scale).view({1, channels, 1, 1}).to(s.device);
-  s.shift = at::tensor(shift).view({1, channels, 1, 1}).to(s.device);
+  s.normalizer = Normalizer(s.saved.mean, s.saved.std, s.device);
 }
 
 Predictor::~Predictor() = default;
@@ -54,7 +47,7 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   }
   if (batch.size(0) == 0) return at::empty({0, static_cast<std::int64_t>(s.saved.classes.size())}, at::kFloat);
   c10::NoGradGuard no_grad;
-  const at::Tensor x = at::addcmul(s.shift.neg(), batch.to(s.device).to(at::kFloat), s.scale);
+  const at::Tensor x = s.normalizer(batch.to(s.device));
   return at::softmax(s.model->forward(x).to(at::kFloat), 1).cpu();
 }
 

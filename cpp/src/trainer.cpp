@@ -12,6 +12,7 @@
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
+#include "kiln/normalize.hpp"
 #include "kiln/optimizer.hpp"
 
 namespace kiln {
@@ -141,7 +142,7 @@ struct Trainer::State {
   std::unique_ptr<Adadelta> optimizer;
   double base_lr = 0;
   at::Tensor train_images, train_labels, test_images, test_labels;
-  at::Tensor scale, shift;  // x = pixel * scale - shift == (pixel / 255 - mean) / std
+  Normalizer normalizer;
   at::Generator shuffle;
   at::Tensor torch_stream;   // this trainer's state of torch's CPU generator (init, dropout on the CPU)
   at::Tensor device_stream;  // and of the GPU's generator (dropout on the GPU); undefined on the CPU
@@ -151,7 +152,7 @@ struct Trainer::State {
   at::Tensor confusion;
 
   at::Tensor normalise(const at::Tensor& pixels) const {
-    at::Tensor x = at::addcmul(shift.neg(), pixels.to(at::kFloat), scale);
+    at::Tensor x = normalizer(pixels);
     return options.channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
   }
 
@@ -201,14 +202,7 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   s.test_labels = test.labels.to(s.device);
 
   const ImageSpec& image = s.manifest.image;
-  std::vector<float> scale;
-  std::vector<float> shift;
-  for (int c = 0; c < image.channels; ++c) {
-    scale.push_back(static_cast<float>(1.0 / (255.0 * s.manifest.std[c])));
-    shift.push_back(static_cast<float>(s.manifest.mean[c] / s.manifest.std[c]));
-  }
-  s.scale = at::tensor(scale).view({1, image.channels, 1, 1}).to(s.device);
-  s.shift = at::tensor(shift).view({1, image.channels, 1, 1}).to(s.device);
+  s.normalizer = Normalizer(s.manifest.mean, s.manifest.std, s.device);
 
   // Seeded streams first, so weight initialisation, dropout and shuffling all follow `seed`.
   s.torch_stream = seeded_stream(o.seed, torch::kCPU);
