@@ -69,5 +69,6 @@ auto run_with_progress(py::object progress, Work&& work) {
 void register_errors(py::module_& m);
 void register_dataset(py::module_& m);
 void register_training(py::module_& m);
+void register_inference(py::module_& m);
 
 }  // namespace kiln::bindings

@@ -26,4 +26,5 @@ PYBIND11_MODULE(_core, m) {
   kiln::bindings::register_errors(m);
   kiln::bindings::register_dataset(m);
   kiln::bindings::register_training(m);
+  kiln::bindings::register_inference(m);
 }

@@ -1,9 +1,8 @@
-// Training and inference: kiln._core.Trainer and kiln._core.Predictor.
+// Training: kiln._core.Trainer (and the Adadelta it uses, for testing).
 #include "bindings.hpp"
 
 #include "kiln/error.hpp"
 #include "kiln/optimizer.hpp"
-#include "kiln/predictor.hpp"
 #include "kiln/trainer.hpp"
 
 namespace kiln::bindings {
@@ -108,20 +107,6 @@ void register_training(py::module_& m) {
       .def_property_readonly("device", &Trainer::device)
       .def_property_readonly("train_size", &Trainer::train_size)
       .def_property_readonly("test_size", &Trainer::test_size);
-
-  py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
-      .def(py::init<const std::filesystem::path&, const std::string&>(), py::arg("checkpoint"),
-           py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>())
-      .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
-           "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
-      .def_property_readonly("classes", &Predictor::classes)
-      .def_property_readonly("image_shape",
-                             [](const Predictor& predictor) {
-                               const ImageSpec spec = predictor.image_spec();
-                               return py::make_tuple(spec.channels, spec.height, spec.width);
-                             })
-      .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
-      .def_property_readonly("epoch", &Predictor::epoch);
 
   m.def("model_names", &model_names, "Names of the models Trainer(model=...) accepts.");
 

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,20 @@
 #include "kiln/model.hpp"
 
 namespace kiln {
+
+using EncodedImage = std::span<const std::uint8_t>;
+
+// Encoded images (PNG, JPEG, ...) decoded into one uint8 batch [N, C, H, W] of layout `spec`, by
+// decode_into: the code data preparation uses, so serving sees the pixels training saw. Images of
+// another size or channel count are converted as preparation converts them. Decodes on torch's
+// intra-op threads when the batch is large enough to gain from it.
+struct DecodedBatch {
+  at::Tensor images;                     // rows of undecodable images are zero
+  std::vector<std::string> errors;       // per image: empty when decoded, else why it could not be
+  std::vector<std::string> conversions;  // per image: what was done to fit `spec`, empty if nothing
+  std::int64_t decoded() const;
+};
+DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec);
 
 class Predictor {
  public:
@@ -24,6 +39,15 @@ class Predictor {
   // uint8 pixels [N, C, H, W] (or one image [C, H, W]) in the layout of image_spec() -> class
   // probabilities float32 [N, classes] on the CPU. Throws kiln::DataError for any other shape/dtype.
   at::Tensor predict(const at::Tensor& images) const;
+
+  // Encoded images -> probabilities float32 [N, classes]; rows of images that could not be decoded
+  // are zero and their reason is in `errors`.
+  struct EncodedPredictions {
+    at::Tensor probabilities;
+    std::vector<std::string> errors;
+    std::vector<std::string> conversions;
+  };
+  EncodedPredictions predict_encoded(const std::vector<EncodedImage>& encoded) const;
 
   const std::vector<std::string>& classes() const;
   ImageSpec image_spec() const;

@@ -1,0 +1,91 @@
+// Inference: kiln._core.Predictor and the batch-inference engine.
+#include "bindings.hpp"
+
+#include "kiln/batch_inference.hpp"
+#include "kiln/predictor.hpp"
+
+namespace kiln::bindings {
+namespace {
+
+py::list errors_or_none(const std::vector<std::string>& errors) {
+  py::list list;
+  for (const auto& error : errors) list.append(error.empty() ? py::object(py::none()) : py::str(error));
+  return list;
+}
+
+}  // namespace
+
+void register_inference(py::module_& m) {
+  py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
+      .def(py::init<const std::filesystem::path&, const std::string&>(), py::arg("checkpoint"),
+           py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>())
+      .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
+           "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
+      .def(
+          "predict_encoded",
+          [](const Predictor& predictor, const py::sequence& images) {
+            // Views of the callers' bytes: nothing is copied, and the GIL is released while they are read.
+            std::vector<py::buffer_info> views;
+            std::vector<EncodedImage> encoded;
+            views.reserve(images.size());
+            encoded.reserve(images.size());
+            for (std::size_t i = 0; i < images.size(); ++i) {
+              py::object item = images[i];
+              if (!PyObject_CheckBuffer(item.ptr())) {
+                throw py::type_error("images[" + std::to_string(i) + "] must be bytes, got " +
+                                     std::string(py::str(py::type::of(item).attr("__name__"))));
+              }
+              views.push_back(py::reinterpret_borrow<py::buffer>(item).request());
+              const auto& view = views.back();
+              encoded.emplace_back(static_cast<const std::uint8_t*>(view.ptr),
+                                   static_cast<std::size_t>(view.size * view.itemsize));
+            }
+            Predictor::EncodedPredictions result;
+            {
+              py::gil_scoped_release release;
+              result = predictor.predict_encoded(encoded);
+            }
+            return py::make_tuple(result.probabilities, errors_or_none(result.errors));
+          },
+          py::arg("images"),
+          "Encoded images (a sequence of bytes: PNG, JPEG, ...) -> (probabilities float32 [N, classes], errors). "
+          "Images are decoded and converted exactly as data preparation does; errors[i] is None or why image i "
+          "could not be decoded (its probability row is then zero).")
+      .def_property_readonly("classes", &Predictor::classes)
+      .def_property_readonly("image_shape",
+                             [](const Predictor& predictor) {
+                               const ImageSpec spec = predictor.image_spec();
+                               return py::make_tuple(spec.channels, spec.height, spec.width);
+                             })
+      .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
+      .def_property_readonly("epoch", &Predictor::epoch);
+
+  m.def(
+      "classify_directory",
+      [](const Predictor& predictor, const std::filesystem::path& input_dir, const std::string& glob,
+         const std::filesystem::path& output_path, std::int64_t batch_size, py::object progress) {
+        BatchInferenceOptions options{input_dir, glob, output_path, batch_size};
+        const BatchInferenceSummary summary = run_with_progress(std::move(progress), [&](const ProgressFn& report) {
+          return classify_directory(predictor, options, report);
+        });
+        py::dict result;
+        result["files"] = summary.files;
+        result["classified"] = summary.classified;
+        result["failed"] = summary.failed;
+        return result;
+      },
+      py::arg("predictor"), py::arg("input_dir"), py::kw_only(), py::arg("glob") = "*.png", py::arg("output_path"),
+      py::arg("batch_size") = 256, py::arg("progress") = py::none(),
+      R"doc(Classify every file under input_dir matching glob and write one JSON line per file to output_path.
+
+Lines: {"time", "image_filepath", "prediction", "probability"}; a file that cannot be read or decoded
+gets null prediction/probability and an "error". The file appears only once complete. Returns
+{"files", "classified", "failed"}. Raises FileNotFoundError for a missing input_dir and ValueError
+when no file matches glob.)doc");
+
+  m.def("find_matching_files", &find_matching_files, py::arg("dir"), py::arg("glob"),
+        py::call_guard<py::gil_scoped_release>(),
+        "The files under dir whose relative path matches glob (\"**\" spans folders), sorted, as absolute paths.");
+}
+
+}  // namespace kiln::bindings

@@ -1,0 +1,88 @@
+"""Batch inference behind ``python src/batch_inferencing.py``.
+
+The C++ core lists the matching files, reads and decodes them on all cores exactly as data
+preparation did, predicts in batches and writes the JSON lines; this module resolves the model and
+the paths, shows progress and logs the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kiln.models import resolve_checkpoint
+from kiln.progress import ProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+def inference_device(no_cuda: bool) -> str:
+    """``cuda`` when asked for (``no_cuda=false``) and available, else ``cpu``."""
+    if no_cuda:
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    logger.info("no_cuda=false but CUDA is not available; predicting on the CPU")
+    return "cpu"
+
+
+def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Classify ``cfg["inference"]["input_data_dir"]``; the JSON lines go to ``output_dir``.
+
+    Returns ``{"files", "classified", "failed", "output_path"}``. Raises ``FileNotFoundError`` for a
+    missing model or input dir and ``ValueError`` when no file matches the glob; then no output file
+    is written.
+    """
+    import kiln
+
+    inference = cfg["inference"]
+    input_dir = Path(inference["input_data_dir"])
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"inference.input_data_dir '{input_dir}' does not exist or is not a directory")
+    checkpoint = resolve_checkpoint(inference["model_path"])
+    predictor = kiln.Predictor(checkpoint, device=inference_device(bool(cfg.get("no_cuda", True))))
+    output_path = output_dir / inference.get("output_path", "batch-infer-res.jsonl")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    glob = inference.get("file_check_glob", "*.png")
+    logger.info(
+        "Classifying %s/%s with %s (%s, %d classes)",
+        input_dir,
+        glob,
+        checkpoint,
+        predictor.model_name,
+        len(predictor.classes),
+    )
+
+    progress = ProgressBar("Classifying images", unit="img")
+    started = time.perf_counter()
+    try:
+        summary = kiln.classify_directory(
+            predictor,
+            input_dir,
+            glob=glob,
+            output_path=output_path,
+            batch_size=int(inference.get("batch_size", 256)),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - started
+    if summary["failed"]:
+        logger.warning(
+            '%d of %d files could not be classified; their lines carry an "error" field',
+            summary["failed"],
+            summary["files"],
+        )
+    logger.info(
+        "Classified %d images in %.2fs (%.0f images/s)",
+        summary["classified"],
+        elapsed,
+        summary["files"] / elapsed if elapsed > 0 else float("inf"),
+    )
+    logger.info("Batch inference results are saved to %s", output_path)
+    return {**summary, "output_path": str(output_path)}

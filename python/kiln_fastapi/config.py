@@ -1,0 +1,42 @@
+"""The server's settings, read from the environment (pydantic-settings), as in the template.
+
+``PRED_MODEL_PATH`` names the model to serve: a kiln checkpoint, a folder holding one (a run
+downloaded with ``python -m kiln.models download <run id> --dst models``) or an MLflow URI
+(``runs:/<run id>/model``). When it is unset, ``PRED_MODEL_UUID`` (an MLflow run id) is downloaded
+from ``MLFLOW_TRACKING_URI`` into ``MODELS_DIR`` at start-up.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True)
+
+    API_NAME: str = "kiln - image classification API"
+    API_V1_STR: str = "/api/v1"
+    LOGGER_CONFIG_PATH: str = str(_REPO_CONF / "logging.yaml")
+
+    PRED_MODEL_UUID: str = ""
+    PRED_MODEL_PATH: str = ""
+    MODELS_DIR: str = "./models"
+    # The model's name on the Open Inference Protocol routes (/v2/models/{name}).
+    MODEL_NAME: str = "kiln"
+    NO_CUDA: bool = True
+    # torch threads per server process; with gunicorn's -w N, N processes share the cores.
+    TORCH_THREADS: int = 1
+
+    # Request limits: beyond them the server answers 413/422 instead of working on the request.
+    MAX_IMAGES_PER_REQUEST: int = 256
+    MAX_REQUEST_BYTES: int = 16 * 1024 * 1024
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,74 @@
+"""The served model, loaded once per server process when the app starts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from kiln_fastapi.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be served; the server refuses to start."""
+
+
+@dataclass
+class ServedModel:
+    predictor: Any  # kiln.Predictor
+    checkpoint: Path
+    model_uuid: str
+    classes: list[str] = field(default_factory=list)
+    image_shape: tuple[int, int, int] = (1, 0, 0)
+
+
+def load_model(settings: Settings) -> ServedModel:
+    """Resolve PRED_MODEL_PATH (or download PRED_MODEL_UUID) and load it into the C++ predictor."""
+    import torch
+
+    import kiln
+    from kiln.inference import inference_device
+    from kiln.models import download, resolve_checkpoint
+
+    try:
+        if settings.PRED_MODEL_PATH:
+            checkpoint = resolve_checkpoint(settings.PRED_MODEL_PATH, cache_dir=settings.MODELS_DIR)
+        elif settings.PRED_MODEL_UUID:
+            checkpoint = resolve_checkpoint(download(settings.PRED_MODEL_UUID, settings.MODELS_DIR))
+        else:
+            raise ModelLoadError(
+                "no model to serve: set PRED_MODEL_PATH (a kiln checkpoint, a downloaded run folder or "
+                "runs:/<run id>/model) or PRED_MODEL_UUID (an MLflow run id, with MLFLOW_TRACKING_URI)"
+            )
+        if settings.TORCH_THREADS > 0:
+            torch.set_num_threads(settings.TORCH_THREADS)
+        predictor = kiln.Predictor(checkpoint, device=inference_device(settings.NO_CUDA))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot load the model to serve: {error}") from error
+    logger.info(
+        "Serving %s (%s, epoch %d, %d classes, images %s) from %s",
+        settings.PRED_MODEL_UUID or checkpoint.name,
+        predictor.model_name,
+        predictor.epoch,
+        len(predictor.classes),
+        "x".join(map(str, predictor.image_shape)),
+        checkpoint,
+    )
+    return ServedModel(
+        predictor=predictor,
+        checkpoint=checkpoint,
+        model_uuid=settings.PRED_MODEL_UUID,
+        classes=list(predictor.classes),
+        image_shape=tuple(predictor.image_shape),
+    )
+
+
+def get_model(request: Request) -> ServedModel:
+    return request.app.state.model

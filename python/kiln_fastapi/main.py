@@ -1,0 +1,122 @@
+"""The FastAPI app, ``APP``: the template's v1 routes and the Open Inference Protocol v2 routes.
+
+    gunicorn kiln_fastapi.main:APP -b 0.0.0.0:8080 -w 4 -k uvicorn.workers.UvicornWorker --chdir src
+    uvicorn kiln_fastapi.main:APP --app-dir src --port 8080
+
+Every worker process loads the model when it starts; a missing or unreadable model stops the start
+with a message naming it, so a server that answers always has its model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+
+from kiln import general_utils
+from kiln_fastapi.config import get_settings
+from kiln_fastapi.deps import ModelLoadError, load_model
+from kiln_fastapi.v1.routers import model as model_routes
+from kiln_fastapi.v2 import routes as v2_routes
+
+SETTINGS = get_settings()
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    general_utils.setup_logging(SETTINGS.LOGGER_CONFIG_PATH)
+    try:
+        app.state.model = load_model(SETTINGS)
+    except ModelLoadError as error:
+        logger.error("kiln server not started: %s", error)
+        raise
+    yield
+
+
+class BodySizeLimit:
+    """Answers 413 to a body larger than ``max_bytes`` (declared or streamed) before it is read in full."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await self._answer(send, 400, "Content-Length is not a number")
+                return
+            if int(declared) > self.max_bytes:
+                await self._answer(send, 413, self._too_large())
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._answer(send, 413, self._too_large())
+
+    def _too_large(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)"
+
+    @staticmethod
+    async def _answer(send: Any, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+APP = FastAPI(
+    title=SETTINGS.API_NAME,
+    version=__import__("kiln").__version__,
+    openapi_url=f"{SETTINGS.API_V1_STR}/openapi.json",
+    docs_url="/docs",
+    lifespan=lifespan,
+)
+APP.add_middleware(BodySizeLimit, max_bytes=SETTINGS.MAX_REQUEST_BYTES)
+
+API_ROUTER = APIRouter()
+API_ROUTER.include_router(model_routes.ROUTER, prefix="/model", tags=["model"])
+
+
+@API_ROUTER.get("/health", tags=["health"], summary="Liveness: the process answers")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@API_ROUTER.get("/ready", tags=["health"], summary="Readiness: the model is loaded")
+def ready() -> dict[str, str]:
+    return {"status": "ready"}
+
+
+APP.include_router(API_ROUTER, prefix=SETTINGS.API_V1_STR)
+APP.include_router(v2_routes.ROUTER)

@@ -1,0 +1,57 @@
+"""What every route shares: encoded images in, class probabilities out, via the C++ predictor.
+
+Images are decoded exactly as data preparation decoded the training images; an image of another
+size or channel count is converted the same way (resized, RGB <-> grayscale), not refused.
+"""
+
+from __future__ import annotations
+
+import binascii
+from base64 import b64decode
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
+
+from kiln_fastapi.config import Settings
+from kiln_fastapi.deps import ServedModel
+
+
+def unprocessable(errors: list[dict[str, Any]]) -> HTTPException:
+    """A 422 in FastAPI's own error shape: {"detail": [{"loc", "msg", "type"}]}."""
+    return HTTPException(status_code=422, detail=errors)
+
+
+def check_count(count: int, settings: Settings, loc: Sequence[str | int]) -> None:
+    if count == 0:
+        raise unprocessable([{"loc": list(loc), "msg": "the request holds no image", "type": "too_short"}])
+    if count > settings.MAX_IMAGES_PER_REQUEST:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{count} images in one request; the limit is {settings.MAX_IMAGES_PER_REQUEST} "
+            "(MAX_IMAGES_PER_REQUEST): split the batch",
+        )
+
+
+def decode_base64(text: str, loc: Sequence[str | int]) -> bytes:
+    try:
+        data = b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise unprocessable([{"loc": list(loc), "msg": f"not valid base64: {error}", "type": "base64"}]) from error
+    if not data:
+        raise unprocessable([{"loc": list(loc), "msg": "the image is empty", "type": "image"}])
+    return data
+
+
+async def classify(model: ServedModel, images: list[bytes], locs: list[list[str | int]]):
+    """Probabilities float32 [N, classes] (numpy) for encoded images; 422 naming every undecodable one."""
+    probabilities, errors = await run_in_threadpool(model.predictor.predict_encoded, images)
+    failed = [
+        {"loc": loc, "msg": f"not a decodable image: {error}", "type": "image"}
+        for loc, error in zip(locs, errors, strict=True)
+        if error is not None
+    ]
+    if failed:
+        raise unprocessable(failed)
+    return probabilities.numpy()
