@@ -1,0 +1,91 @@
+# Shared by the submit-*.sh scripts in this folder: settings, command-line parsing, MLflow flags and
+# the submission itself (or, with --dry-run, the command that would be submitted).
+# shellcheck shell=bash source-path=SCRIPTDIR
+
+# shellcheck source=config.env
+source "$(dirname "${BASH_SOURCE[0]}")/config.env"
+
+dry_run=false
+overrides=()
+
+# Parses the submit script's arguments (after the script's own path): -n/--dry-run, -h/--help (prints
+# the script's header comment); everything else is passed on to the Hydra app as extra overrides
+# (e.g. train_model.lr=1.0).
+parse_args() {
+  local usage
+  usage="$(awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$1")"
+  shift
+  while (($#)); do
+    case "$1" in
+      -n | --dry-run) dry_run=true ;;
+      -h | --help)
+        printf '%s\n' "$usage"
+        exit 0
+        ;;
+      --) ;;
+      -*)
+        printf 'Unknown option %s\n\n%s\n' "$1" "$usage" >&2
+        exit 2
+        ;;
+      *) overrides+=("$1") ;;
+    esac
+    shift
+  done
+}
+
+require() {
+  local name="$1" hint="$2"
+  if [[ -z "${!name:-}" ]]; then
+    printf 'kiln runai: %s is not set; %s\n' "$name" "$hint" >&2
+    exit 2
+  fi
+}
+
+# runai flags common to every kiln job: project, image, working dir, PVC.
+base_flags() {
+  local job_name="$1" image="$2"
+  submit_flags=(--job-name-prefix "${KILN_RUNAI_USER}-${job_name}" -i "$image" --working-dir "$KILN_WORKING_DIR"
+    --pvc "${KILN_PVC}:${KILN_PVC_MOUNT}")
+  if [[ -n "$KILN_RUNAI_PROJECT" ]]; then
+    submit_flags+=(-p "$KILN_RUNAI_PROJECT")
+  fi
+}
+
+# -e flags for the MLflow client in the job: the tracking server and its credentials, S3 artifacts.
+mlflow_env_flags() {
+  submit_flags+=(-e "MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI}")
+  if [[ -n "${MLFLOW_TRACKING_USERNAME:-}" ]]; then
+    submit_flags+=(-e "MLFLOW_TRACKING_USERNAME=${MLFLOW_TRACKING_USERNAME}")
+  fi
+  if [[ -n "${MLFLOW_TRACKING_PASSWORD:-}" ]]; then
+    submit_flags+=(-e "MLFLOW_TRACKING_PASSWORD=${MLFLOW_TRACKING_PASSWORD}")
+  fi
+  if [[ -n "$KILN_S3_SECRET" ]]; then
+    submit_flags+=(-e "AWS_ACCESS_KEY_ID=SECRET:${KILN_S3_SECRET},accessKeyId"
+      -e "AWS_SECRET_ACCESS_KEY=SECRET:${KILN_S3_SECRET},secretAccessKey")
+  fi
+  if [[ -n "$MLFLOW_S3_ENDPOINT_URL" ]]; then
+    submit_flags+=(-e "MLFLOW_S3_ENDPOINT_URL=${MLFLOW_S3_ENDPOINT_URL}")
+  fi
+}
+
+# Submits `runai submit <submit_flags> --command -- <command...>`, or prints it with --dry-run
+# (shell-quoted, ready to paste; the MLflow password as a reference to $MLFLOW_TRACKING_PASSWORD, not
+# its value).
+submit() {
+  local argv=(runai submit "${submit_flags[@]}" --command -- "$@")
+  if [[ "$dry_run" == true ]]; then
+    local shown=() arg
+    for arg in "${argv[@]}"; do
+      if [[ "$arg" == MLFLOW_TRACKING_PASSWORD=* ]]; then
+        # shellcheck disable=SC2016 # printed for the user's shell to expand
+        shown+=('MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"')
+      else
+        shown+=("$(printf '%q' "$arg")")
+      fi
+    done
+    printf '%s\n' "${shown[*]}"
+  else
+    exec "${argv[@]}"
+  fi
+}
