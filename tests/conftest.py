@@ -130,3 +130,39 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     )
     yield server.uri
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, processed_sample: Path) -> Path:
+    """A kiln checkpoint trained for one short epoch on the sample (not tracked)."""
+    import kiln
+
+    trainer = kiln.Trainer(processed_sample, train_limit=600, test_limit=200, seed=5)
+    trainer.run_epoch()
+    checkpoint = tmp_path_factory.mktemp("model") / "checkpoint.pt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory: pytest.TempPathFactory, processed_sample: Path, mlflow_server: str) -> str:
+    """The id of a run trained by the real train_model.py and logged to the session's MLflow server."""
+    import mlflow
+
+    work = tmp_path_factory.mktemp("tracked-run")
+    result = run_app(
+        "train_model.py",
+        f"data_dir_path={processed_sample}",
+        f"mlflow_tracking_uri={mlflow_server}",
+        "mlflow_exp_name=kiln-inference-tests",
+        "epochs=1",
+        "train_limit=600",
+        "test_limit=200",
+        f"artifact_dir_path={work / 'models'}",
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stderr
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("kiln-inference-tests")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run.info.run_id

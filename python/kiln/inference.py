@@ -39,7 +39,15 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     is written.
     """
     import kiln
+    from omegaconf import DictConfig, OmegaConf
 
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ValueError(
+                "set " + " and ".join(f"{key}=..." for key in missing) + " (e.g. python src/batch_inferencing.py "
+                "inference.model_path=models/<run id> inference.input_data_dir=./data/new)"
+            )
     inference = cfg["inference"]
     input_dir = Path(inference["input_data_dir"])
     if not input_dir.is_dir():
