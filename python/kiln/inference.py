@@ -38,8 +38,9 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     missing model or input dir and ``ValueError`` when no file matches the glob; then no output file
     is written.
     """
-    import kiln
     from omegaconf import DictConfig, OmegaConf
+
+    import kiln
 
     if isinstance(cfg, DictConfig):
         missing = sorted(OmegaConf.missing_keys(cfg))
