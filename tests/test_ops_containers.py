@@ -1,0 +1,670 @@
+"""Operations files: Dockerfiles, their entrypoints, the Run:ai submit scripts, CI configs, VS Code.
+
+No Docker engine or Run:ai cluster is needed: Dockerfiles are linted with hadolint and read for what a
+user relies on (non-root user, no compiler at run time, the documented server command), shell scripts
+are shellchecked and run against a fake `runai`, CI files are validated against their schemas, and
+the Hydra command lines the scripts submit are composed by kiln's real apps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+RUNAI = REPO / "deploy" / "runai"
+
+DEBIAN_IMAGES = [
+    "kiln-data-prep",
+    "kiln-model-training",
+    "kiln-batch-inferencing",
+    "kiln-fastapi",
+    "kiln-jupyter",
+    "kiln-vscode",
+]
+GPU_IMAGE = "kiln-model-training-gpu"
+ALL_IMAGES = [*DEBIAN_IMAGES, GPU_IMAGE]
+# Workspace images for developing kiln: compilers are there on purpose.
+DEV_IMAGES = {"kiln-vscode"}
+GUNICORN_CMD = [
+    "gunicorn",
+    "kiln_fastapi.main:APP",
+    "-b",
+    "0.0.0.0:8080",
+    "-w",
+    "4",
+    "-k",
+    "uvicorn.workers.UvicornWorker",
+    "--chdir",
+    "src",
+]
+COMPILER_PACKAGE = re.compile(r"^(g\+\+|gcc|cpp|clang.*|cmake|ninja-build|build-essential|make)$|-dev$")
+
+
+def tool(name: str) -> str:
+    """Path of a linter installed by pip with kiln's test extra (`pip install -e ".[test]"`)."""
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; it comes with kiln's test extra: pip install -e '.[test]'")
+    return found
+
+
+# --- Dockerfiles ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    text: str = ""
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [i.args for i in self.instructions if i.keyword == keyword]
+
+    def last(self, keyword: str) -> str | None:
+        found = self.all(keyword)
+        return found[-1] if found else None
+
+
+def parse_dockerfile(path: Path) -> list[Stage]:
+    """The stages of a Dockerfile, continuation lines joined, comment lines dropped."""
+    stages: list[Stage] = []
+    logical = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("#") or not line:
+            continue
+        logical += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        keyword, _, args = logical.partition(" ")
+        keyword, args, logical = keyword.upper(), args.strip(), ""
+        if keyword == "FROM":
+            words = args.split()
+            name = words[words.index("AS") + 1] if "AS" in words else None
+            stages.append(Stage(base=words[0], name=name))
+        if stages:
+            stages[-1].instructions.append(Instruction(keyword, args))
+            stages[-1].text += f"{keyword} {args}\n"
+    return stages
+
+
+def dockerfile(name: str) -> list[Stage]:
+    return parse_dockerfile(DOCKER / f"{name}.Dockerfile")
+
+
+def apt_packages(stage: Stage) -> set[str]:
+    """Packages named by the stage's `apt-get install` commands (.deb files excluded)."""
+    packages: set[str] = set()
+    for run in stage.all("RUN"):
+        for command in run.split("&&"):
+            words = command.split()
+            if "apt-get" not in words or "install" not in words:
+                continue
+            for word in words[words.index("install") + 1 :]:
+                if not word.startswith("-") and "=" not in word and not word.endswith(".deb"):
+                    packages.add(word)
+    return packages
+
+
+def arg_default(stage: Stage, name: str) -> str | None:
+    for arg in stage.all("ARG"):
+        key, _, value = arg.partition("=")
+        if key == name:
+            return value.strip('"')
+    return None
+
+
+def test_every_documented_image_has_its_dockerfile():
+    assert sorted(p.name for p in DOCKER.glob("*.Dockerfile")) == sorted(f"{n}.Dockerfile" for n in ALL_IMAGES)
+
+
+def test_hadolint_passes_every_dockerfile_and_each_ignore_says_why():
+    files = sorted(DOCKER.glob("*.Dockerfile"))
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", *map(str, files)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in files:
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if "hadolint ignore=" in line:
+                reason = lines[number - 1].strip()
+                assert reason.startswith("#") and "hadolint" not in reason, (
+                    f"{path.name}:{number + 1}: an ignore needs a comment line above it saying why"
+                )
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_dockerfile_opens_with_its_build_and_run_commands(name):
+    header = []
+    for line in (DOCKER / f"{name}.Dockerfile").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    header_text = "\n".join(header)
+    assert "docker build" in header_text
+    assert f"-f docker/{name}.Dockerfile" in header_text
+    assert "--platform linux/amd64 ." in header_text
+    assert "docker run" in header_text or "runai" in header_text
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_image_runs_as_the_templates_non_root_user(name):
+    final = dockerfile(name)[-1]
+    assert final.last("USER") == "2222:2222"  # numeric, so Kubernetes' runAsNonRoot can verify it
+    user_setup = " ".join(final.all("RUN"))
+    assert "groupadd --gid 2222 kiln" in user_setup
+    assert "--uid 2222 --gid 2222" in user_setup and "--home-dir /home/kiln" in user_setup
+    assert final.last("WORKDIR") == "/home/kiln/kiln"
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_IMAGES) - DEV_IMAGES))
+def test_runtime_image_carries_no_compiler(name):
+    stages = dockerfile(name)
+    final = stages[-1]
+    assert final.name is None and final.base not in {s.name for s in stages[:-1]}, "final stage must start fresh"
+    assert "devel" not in final.base
+    compilers = sorted(p for p in apt_packages(final) if COMPILER_PACKAGE.search(p))
+    assert not compilers, f"{name}'s final stage installs build tools: {compilers}"
+    assert not any("--from=" in copy for copy in final.all("COPY")), "only the wheel comes from the builder"
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_builder_compiles_the_wheel_with_the_documented_toolchain(name):
+    builder = dockerfile(name)[0]
+    assert builder.name == "builder"
+    assert {"cmake", "ninja-build", "g++", "pkg-config", "libopencv-dev", "nlohmann-json3-dev", "libdeflate-dev"} <= (
+        apt_packages(builder)
+    )
+    runs = builder.all("RUN")
+    assert any('"torch==${TORCH_VERSION}"' in run and '--index-url "${TORCH_INDEX_URL}"' in run for run in runs)
+    assert runs[-1] == "pip wheel --no-build-isolation --no-deps --wheel-dir /wheels ."
+    for stage in dockerfile(name)[1:]:
+        mounts = [run for run in stage.all("RUN") if "from=builder,source=/wheels" in run]
+        assert mounts and "/wheels/kiln_mlops-*.whl" in mounts[0]
+
+
+def test_builder_stage_is_the_same_in_every_debian_dockerfile():
+    reference = dockerfile(DEBIAN_IMAGES[0])[0].text
+    for name in DEBIAN_IMAGES[1:]:
+        assert dockerfile(name)[0].text == reference, f"{name}'s builder stage drifted from {DEBIAN_IMAGES[0]}'s"
+
+
+def test_images_install_the_torch_kiln_is_pinned_to():
+    (version,) = re.findall(r'^\s*"torch==([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    for name in ALL_IMAGES:
+        for stage in dockerfile(name):
+            assert arg_default(stage, "TORCH_VERSION") == version, f"{name}: TORCH_VERSION != {version}"
+            index = arg_default(stage, "TORCH_INDEX_URL")
+            expected = "/whl/cu" if name == GPU_IMAGE else "/whl/cpu"
+            assert index and expected in index, f"{name}: TORCH_INDEX_URL {index}"
+            torch_installs = [r for r in stage.all("RUN") if '"torch==${TORCH_VERSION}"' in r]
+            assert len(torch_installs) == 1 and '--index-url "${TORCH_INDEX_URL}"' in torch_installs[0]
+
+
+def _kiln_core_packages() -> set[str]:
+    """Debian packages that provide the non-torch libraries kiln._core links against directly."""
+    spec = importlib.util.find_spec("kiln._core")
+    if spec is None or spec.origin is None or shutil.which("dpkg") is None:
+        pytest.skip("kiln._core is not built here (or no dpkg): nothing to read the linked libraries from")
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", _run(["readelf", "-d", spec.origin]))
+    resolved = dict(re.findall(r"^\s*(\S+) => (\S+)", _run(["ldd", spec.origin]), re.M))
+    packages = set()
+    for library in needed:
+        path = resolved.get(library, "")
+        if "torch" in path or library.startswith(("libtorch", "libc10", "ld-linux")):
+            continue  # from the torch wheel
+        real = os.path.realpath(path)
+        candidates = {real, path, real.replace("/usr/lib/", "/lib/"), real.replace("/lib/", "/usr/lib/", 1)}
+        owners = subprocess.run(["dpkg", "-S", *candidates], capture_output=True, text=True).stdout
+        assert owners, f"no Debian package owns {library} ({path})"
+        packages.add(owners.split(":")[0].strip())
+    return packages
+
+
+def _run(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def test_runtime_images_install_the_libraries_kiln_core_links_against():
+    in_every_debian_image = {"libc6", "libstdc++6", "libgcc-s1"}  # apt itself needs them
+    needed = _kiln_core_packages() - in_every_debian_image
+    assert needed, "expected kiln._core to link OpenCV and libdeflate"
+    for name in sorted(set(ALL_IMAGES) - DEV_IMAGES - {GPU_IMAGE}):
+        missing = needed - apt_packages(dockerfile(name)[-1])
+        assert not missing, f"{name}'s runtime stage does not install {missing}"
+    # Ubuntu 24.04 (the CUDA images' base) names the same OpenCV 4.6 libraries with a t64 suffix.
+    ubuntu_names = {p + "t64" if p.startswith("libopencv") else p for p in needed}
+    assert ubuntu_names <= apt_packages(dockerfile(GPU_IMAGE)[-1])
+
+
+def test_gpu_image_builds_on_cuda_devel_and_runs_on_cuda_runtime():
+    builder, final = dockerfile(GPU_IMAGE)
+    assert builder.base.startswith("nvidia/cuda:") and "-devel-" in builder.base
+    assert final.base.startswith("nvidia/cuda:") and "-runtime-" in final.base
+    assert json.loads(final.last("CMD")) == ["python", "src/train_model.py", "no_cuda=false"]
+
+
+def test_fastapi_image_fetches_the_model_then_runs_the_documented_gunicorn_command():
+    final = dockerfile("kiln-fastapi")[-1]
+    assert json.loads(final.last("ENTRYPOINT")) == ["kiln-fetch-model"]
+    assert json.loads(final.last("CMD")) == GUNICORN_CMD
+    assert "8080" in final.all("EXPOSE")
+    assert 'PRED_MODEL_UUID=""' in final.all("ARG")
+    env = " ".join(final.all("ENV"))
+    assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in env  # the build arg persists into the container
+    assert "MODELS_DIR=/home/kiln/models" in env  # where the entrypoint and the server both look
+
+
+def test_batch_inferencing_image_runs_batch_inferencing_on_the_fetched_model():
+    final = dockerfile("kiln-batch-inferencing")[-1]
+    assert json.loads(final.last("ENTRYPOINT")) == ["kiln-fetch-model"]
+    assert json.loads(final.last("CMD")) == ["kiln-batch-inferencing"]
+    assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in " ".join(final.all("ENV"))
+
+
+@pytest.mark.parametrize("name", ["kiln-data-prep", "kiln-model-training"])
+def test_job_images_default_to_their_hydra_app(name):
+    app = "process_data" if name == "kiln-data-prep" else "train_model"
+    assert json.loads(dockerfile(name)[-1].last("CMD")) == ["python", f"src/{app}.py"]
+
+
+def test_vscode_image_has_what_setup_sh_installs_so_tests_run_without_root():
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    listed = re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1)
+    packages = {word for line in listed.splitlines() for word in line.split("#")[0].split()}
+    assert packages <= apt_packages(dockerfile("kiln-vscode")[-1])
+
+
+def _dockerignore_regexes() -> list[tuple[bool, re.Pattern]]:
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/|\*\*|\*|\?|\[[^]]*\])", pattern):
+            if part == "**/":
+                regex += "(?:.*/)?"
+            elif part == "**":
+                regex += ".*"
+            elif part == "*":
+                regex += "[^/]*"
+            elif part == "?":
+                regex += "[^/]"
+            elif part.startswith("["):
+                regex += part
+            else:
+                regex += re.escape(part)
+        rules.append((negate, re.compile(regex + "$")))
+    return rules
+
+
+def ignored_by_docker(relative: str) -> bool:
+    """Whether .dockerignore leaves `relative` (or a folder above it) out of the build context."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negate, regex in _dockerignore_regexes():
+        if any(regex.match(prefix) for prefix in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_data_and_build_outputs_out_of_the_context():
+    for path in ["build/cp311/_core.so", "data/raw/train/a.png", "data/processed/train.pt", "mlruns/0/meta.yaml",
+                 "outputs/2024-01-01/x.log", "multirun/x", "models/abc/checkpoint.pt", ".git/HEAD", "logs/info.log",
+                 "python/kiln/__pycache__/cli.cpython-311.pyc", ".env"]:  # fmt: skip
+        assert ignored_by_docker(path), path
+    for path in ["cpp/src/trainer.cpp", "python/kiln/cli.py", "python/kiln_fastapi/main.py", "src/train_model.py",
+                 "conf/train_model.yaml", "pyproject.toml", "CMakeLists.txt", "README.md"]:  # fmt: skip
+        assert not ignored_by_docker(path), path
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_everything_a_dockerfile_copies_is_in_the_build_context(name):
+    for stage in dockerfile(name):
+        for copy in stage.all("COPY"):
+            words = [w for w in copy.split() if not w.startswith("--")]
+            for source in words[:-1]:
+                assert (REPO / source).exists(), f"{name}: COPY {source}: no such path in the repo"
+                assert not ignored_by_docker(source), f"{name}: COPY {source} is excluded by .dockerignore"
+
+
+# --- entrypoints ------------------------------------------------------------------------------------
+
+FETCH = DOCKER / "entrypoints" / "kiln-fetch-model.sh"
+BATCH = DOCKER / "entrypoints" / "kiln-batch-inferencing.sh"
+
+
+def fake_python(bin_dir: Path, log: Path, stdout: str = "", exit_code: int = 0) -> None:
+    """A `python` on PATH that records its argv (one line, NUL-separated) and prints `stdout`."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "python"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s\\0' \"$@\" >> {shlex.quote(str(log))}\necho >> {shlex.quote(str(log))}\n"
+        f"printf %s {shlex.quote(stdout)}\nexit {exit_code}\n"
+    )
+    script.chmod(0o755)
+
+
+def run_entrypoint(script: Path, tmp_path: Path, env: dict[str, str], *command: str, **fake) -> tuple:
+    log = tmp_path / "python-calls"
+    fake_python(tmp_path / "bin", log, **fake)
+    base = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "MODELS_DIR": str(tmp_path / "models")}
+    result = subprocess.run(["bash", str(script), *command], env={**base, **env}, capture_output=True, text=True)
+    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+    return result, calls
+
+
+def test_fetch_model_downloads_the_run_and_exports_the_printed_path(tmp_path):
+    checkpoint = f"{tmp_path}/models/abc123/checkpoint/checkpoint.pt"
+    result, calls = run_entrypoint(
+        FETCH,
+        tmp_path,
+        {"PRED_MODEL_UUID": "abc123", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+        "printenv",
+        "PRED_MODEL_PATH",
+        stdout=f"progress\n{checkpoint}\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert calls == [["-m", "kiln.models", "download", "abc123", "--dst", f"{tmp_path}/models"]]
+    assert result.stdout.strip() == checkpoint
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PRED_MODEL_PATH": "/models/local.pt", "PRED_MODEL_UUID": "abc123", "MLFLOW_TRACKING_URI": "http://x"},
+        {"PRED_MODEL_UUID": "abc123"},  # no tracking server: left to the server, which says what is missing
+        {},
+    ],
+    ids=["local-path-wins", "no-tracking-uri", "nothing-set"],
+)
+def test_fetch_model_leaves_the_environment_alone_without_a_run_to_fetch(tmp_path, env):
+    result, calls = run_entrypoint(FETCH, tmp_path, env, "printenv", "PRED_MODEL_PATH")
+    assert calls == []
+    assert result.stdout.strip() == env.get("PRED_MODEL_PATH", "")
+
+
+def test_fetch_model_stops_when_the_download_fails(tmp_path):
+    result, _ = run_entrypoint(
+        FETCH, tmp_path, {"PRED_MODEL_UUID": "abc", "MLFLOW_TRACKING_URI": "http://x"}, "echo", "served", exit_code=1
+    )
+    assert result.returncode != 0 and "served" not in result.stdout
+
+
+def test_models_download_cli_takes_what_the_entrypoint_passes():
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.models", "download", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "run_id" in result.stdout and "--dst" in result.stdout
+
+
+def test_batch_command_runs_batch_inferencing_on_the_model_and_input_dir(tmp_path):
+    env = {"PRED_MODEL_PATH": "/home/kiln/models/abc/checkpoint.pt", "INPUT_DATA_DIR": "/data/in"}
+    result, calls = run_entrypoint(BATCH, tmp_path, env, "inference.batch_size=64")
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        [
+            "src/batch_inferencing.py",
+            "inference.model_path=/home/kiln/models/abc/checkpoint.pt",
+            "inference.input_data_dir=/data/in",
+            "inference.batch_size=64",
+        ]
+    ]
+
+
+def test_batch_command_without_a_model_says_how_to_give_one(tmp_path):
+    result, calls = run_entrypoint(BATCH, tmp_path, {})
+    assert result.returncode == 2 and calls == []
+    assert "PRED_MODEL_PATH" in result.stderr and "PRED_MODEL_UUID" in result.stderr
+
+
+# --- Run:ai -----------------------------------------------------------------------------------------
+
+SCRIPTS = {
+    "submit-data-prep.sh": "process_data",
+    "submit-training.sh": "train_model",
+    "submit-sweep.sh": "train_model",
+}
+RUNAI_ENV = {
+    "KILN_RUNAI_USER": "Alice",
+    "KILN_REGISTRY": "registry.test/kiln",
+    "KILN_IMAGE_TAG": "1.2.3",
+    "KILN_PVC": "team-pvc",
+    "MLFLOW_TRACKING_URI": "http://mlflow.test:5005",
+    "MLFLOW_TRACKING_USERNAME": "alice",
+    "MLFLOW_TRACKING_PASSWORD": "s3cret pass",
+    "MLFLOW_HPTUNING_TAG": "1700000000",
+}
+WORKSPACE = "/team-pvc/workspaces/alice"
+
+
+def test_shellcheck_passes_the_shell_scripts():
+    scripts = [*sorted(RUNAI.glob("*.sh")), RUNAI / "config.env", *sorted((DOCKER / "entrypoints").glob("*.sh"))]
+    result = subprocess.run(
+        [tool("shellcheck"), "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def submit(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list]:
+    """Run a submit script with a fake `runai` on PATH; returns the result and runai's argv (or [])."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "runai-argv"
+    (bin_dir / "runai").write_text(f"#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > {shlex.quote(str(log))}\n")
+    (bin_dir / "runai").chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), **RUNAI_ENV, **env}
+    result = subprocess.run(
+        [str(RUNAI / script), *args], env=full_env, capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    argv = log.read_text().split("\0")[:-1] if log.exists() else []
+    return result, argv
+
+
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    head = argv[: argv.index("--command")]
+    return [head[i + 1] for i, word in enumerate(head) if word == flag]
+
+
+def submitted_command(argv: list[str]) -> list[str]:
+    assert argv[argv.index("--command") + 1] == "--"
+    return argv[argv.index("--command") + 2 :]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_submit_script_submits_the_job_as_the_runai_guide_does(tmp_path, script):
+    app = SCRIPTS[script]
+    result, argv = submit(tmp_path, script, f"{app}.seed=7")
+    assert result.returncode == 0, result.stderr
+    assert argv[0] == "submit"
+    image = {"process_data": "data-prep"}.get(app, "model-training")
+    assert flag_values(argv, "-i") == [f"registry.test/kiln/{image}:1.2.3"]
+    assert flag_values(argv, "--pvc") == ["team-pvc:/team-pvc"]
+    assert flag_values(argv, "--working-dir") == ["/home/kiln/kiln"]
+    assert flag_values(argv, "--job-name-prefix")[0].startswith("alice-")
+    assert flag_values(argv, "--cpu") and flag_values(argv, "--memory") and not flag_values(argv, "--gpu")
+    command = submitted_command(argv)
+    assert command[:2] == ["python", f"src/{app}.py"]
+    assert command[-1] == f"{app}.seed=7"  # extra arguments are passed on as Hydra overrides
+    env = flag_values(argv, "-e")
+    if app == "process_data":
+        assert f"process_data.raw_data_dir_path={WORKSPACE}/data/raw" in command
+        assert f"process_data.processed_data_dir_path={WORKSPACE}/data/processed" in command
+    else:
+        assert {
+            "MLFLOW_TRACKING_URI=http://mlflow.test:5005",
+            "MLFLOW_TRACKING_USERNAME=alice",
+            "MLFLOW_TRACKING_PASSWORD=s3cret pass",
+        } <= set(env)
+        assert f"train_model.data_dir_path={WORKSPACE}/data/processed" in command
+        assert "train_model.mlflow_tracking_uri=http://mlflow.test:5005" in command
+        assert "train_model.epochs=3" in command and "train_model.setup_mlflow=true" in command
+    if script == "submit-sweep.sh":
+        assert "MLFLOW_HPTUNING_TAG=1700000000" in env
+        assert command[2] == "--multirun"
+        assert f"hydra.sweep.dir={WORKSPACE}/multirun/1700000000" in command
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_prints_the_same_command_and_submits_nothing(tmp_path, script):
+    _, submitted = submit(tmp_path, script)
+    (tmp_path / "runai-argv").unlink()
+    result, argv = submit(tmp_path, script, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert argv == []
+    printed = shlex.split(result.stdout)
+    assert printed[:2] == ["runai", "submit"]
+    assert "s3cret" not in result.stdout  # the password is printed as a reference to the variable
+    expected = [
+        "MLFLOW_TRACKING_PASSWORD=$MLFLOW_TRACKING_PASSWORD" if w.startswith("MLFLOW_TRACKING_PASSWORD=") else w
+        for w in submitted
+    ]
+    assert printed[1:] == expected
+
+
+@pytest.mark.parametrize("script", ["submit-training.sh", "submit-sweep.sh"])
+def test_gpu_submission_uses_the_gpu_image_and_trains_on_cuda(tmp_path, script):
+    result, argv = submit(tmp_path, script, KILN_GPU="1")
+    assert result.returncode == 0, result.stderr
+    assert flag_values(argv, "--gpu") == ["1"]
+    assert flag_values(argv, "-i") == ["registry.test/kiln/model-training-gpu:1.2.3"]
+    assert "train_model.no_cuda=false" in submitted_command(argv)
+
+
+@pytest.mark.parametrize("script", ["submit-training.sh", "submit-sweep.sh"])
+def test_training_submission_without_a_tracking_server_is_refused(tmp_path, script):
+    result, argv = submit(tmp_path, script, MLFLOW_TRACKING_URI="")
+    assert result.returncode == 2 and argv == []
+    assert "MLFLOW_TRACKING_URI" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_submitted_overrides_compose_in_kilns_app(tmp_path, script):
+    """The command a job runs is accepted by the real Hydra app (composed with --cfg, not run)."""
+    _, argv = submit(tmp_path, script, KILN_OPTUNA_STORAGE="sqlite:///optuna.db")
+    command = [word for word in submitted_command(argv) if word != "--multirun"]
+    result = subprocess.run(
+        [sys.executable, *command[1:], "--cfg", "all"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    if SCRIPTS[script] == "process_data":
+        assert config["raw_data_dir_path"] == f"{WORKSPACE}/data/raw"
+        assert config["log_dir"] == f"{WORKSPACE}/logs"
+    else:
+        assert config["data_dir_path"] == f"{WORKSPACE}/data/processed"
+        assert config["artifact_dir_path"] == f"{WORKSPACE}/models"
+        assert config["mlflow_tracking_uri"] == "http://mlflow.test:5005"
+        assert config["epochs"] == 3 and config["no_cuda"] is True
+    if script == "submit-sweep.sh":
+        assert config["hydra"]["sweeper"]["n_trials"] == 3
+        assert config["hydra"]["sweeper"]["storage"] == "sqlite:///optuna.db"
+
+
+# --- CI ---------------------------------------------------------------------------------------------
+
+
+def ci_test_command() -> str:
+    """The test command .ci/run runs."""
+    commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("bash ")]
+    assert len(commands) == 1
+    return commands[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [(".gitlab-ci.yml", "vendor.gitlab-ci"), (".github/workflows/ci.yml", "vendor.github-workflows")],
+)
+def test_ci_config_is_valid_for_its_service(path, schema):
+    result = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", schema, path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gitlab_ci_runs_the_ci_test_command_on_debian_python_311():
+    config = yaml.safe_load((REPO / ".gitlab-ci.yml").read_text())
+    jobs = [job for key, job in config.items() if isinstance(job, dict) and "script" in job]
+    assert [job["image"] for job in jobs] == ["python:3.11-bookworm"]
+    assert jobs[0]["script"] == [ci_test_command()]
+
+
+def test_github_workflow_runs_the_ci_test_command_on_debian_python_311():
+    config = yaml.safe_load((REPO / ".github" / "workflows" / "ci.yml").read_text())
+    (job,) = config["jobs"].values()
+    assert job["container"] == "python:3.11-bookworm"
+    assert [step["run"] for step in job["steps"] if "run" in step] == [ci_test_command()]
+
+
+# --- VS Code ----------------------------------------------------------------------------------------
+
+
+def workspace_path(value: str) -> Path:
+    assert value.startswith("${workspaceFolder}"), value
+    return REPO / value.removeprefix("${workspaceFolder}").lstrip("/")
+
+
+def test_launch_configs_run_each_app_from_paths_that_exist():
+    launch = json.loads((REPO / ".vscode" / "launch.json").read_text())
+    configs = {c["name"]: c for c in launch["configurations"]}
+    inputs = {i["id"] for i in launch.get("inputs", [])}
+    programs = {}
+    for config in configs.values():
+        assert config["type"] == "debugpy"
+        if "program" in config:
+            assert workspace_path(config["program"]).is_file(), config["program"]
+            programs.setdefault(Path(config["program"]).stem, []).append(config.get("args", []))
+        if "cwd" in config:
+            assert workspace_path(config["cwd"]).is_dir(), config["cwd"]
+        used = re.findall(r"\$\{input:(\w+)\}", json.dumps(config))
+        assert set(used) <= inputs, f"{config['name']}: undefined inputs {set(used) - inputs}"
+    assert set(programs) == {"process_data", "train_model", "batch_inferencing"}
+    assert any("--multirun" in args for args in programs["train_model"])
+    assert any("--multirun" not in args for args in programs["train_model"])
+    (server,) = [c for c in configs.values() if c.get("module") == "uvicorn"]
+    assert server["args"][0] == "kiln_fastapi.main:APP"
+    assert server["args"][server["args"].index("--app-dir") + 1] == "src"
+    attach = [c for c in configs.values() if c["request"] == "attach"]
+    assert attach and all(c["connect"] == {"host": "localhost", "port": 5678} for c in attach)
+
+
+def test_devcontainer_builds_the_vscode_image_as_its_user():
+    devcontainer = json.loads((REPO / ".devcontainer" / "devcontainer.json").read_text())
+    base = REPO / ".devcontainer"
+    assert (base / devcontainer["build"]["dockerfile"]).resolve() == DOCKER / "kiln-vscode.Dockerfile"
+    assert (base / devcontainer["build"]["context"]).resolve() == REPO
+    assert devcontainer["remoteUser"] == "kiln"
+    assert "--no-build-isolation -e" in devcontainer["postCreateCommand"]
