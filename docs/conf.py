@@ -31,6 +31,8 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 myst_heading_anchors = 3
+# Commands and options are quoted as typed: `--multirun` must not become an en dash.
+smartquotes = False
 
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True}
