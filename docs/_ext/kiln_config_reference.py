@@ -17,7 +17,6 @@ from pathlib import Path
 
 import yaml
 from docutils import nodes
-from docutils.parsers.rst import directives
 from sphinx.util.docutils import SphinxDirective
 
 
@@ -32,7 +31,6 @@ class ConfigKey:
 
 @dataclass
 class ConfigFile:
-    path: Path
     description: list[str] = field(default_factory=list)  # paragraphs
     keys: list[ConfigKey] = field(default_factory=list)
 
@@ -85,7 +83,7 @@ def read_config(path: Path) -> ConfigFile:
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     root = yaml.compose(text, Loader=yaml.SafeLoader)
-    config = ConfigFile(path)
+    config = ConfigFile()
     if not isinstance(root, yaml.MappingNode) or not root.value:
         config.description = _paragraphs([line.strip().lstrip("#").strip() for line in lines if line.strip()])
         return config
@@ -168,10 +166,9 @@ class ConfigReference(SphinxDirective):
     """One section per matched YAML file: its description and a table of its keys."""
 
     optional_arguments = 1
-    option_spec = {"root": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
-        root = (Path(self.env.srcdir) / self.options.get("root", "..")).resolve()
+        root = Path(self.env.srcdir).resolve().parent  # docs/ sits in the repo root
         pattern = self.arguments[0] if self.arguments else "conf/*.yaml"
         paths = sorted(root.glob(pattern))
         if not paths:
