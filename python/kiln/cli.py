@@ -17,7 +17,17 @@ from kiln import general_utils
 # whose Optuna sweeper works with current Optuna) reports as deprecated on every run.
 warnings.filterwarnings("ignore", message="The version_base parameter is deprecated")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The repo's conf/ in a source checkout; an installed kiln (a wheel, as in the images) uses ./conf.
+_SOURCE_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def logging_config_path() -> Path:
+    """conf/logging.yaml of the working dir (the template's default), else of the source checkout."""
+    for candidate in (Path("conf") / "logging.yaml", Path("..") / "conf" / "logging.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return _SOURCE_CONF_DIR / "logging.yaml"
+
 
 _PREFIXED_OVERRIDE = re.compile(r"^(?P<op>\+\+|\+|~)?(?P<app>[A-Za-z_]\w*)\.(?P<rest>.+)$")
 
@@ -41,7 +51,7 @@ def accept_app_prefixed_overrides(app_name: str, argv: list[str] | None = None) 
 
 def setup_app_logging(log_dir: str | None) -> None:
     """Configure logging from the repo's conf/logging.yaml, with files in ``log_dir``."""
-    general_utils.setup_logging(logging_config_path=str(CONF_DIR / "logging.yaml"), log_dir=log_dir)
+    general_utils.setup_logging(logging_config_path=str(logging_config_path()), log_dir=log_dir)
 
 
 def _is_expected(error: Exception) -> bool:

@@ -9,11 +9,10 @@ from ``MLFLOW_TRACKING_URI`` into ``MODELS_DIR`` at start-up.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+from kiln.cli import logging_config_path
 
 
 class Settings(BaseSettings):
@@ -21,7 +20,8 @@ class Settings(BaseSettings):
 
     API_NAME: str = "kiln - image classification API"
     API_V1_STR: str = "/api/v1"
-    LOGGER_CONFIG_PATH: str = str(_REPO_CONF / "logging.yaml")
+    # ../conf/logging.yaml when started from src/ (gunicorn --chdir src), else ./conf/logging.yaml.
+    LOGGER_CONFIG_PATH: str = str(logging_config_path())
 
     PRED_MODEL_UUID: str = ""
     PRED_MODEL_PATH: str = ""

@@ -186,7 +186,12 @@ def _pixels(tensor: TensorInput, model: ServedModel, settings: Settings) -> np.n
 @ROUTER.post(
     "/models/{name}/infer",
     response_model=InferenceResponse,
-    responses={**_NOT_FOUND, 413: {"description": "Too many images"}, 422: {"description": "Invalid tensor"}},
+    responses={
+        **_NOT_FOUND,
+        400: {"description": "The body cannot be parsed"},
+        413: {"description": "Too many images"},
+        422: {"description": "Invalid tensor"},
+    },
 )
 async def infer(
     name: str,
