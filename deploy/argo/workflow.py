@@ -1,0 +1,353 @@
+"""kiln's pipeline on Argo Workflows: data preparation -> training -> Optuna sweep -> batch inference.
+
+Built with hera (the Argo Workflows Python SDK). Every step runs the kiln image made for it
+(docker/kiln-*.Dockerfile) with the same command a user runs locally, on one PersistentVolumeClaim
+mounted at /kiln-data that holds the data, checkpoints, logs and outputs of every step.
+
+    python deploy/argo/workflow.py --dry-run                        # print the Workflow manifest (YAML)
+    python deploy/argo/workflow.py --dry-run | argo submit -        # or: kubectl create -f -
+    ARGO_TOKEN=... python deploy/argo/workflow.py --server https://argo.example.com --run \\
+        --params '{"epochs": 3, "image_tag": "0.1.1"}'              # submit over Argo's REST API
+    python deploy/argo/workflow.py --server ... --run --debug       # training waits for a debugger
+
+--params sets the defaults of the Workflow's parameters (list them with --list-params); they stay
+Workflow parameters, so `argo submit -p epochs=3` works on the printed manifest too. What changes the
+manifest's shape (GPUs per training pod, the PVC, --debug) are options of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+from hera.workflows import Container, Parameter, RetryStrategy, SecretEnv, Steps, Workflow, WorkflowsService
+from hera.workflows import models as m
+
+DATA_ROOT = "/kiln-data"
+VOLUME_NAME = "kiln-data"
+DEBUG_PORT = 5678
+# The Secret of deploy/k8s/mlflow/postgres-secret.yml: the Optuna study's database URL stays out of the manifest.
+POSTGRES_SECRET = "kiln-postgres"
+OPTUNA_STORAGE_KEY = "optuna-storage-url"
+# The images' WORKDIR (docker/kiln-*.Dockerfile), where src/ and conf/ are; the debugger maps it.
+IMAGE_WORKDIR = "/home/kiln/kiln"
+
+PARAMETERS: dict[str, str] = {
+    "registry": "registry.example.com/kiln",
+    "image_tag": "0.1.0",
+    "raw_data_dir": f"{DATA_ROOT}/data/raw",
+    "processed_data_dir": f"{DATA_ROOT}/data/processed",
+    "mlflow_tracking_uri": "http://mlflow-server-svc:5000",
+    "mlflow_exp_name": "kiln",
+    "epochs": "5",
+    "lr": "1.3",
+    "train_bs": "32",
+    # The sweep: sweep_workers pods at once, each running n_trials trials of one shared PostgreSQL study.
+    "study_name": "base-template",
+    "n_trials": "3",
+    "sweep_workers": "2",
+    # Batch inference: empty model_path = the model trained by this workflow's training step.
+    "model_path": "",
+    "inference_input_dir": f"{DATA_ROOT}/data/raw/test",
+    "inference_glob": "**/*.png",
+}
+
+
+def _param(name: str) -> str:
+    return "{{workflow.parameters." + name + "}}"
+
+
+def _image(purpose: str) -> str:
+    return f"{_param('registry')}/{purpose}:{_param('image_tag')}"
+
+
+WORKFLOW_NAME = "{{workflow.name}}"
+WORKER = "{{inputs.parameters.worker}}"
+# The workflow's own dirs on the volume: runs of the same workflow never overwrite each other.
+MODELS_DIR = f"{DATA_ROOT}/models/{WORKFLOW_NAME}"
+SWEEP_MODELS_DIR = f"{DATA_ROOT}/models/{WORKFLOW_NAME}-sweep"
+LOG_DIR = f"{DATA_ROOT}/logs/{WORKFLOW_NAME}"
+OUTPUTS_DIR = f"{DATA_ROOT}/outputs/{WORKFLOW_NAME}"
+
+
+def _retry() -> RetryStrategy:
+    # As in the template's Argo guide: retry up to 3 times whatever the failure (evicted pod, lost node,
+    # OOM), with a growing pause so a flapping node or registry is not hammered.
+    return RetryStrategy(
+        limit="3", retry_policy="Always", backoff=m.Backoff(duration="30s", factor=m.IntOrString(root="2"))
+    )
+
+
+def _mounts() -> list[m.VolumeMount]:
+    return [m.VolumeMount(name=VOLUME_NAME, mount_path=DATA_ROOT)]
+
+
+def _tracking_overrides() -> list[str]:
+    return [f"mlflow_tracking_uri={_param('mlflow_tracking_uri')}", f"mlflow_exp_name={_param('mlflow_exp_name')}"]
+
+
+def _training_args() -> list[str]:
+    return [
+        f"data_dir_path={_param('processed_data_dir')}",
+        f"epochs={_param('epochs')}",
+        "no_cuda=false",
+        *_tracking_overrides(),
+    ]
+
+
+def _gpu_resources(gpus: int) -> m.ResourceRequirements:
+    # Literal quantities: Argo decodes `resources` as Kubernetes quantities before substituting
+    # parameters, so a {{workflow.parameters.*}} there would be rejected at submission.
+    gpu = m.Quantity(root=str(gpus))
+    return m.ResourceRequirements(
+        requests={"cpu": m.Quantity(root="4"), "memory": m.Quantity(root="16Gi"), "nvidia.com/gpu": gpu},
+        limits={"memory": m.Quantity(root="16Gi"), "nvidia.com/gpu": gpu},
+    )
+
+
+def _cpu_resources(cpu: str, memory: str) -> m.ResourceRequirements:
+    return m.ResourceRequirements(
+        requests={"cpu": m.Quantity(root=cpu), "memory": m.Quantity(root=memory)},
+        limits={"memory": m.Quantity(root=memory)},
+    )
+
+
+def _optuna_storage_env() -> SecretEnv:
+    return SecretEnv(name="OPTUNA_STORAGE", secret_name=POSTGRES_SECRET, secret_key=OPTUNA_STORAGE_KEY)
+
+
+BATCH_INFERENCE_SCRIPT = f"""set -euo pipefail
+model_path='{_param("model_path")}'
+if [ -z "$model_path" ]; then
+  # The newest checkpoint the training step wrote (<artifact_dir_path>/<MLflow run id>/checkpoint.pt).
+  model_path=$(ls -t {MODELS_DIR}/*/checkpoint.pt | head -n 1)
+fi
+exec python src/batch_inferencing.py "inference.model_path=$model_path" \\
+  'inference.input_data_dir={_param("inference_input_dir")}' \\
+  'inference.file_check_glob="{_param("inference_glob")}"' \\
+  'hydra.run.dir={OUTPUTS_DIR}/batch-inference' 'log_dir={LOG_DIR}'
+"""
+
+
+def build_workflow(
+    params: Mapping[str, object] | None = None,
+    *,
+    debug: bool = False,
+    gpus: int = 1,
+    pvc: str = VOLUME_NAME,
+    namespace: str = "argo",
+) -> Workflow:
+    """The pipeline as a hera Workflow; `params` override the defaults of PARAMETERS."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"Unknown workflow parameter(s) {unknown}; known: {sorted(PARAMETERS)}")
+    values = {**PARAMETERS, **{key: str(value) for key, value in params.items()}}
+
+    train_command = ["python", "src/train_model.py"]
+    train_ports = None
+    if debug:
+        train_command = ["python", "-m", "debugpy", "--listen", f"0.0.0.0:{DEBUG_PORT}", "--wait-for-client"]
+        train_command += ["src/train_model.py"]
+        train_ports = [m.ContainerPort(name="debug", container_port=DEBUG_PORT)]
+
+    with Workflow(
+        generate_name="kiln-pipeline-",
+        namespace=namespace,
+        entrypoint="pipeline",
+        arguments=[Parameter(name=name, value=value) for name, value in values.items()],
+        volumes=[
+            m.Volume(name=VOLUME_NAME, persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=pvc))
+        ],
+        # uid/gid of the kiln images; fsGroup makes the volume writable for them.
+        security_context=m.PodSecurityContext(run_as_user=2222, run_as_group=2222, fs_group=2222),
+    ) as workflow:
+        process_data = Container(
+            name="process-data",
+            image=_image("data-prep"),
+            command=["python", "src/process_data.py"],
+            args=[
+                f"raw_data_dir_path={_param('raw_data_dir')}",
+                f"processed_data_dir_path={_param('processed_data_dir')}",
+                f"log_dir={LOG_DIR}",
+                f"hydra.run.dir={OUTPUTS_DIR}/process-data",
+            ],
+            resources=_cpu_resources("4", "8Gi"),
+            volume_mounts=_mounts(),
+            retry_strategy=_retry(),
+        )
+        train = Container(
+            name="train-model",
+            image=_image("model-training-gpu"),
+            command=train_command,
+            args=[
+                *_training_args(),
+                f"lr={_param('lr')}",
+                f"train_bs={_param('train_bs')}",
+                f"artifact_dir_path={MODELS_DIR}",
+                f"log_dir={LOG_DIR}",
+                f"hydra.run.dir={OUTPUTS_DIR}/train-model",
+            ],
+            ports=train_ports,
+            resources=_gpu_resources(gpus),
+            volume_mounts=_mounts(),
+            retry_strategy=_retry(),
+        )
+        # Workers creating Optuna's schema in a fresh database at the same moment collide: one step
+        # creates the study first.
+        create_study = Container(
+            name="create-study",
+            image=_image("model-training"),
+            command=["optuna", "create-study", "--skip-if-exists"],
+            # $(OPTUNA_STORAGE) is expanded by Kubernetes from the container's environment.
+            args=[
+                "--storage",
+                "$(OPTUNA_STORAGE)",
+                "--study-name",
+                _param("study_name"),
+                "--directions",
+                "minimize",
+                "maximize",
+            ],
+            env=[_optuna_storage_env()],
+            resources=_cpu_resources("250m", "512Mi"),
+            retry_strategy=_retry(),
+        )
+        sweep_worker = Container(
+            name="sweep-worker",
+            inputs=[Parameter(name="worker")],
+            image=_image("model-training-gpu"),
+            command=["python", "src/train_model.py", "--multirun"],
+            args=[
+                # Quoted for Hydra: a password may hold characters its override grammar reserves.
+                "hydra.sweeper.storage='$(OPTUNA_STORAGE)'",
+                f"hydra.sweeper.study_name={_param('study_name')}",
+                f"hydra.sweeper.n_trials={_param('n_trials')}",
+                f"hydra.sweep.dir={OUTPUTS_DIR}/sweep/worker-{WORKER}",
+                *_training_args(),
+                f"artifact_dir_path={SWEEP_MODELS_DIR}",
+                f"log_dir={LOG_DIR}/sweep-worker-{WORKER}",
+            ],
+            # One tag for all workers' trials: `tags.hptuning_tag = "<workflow name>"` in MLflow's search.
+            env=[_optuna_storage_env(), m.EnvVar(name="MLFLOW_HPTUNING_TAG", value=WORKFLOW_NAME)],
+            resources=_gpu_resources(gpus),
+            volume_mounts=_mounts(),
+            retry_strategy=_retry(),
+        )
+        batch_inference = Container(
+            name="batch-inference",
+            image=_image("batch-inference"),
+            command=["/bin/bash", "-c", BATCH_INFERENCE_SCRIPT],
+            env=[m.EnvVar(name="MLFLOW_TRACKING_URI", value=_param("mlflow_tracking_uri"))],
+            resources=_cpu_resources("4", "8Gi"),
+            volume_mounts=_mounts(),
+            retry_strategy=_retry(),
+        )
+        with Steps(name="pipeline"):
+            process_data(name="prepare-data")
+            train(name="train")
+            create_study(name="create-study")
+            sweep_worker(
+                name="sweep",
+                arguments={"worker": "{{item}}"},
+                with_sequence=m.Sequence(count=m.IntOrString(root=_param("sweep_workers"))),
+            )
+            batch_inference(name="batch-inference")
+    return workflow
+
+
+def debug_instructions(namespace: str, workflow_name: str = "<workflow name>") -> str:
+    return f"""Debugging: the training step starts under debugpy and waits on port {DEBUG_PORT} for a client.
+  1. Find its pod and forward the port (once the step is Running):
+       kubectl -n {namespace} get pods -l workflows.argoproj.io/workflow={workflow_name}
+       kubectl -n {namespace} port-forward pod/<train pod> {DEBUG_PORT}:{DEBUG_PORT}
+  2. Attach VS Code ("Python Debugger: Remote Attach") with this launch configuration:
+       {{"name": "kiln: attach to Argo training", "type": "debugpy", "request": "attach",
+        "connect": {{"host": "localhost", "port": {DEBUG_PORT}}},
+        "pathMappings": [{{"localRoot": "${{workspaceFolder}}", "remoteRoot": "{IMAGE_WORKDIR}"}}],
+        "justMyCode": false}}
+  Training starts when the debugger attaches; breakpoints in src/ and python/kiln work."""
+
+
+def _server_url(server: str) -> str:
+    # The template's guide names the server by host (`--server abacus`); Argo serves HTTPS by default.
+    return server if server.startswith(("http://", "https://")) else f"https://{server}"
+
+
+def _parse_params(text: str | None) -> tuple[dict[str, object], bool]:
+    if not text:
+        return {}, False
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--params must be a JSON object, e.g. '{{\"epochs\": 3}}': {error}") from None
+    if not isinstance(params, dict):
+        raise SystemExit(f"--params must be a JSON object, e.g. '{{\"epochs\": 3}}', got {text!r}")
+    # The template's guide turns debugging on with --params '{"debug": "true"}'; --debug is the same.
+    debug = str(params.pop("debug", "false")).lower() in ("1", "true", "yes")
+    return params, debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="kiln's pipeline (prepare -> train -> sweep -> batch inference) on Argo Workflows."
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--dry-run", action="store_true", help="print the Workflow manifest as YAML (the default)")
+    action.add_argument("--run", action="store_true", help="submit the Workflow to --server")
+    action.add_argument("--list-params", action="store_true", help="print the parameters and their defaults")
+    parser.add_argument("--server", help="Argo server URL, e.g. https://argo.example.com:2746 (https:// if omitted)")
+    parser.add_argument("--namespace", default="argo", help="namespace to run in (default: argo)")
+    parser.add_argument("--params", help='JSON object of parameter values, e.g. \'{"epochs": 3, "lr": 1.0}\'')
+    parser.add_argument("--debug", action="store_true", help="start training under debugpy, waiting for a client")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs per training/sweep pod (default: 1)")
+    parser.add_argument("--pvc", default=VOLUME_NAME, help=f"PersistentVolumeClaim mounted at {DATA_ROOT}")
+    parser.add_argument(
+        "--token-env", default="ARGO_TOKEN", help="environment variable holding the Argo token (default: ARGO_TOKEN)"
+    )
+    parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    args = parser.parse_args(argv)
+
+    if args.list_params:
+        for name, value in PARAMETERS.items():
+            print(f"{name}: {value!r}")
+        return 0
+    params, debug_param = _parse_params(args.params)
+    debug = args.debug or debug_param
+    try:
+        workflow = build_workflow(params, debug=debug, gpus=args.gpus, pvc=args.pvc, namespace=args.namespace)
+    except ValueError as error:
+        parser.error(str(error))
+
+    if not args.run:
+        print(workflow.to_yaml(), end="")
+        if debug:
+            print(debug_instructions(args.namespace), file=sys.stderr)
+        return 0
+
+    if not args.server:
+        parser.error("--run needs --server, the Argo server's URL")
+    server = _server_url(args.server)
+    workflow.workflows_service = WorkflowsService(
+        host=server,
+        token=os.environ.get(args.token_env) or None,
+        namespace=args.namespace,
+        verify_ssl=not args.insecure,
+    )
+    try:
+        created = workflow.create()
+    except Exception as error:  # hera raises its own exception types per HTTP status
+        print(f"Submitting to {server} (namespace {args.namespace}) failed: {error}", file=sys.stderr)
+        return 1
+    name = created.metadata.name
+    print(f"Submitted workflow {name}: {server.rstrip('/')}/workflows/{args.namespace}/{name}")
+    if debug:
+        print(debug_instructions(args.namespace, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
