@@ -462,7 +462,7 @@ def test_argo_run_submits_the_workflow_to_the_argo_server_api():
 def test_argo_run_reports_an_unreachable_server():
     result = run_workflow_py("--server", "http://127.0.0.1:9", "--run")
     assert result.returncode == 1
-    assert "Submitting to http://127.0.0.1:9 (namespace argo) failed" in result.stderr
+    assert "Submitting to http://127.0.0.1:9 (namespace kiln) failed" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Built with hera (the Argo Workflows Python SDK). Every step runs the kiln image made for it
 (docker/kiln-*.Dockerfile) with the same command a user runs locally, on one PersistentVolumeClaim
-mounted at /kiln-data that holds the data, checkpoints, logs and outputs of every step.
+mounted at /kiln-data that holds the data, checkpoints, logs and outputs of every step. It runs in the
+namespace of deploy/k8s/ (kiln): the kiln-data volume, the kiln-postgres Secret (the Optuna study's URL)
+and the MLflow server (http://mlflow-server-svc:5000) come from there.
 
     python deploy/argo/workflow.py --dry-run                        # print the Workflow manifest (YAML)
     python deploy/argo/workflow.py --dry-run | argo submit -        # or: kubectl create -f -
@@ -138,7 +140,8 @@ def build_workflow(
     debug: bool = False,
     gpus: int = 1,
     pvc: str = VOLUME_NAME,
-    namespace: str = "argo",
+    namespace: str = "kiln",
+    service_account: str | None = None,
 ) -> Workflow:
     """The pipeline as a hera Workflow; `params` override the defaults of PARAMETERS."""
     params = dict(params or {})
@@ -158,6 +161,9 @@ def build_workflow(
         generate_name="kiln-pipeline-",
         namespace=namespace,
         entrypoint="pipeline",
+        # The pods' identity: it needs Argo's executor permissions in the namespace (Argo's docs,
+        # "Service Accounts"); None = the namespace's default service account.
+        service_account_name=service_account,
         arguments=[Parameter(name=name, value=value) for name, value in values.items()],
         volumes=[
             m.Volume(name=VOLUME_NAME, persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=pvc))
@@ -300,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--run", action="store_true", help="submit the Workflow to --server")
     action.add_argument("--list-params", action="store_true", help="print the parameters and their defaults")
     parser.add_argument("--server", help="Argo server URL, e.g. https://argo.example.com:2746 (https:// if omitted)")
-    parser.add_argument("--namespace", default="argo", help="namespace to run in (default: argo)")
+    parser.add_argument(
+        "--namespace",
+        default="kiln",
+        help="namespace to run in, the one of deploy/k8s/ (its volume, Secrets and MLflow server); default: kiln",
+    )
     parser.add_argument("--params", help='JSON object of parameter values, e.g. \'{"epochs": 3, "lr": 1.0}\'')
     parser.add_argument("--debug", action="store_true", help="start training under debugpy, waiting for a client")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per training/sweep pod (default: 1)")
     parser.add_argument("--pvc", default=VOLUME_NAME, help=f"PersistentVolumeClaim mounted at {DATA_ROOT}")
+    parser.add_argument("--service-account", help="service account of the workflow's pods (default: the namespace's)")
     parser.add_argument(
         "--token-env", default="ARGO_TOKEN", help="environment variable holding the Argo token (default: ARGO_TOKEN)"
     )
@@ -318,7 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     params, debug_param = _parse_params(args.params)
     debug = args.debug or debug_param
     try:
-        workflow = build_workflow(params, debug=debug, gpus=args.gpus, pvc=args.pvc, namespace=args.namespace)
+        workflow = build_workflow(
+            params,
+            debug=debug,
+            gpus=args.gpus,
+            pvc=args.pvc,
+            namespace=args.namespace,
+            service_account=args.service_account,
+        )
     except ValueError as error:
         parser.error(str(error))
 
