@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.training import resolve_precision
 from conftest import REPO, SAMPLE, run_app
 
 TEST_CLASS = "7_Sneaker"
@@ -72,15 +73,15 @@ def test_batch_inference_classifies_every_image_and_reports_bad_files(
     for name in ("truncated.png", "notes.png"):
         assert by_name[name]["prediction"] is None and by_name[name]["error"]
 
-    predictor = kiln.Predictor(trained_checkpoint)
+    predictor = kiln.Predictor(trained_checkpoint, precision=resolve_precision("auto", "cpu"))  # as the app
     probabilities = predictor.predict(rows)
     for file, row in zip(files, probabilities, strict=True):
         line = by_name[file.name]
         assert list(line) == ["time", "image_filepath", "prediction", "probability"]
         assert Path(line["image_filepath"]) == (images / file.name).resolve()
         assert line["prediction"] == predictor.classes[int(row.argmax())]
-        # Equal up to float rounding: oneDNN's convolution sums in another order for another batch size.
-        assert line["probability"] == pytest.approx(float(row.max()), rel=1e-5)
+        # Equal up to rounding: oneDNN sums in another order for another batch size.
+        assert line["probability"] == pytest.approx(float(row.max()), abs=2e-3)
         assert line["time"].endswith("+0000") and len(line["time"]) == 24
 
 

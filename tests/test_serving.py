@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 import kiln
+from kiln.training import resolve_precision
 from conftest import REPO, SAMPLE, free_port
 
 IMAGES = sorted((SAMPLE / "test" / "7_Sneaker").iterdir())[:8] + sorted((SAMPLE / "test" / "1_Trouser").iterdir())[:8]
@@ -103,7 +104,8 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 
 def expected(checkpoint: Path, files: list[Path]):
-    predictor = kiln.Predictor(checkpoint)
+    """The labels and probabilities of the server's own numerics (precision auto, as the server)."""
+    predictor = kiln.Predictor(checkpoint, precision=resolve_precision("auto", "cpu"))
     probabilities, errors = predictor.predict_encoded([file.read_bytes() for file in files])
     assert errors == [None] * len(files)
     return [predictor.classes[int(row.argmax())] for row in probabilities], probabilities
@@ -116,7 +118,8 @@ def test_predict_json_batch_gives_the_model_s_answers(server: ModelServer, train
     assert [item["id"] for item in body["data"]] == list(range(len(IMAGES)))
     assert [item["prediction"] for item in body["data"]] == labels
     for item, row in zip(body["data"], probabilities, strict=True):
-        assert item["probability"] == pytest.approx(float(row.max()), rel=1e-5)
+        # bf16 results may differ in the last bits with the batch the server formed from concurrent requests.
+        assert item["probability"] == pytest.approx(float(row.max()), abs=2e-3)
         assert list(item["probabilities"]) == kiln.Predictor(trained_checkpoint).classes
         assert sum(item["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
@@ -185,7 +188,7 @@ def test_open_inference_protocol_routes(server: ModelServer, trained_checkpoint:
     assert answer["id"] == "req-1"
     assert outputs["prediction"]["data"] == labels
     assert outputs["probabilities"]["shape"] == [2, 10]
-    assert torch.allclose(torch.tensor(outputs["probabilities"]["data"]).view(2, 10), probabilities, rtol=1e-5)
+    assert torch.allclose(torch.tensor(outputs["probabilities"]["data"]).view(2, 10), probabilities, atol=2e-3)
 
 
 def test_uint8_tensor_input_matches_encoded_input(server: ModelServer, processed_sample: Path) -> None:

@@ -2,6 +2,7 @@
 #include "bindings.hpp"
 
 #include "kiln/batch_inference.hpp"
+#include "kiln/error.hpp"
 #include "kiln/predictor.hpp"
 
 namespace kiln::bindings {
@@ -17,8 +18,16 @@ py::list errors_or_none(const std::vector<std::string>& errors) {
 
 void register_inference(py::module_& m) {
   py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
-      .def(py::init<const std::filesystem::path&, const std::string&>(), py::arg("checkpoint"),
-           py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>())
+      .def(py::init(
+               [](const std::filesystem::path& checkpoint, const std::string& device, const std::string& precision) {
+                 if (precision != "fp32" && precision != "bf16") {
+                   throw DataError("precision must be 'fp32' or 'bf16', got '" + precision + "'");
+                 }
+                 py::gil_scoped_release release;
+                 return std::make_unique<Predictor>(checkpoint, device, precision == "bf16");
+               }),
+           py::arg("checkpoint"), py::arg("device") = "cpu", py::arg("precision") = "fp32",
+           "Load a kiln checkpoint (nothing is unpickled). precision='bf16' predicts under bfloat16 autocast.")
       .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
            "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
       .def(
@@ -58,7 +67,9 @@ void register_inference(py::module_& m) {
                                return py::make_tuple(spec.channels, spec.height, spec.width);
                              })
       .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
-      .def_property_readonly("epoch", &Predictor::epoch);
+      .def_property_readonly("epoch", &Predictor::epoch)
+      .def_property_readonly("precision",
+                             [](const Predictor& predictor) { return predictor.bf16() ? "bf16" : "fp32"; });
 
   m.def(
       "classify_directory",

@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
 #include <chrono>
@@ -10,6 +9,7 @@
 #include <optional>
 
 #include "kiln/checkpoint.hpp"
+#include "kiln/detail/autocast.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 #include "kiln/normalize.hpp"
@@ -19,33 +19,6 @@ namespace kiln {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// Autocast to bfloat16 for the forward pass, as Python's `with torch.autocast(...)`.
-class AutocastScope {
- public:
-  AutocastScope(const torch::Device& device, bool enabled) : type_(device.type()), enabled_(enabled) {
-    if (!enabled_) return;
-    previous_ = at::autocast::is_autocast_enabled(type_);
-    previous_dtype_ = at::autocast::get_autocast_dtype(type_);
-    at::autocast::set_autocast_dtype(type_, at::kBFloat16);
-    at::autocast::set_autocast_enabled(type_, true);
-    at::autocast::increment_nesting();
-  }
-  AutocastScope(const AutocastScope&) = delete;
-  AutocastScope& operator=(const AutocastScope&) = delete;
-  ~AutocastScope() {
-    if (!enabled_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(type_, previous_);
-    at::autocast::set_autocast_dtype(type_, previous_dtype_);
-  }
-
- private:
-  c10::DeviceType type_;
-  bool enabled_;
-  bool previous_ = false;
-  at::ScalarType previous_dtype_ = at::kFloat;
-};
 
 // Reports at most every 100 ms so the callback (the GIL, a tqdm bar) costs nothing measurable.
 class ProgressThrottle {
@@ -157,7 +130,7 @@ struct Trainer::State {
   }
 
   at::Tensor forward(const at::Tensor& x) {
-    AutocastScope autocast(device, options.precision == Precision::bf16);
+    detail::AutocastScope autocast(device, options.precision == Precision::bf16);
     return model->forward(x);
   }
 };

@@ -19,16 +19,14 @@ from kiln.progress import ProgressBar
 logger = logging.getLogger(__name__)
 
 
-def inference_device(no_cuda: bool) -> str:
-    """``cuda`` when asked for (``no_cuda=false``) and available, else ``cpu``."""
-    if no_cuda:
-        return "cpu"
-    import torch
+def load_predictor(checkpoint: Path, no_cuda: bool, precision: str = "auto"):
+    """kiln.Predictor for ``checkpoint`` on the training device rules (``no_cuda``) and precision
+    (``auto``: bf16 where the hardware computes it natively, as training's default)."""
+    import kiln
+    from kiln.training import resolve_device, resolve_precision
 
-    if torch.cuda.is_available():
-        return "cuda"
-    logger.info("no_cuda=false but CUDA is not available; predicting on the CPU")
-    return "cpu"
+    device = resolve_device(no_cuda)
+    return kiln.Predictor(checkpoint, device=device, precision=resolve_precision(precision, device))
 
 
 def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -54,17 +52,18 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     if not input_dir.is_dir():
         raise FileNotFoundError(f"inference.input_data_dir '{input_dir}' does not exist or is not a directory")
     checkpoint = resolve_checkpoint(inference["model_path"])
-    predictor = kiln.Predictor(checkpoint, device=inference_device(bool(cfg.get("no_cuda", True))))
+    predictor = load_predictor(checkpoint, bool(cfg.get("no_cuda", True)), str(inference.get("precision", "auto")))
     output_path = output_dir / inference.get("output_path", "batch-infer-res.jsonl")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     glob = inference.get("file_check_glob", "*.png")
     logger.info(
-        "Classifying %s/%s with %s (%s, %d classes)",
+        "Classifying %s/%s with %s (%s, %d classes, %s)",
         input_dir,
         glob,
         checkpoint,
         predictor.model_name,
         len(predictor.classes),
+        predictor.precision,
     )
 
     progress = ProgressBar("Classifying images", unit="img")

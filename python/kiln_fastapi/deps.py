@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Request
 
+from kiln_fastapi.batching import MicroBatcher
 from kiln_fastapi.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class ServedModel:
     predictor: Any  # kiln.Predictor
+    batcher: MicroBatcher
     checkpoint: Path
     model_uuid: str
     classes: list[str] = field(default_factory=list)
@@ -31,8 +33,7 @@ def load_model(settings: Settings) -> ServedModel:
     """Resolve PRED_MODEL_PATH (or download PRED_MODEL_UUID) and load it into the C++ predictor."""
     import torch
 
-    import kiln
-    from kiln.inference import inference_device
+    from kiln.inference import load_predictor
     from kiln.models import download, resolve_checkpoint
 
     try:
@@ -47,22 +48,24 @@ def load_model(settings: Settings) -> ServedModel:
             )
         if settings.TORCH_THREADS > 0:
             torch.set_num_threads(settings.TORCH_THREADS)
-        predictor = kiln.Predictor(checkpoint, device=inference_device(settings.NO_CUDA))
+        predictor = load_predictor(checkpoint, settings.NO_CUDA, settings.PRECISION)
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the model to serve: {error}") from error
     logger.info(
-        "Serving %s (%s, epoch %d, %d classes, images %s) from %s",
+        "Serving %s (%s, epoch %d, %d classes, images %s, %s) from %s",
         settings.PRED_MODEL_UUID or checkpoint.name,
         predictor.model_name,
         predictor.epoch,
         len(predictor.classes),
         "x".join(map(str, predictor.image_shape)),
+        predictor.precision,
         checkpoint,
     )
     return ServedModel(
         predictor=predictor,
+        batcher=MicroBatcher(predictor, max_images=settings.MAX_IMAGES_PER_REQUEST),
         checkpoint=checkpoint,
         model_uuid=settings.PRED_MODEL_UUID,
         classes=list(predictor.classes),

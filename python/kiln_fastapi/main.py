@@ -36,6 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.error("kiln server not started: %s", error)
         raise
     yield
+    app.state.model.batcher.close()
 
 
 class BodySizeLimit:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import HTTPException
-from starlette.concurrency import run_in_threadpool
 
 from kiln_fastapi.config import Settings
 from kiln_fastapi.deps import ServedModel
@@ -46,7 +45,7 @@ def decode_base64(text: str, loc: Sequence[str | int]) -> bytes:
 
 async def classify(model: ServedModel, images: list[bytes], locs: list[list[str | int]]):
     """Probabilities float32 [N, classes] (numpy) for encoded images; 422 naming every undecodable one."""
-    probabilities, errors = await run_in_threadpool(model.predictor.predict_encoded, images)
+    probabilities, errors = await model.batcher.predict_encoded(images)
     failed = [
         {"loc": loc, "msg": f"not a decodable image: {error}", "type": "image"}
         for loc, error in zip(locs, errors, strict=True)
@@ -54,4 +53,4 @@ async def classify(model: ServedModel, images: list[bytes], locs: list[list[str 
     ]
     if failed:
         raise unprocessable(failed)
-    return probabilities.numpy()
+    return probabilities
