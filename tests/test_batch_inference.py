@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.training import resolve_precision
 from conftest import REPO, SAMPLE, run_app
+from kiln.training import resolve_precision
 
 TEST_CLASS = "7_Sneaker"
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 import kiln
-from kiln.training import resolve_precision
 from conftest import REPO, SAMPLE, free_port
+from kiln.training import resolve_precision
 
 IMAGES = sorted((SAMPLE / "test" / "7_Sneaker").iterdir())[:8] + sorted((SAMPLE / "test" / "1_Trouser").iterdir())[:8]
 
