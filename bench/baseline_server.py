@@ -18,16 +18,10 @@ from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 
-from train import python_model
+from train import python_model_from_checkpoint
 
 torch.set_num_threads(int(os.environ.get("BASELINE_TORCH_THREADS", "1")))
-_SAVED = torch.load(os.environ["BASELINE_CHECKPOINT"], weights_only=True)
-MODEL = python_model()
-MODEL.load_state_dict(_SAVED["model"]["state_dict"])
-MODEL.eval()
-CLASSES = _SAVED["classes"]
-MEAN = torch.tensor(_SAVED["normalization"]["mean"]).view(-1, 1, 1)
-STD = torch.tensor(_SAVED["normalization"]["std"]).view(-1, 1, 1)
+MODEL, CLASSES, MEAN, STD = python_model_from_checkpoint(os.environ["BASELINE_CHECKPOINT"])
 
 
 class ImageIn(BaseModel):

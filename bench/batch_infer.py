@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prep import ensure_raw_tree  # noqa: E402
-from train import python_model  # noqa: E402
+from train import python_model_from_checkpoint, sample_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,7 @@ def baseline(checkpoint: Path, input_dir: Path, output: Path) -> float:
     import torch
     from PIL import Image
 
-    saved = torch.load(checkpoint, weights_only=True)
-    model = python_model()
-    model.load_state_dict(saved["model"]["state_dict"])
-    model.eval()
-    classes = saved["classes"]
-    mean = torch.tensor(saved["normalization"]["mean"]).view(-1, 1, 1)
-    std = torch.tensor(saved["normalization"]["std"]).view(-1, 1, 1)
+    model, classes, mean, std = python_model_from_checkpoint(checkpoint)
     started = time.perf_counter()
     with open(output, "w") as out, torch.no_grad():
         for path in sorted(input_dir.glob("**/*.png")):
@@ -76,13 +70,7 @@ def main() -> None:
     files = sum(1 for _ in input_dir.glob("**/*.png"))
     with tempfile.TemporaryDirectory(prefix="kiln-bench-infer-") as scratch:
         scratch = Path(scratch)
-        import kiln
-
-        kiln.prepare_dataset(REPO / "data" / "sample", scratch / "processed")
-        trainer = kiln.Trainer(scratch / "processed", train_limit=500, test_limit=100)
-        trainer.run_epoch()
-        checkpoint = scratch / "checkpoint.pt"
-        trainer.save_checkpoint(checkpoint)
+        checkpoint = sample_checkpoint(scratch)
 
         started = time.perf_counter()
         done = subprocess.run(

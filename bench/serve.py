@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from train import sample_checkpoint  # noqa: E402
 
 
 def free_port() -> int:
@@ -114,13 +116,7 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-serve-") as scratch:
         scratch = Path(scratch)
-        import kiln
-
-        kiln.prepare_dataset(REPO / "data" / "sample", scratch / "processed")
-        trainer = kiln.Trainer(scratch / "processed", train_limit=500, test_limit=100)
-        trainer.run_epoch()
-        checkpoint = scratch / "checkpoint.pt"
-        trainer.save_checkpoint(checkpoint)
+        checkpoint = sample_checkpoint(scratch)
         servers = {
             "kiln": ("kiln_fastapi.main:APP", REPO / "src", {"PRED_MODEL_PATH": str(checkpoint)}),
             "baseline": ("baseline_server:APP", REPO / "bench", {"BASELINE_CHECKPOINT": str(checkpoint)}),

@@ -56,6 +56,33 @@ def python_model():
     return Net()
 
 
+def sample_checkpoint(scratch: Path) -> Path:
+    """A kiln checkpoint of the MNIST-example CNN after a short epoch on the embedded sample: the
+    weights the inference benchmarks serve (their speed does not depend on how well it learned)."""
+    import kiln
+
+    repo = Path(__file__).resolve().parents[1]
+    kiln.prepare_dataset(repo / "data" / "sample", scratch / "processed")
+    trainer = kiln.Trainer(scratch / "processed", train_limit=500, test_limit=100)
+    trainer.run_epoch()
+    checkpoint = scratch / "checkpoint.pt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def python_model_from_checkpoint(checkpoint: Path):
+    """(model in eval mode, classes, mean, std) of a kiln checkpoint, in plain PyTorch."""
+    import torch
+
+    saved = torch.load(checkpoint, weights_only=True)
+    model = python_model()
+    model.load_state_dict(saved["model"]["state_dict"])
+    model.eval()
+    mean = torch.tensor(saved["normalization"]["mean"]).view(-1, 1, 1)
+    std = torch.tensor(saved["normalization"]["std"]).view(-1, 1, 1)
+    return model, saved["classes"], mean, std
+
+
 def run_python_epochs(model, train_batches, test_batches, epochs: int, bf16: bool) -> list[dict]:
     import torch
     from torch.nn import functional as F

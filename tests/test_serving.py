@@ -132,6 +132,22 @@ def test_predict_multipart_upload_uses_file_names_as_ids(server: ModelServer, tr
     assert [item["prediction"] for item in answer["data"]] == expected(trained_checkpoint, IMAGES[:3])[0]
 
 
+def test_images_of_another_size_or_colour_are_converted_not_refused(
+    server: ModelServer, trained_checkpoint: Path
+) -> None:
+    import io
+
+    from PIL import Image
+
+    with Image.open(IMAGES[0]) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").resize((56, 40)).save(buffer, format="JPEG")
+    body, content_type = multipart([("big-colour.jpg", buffer.getvalue())])
+    status, answer = call(f"{server.url}/api/v1/model/predict", body, content_type)
+    assert status == 200, answer
+    assert answer["data"][0]["prediction"] in kiln.Predictor(trained_checkpoint).classes
+
+
 def test_concurrent_clients_each_get_their_own_answers(server: ModelServer, trained_checkpoint: Path) -> None:
     labels, _ = expected(trained_checkpoint, IMAGES)
 

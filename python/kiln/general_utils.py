@@ -175,7 +175,8 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
 
     Sets the tracking URI and experiment, optionally ``mlflow.autolog()``, and starts a run named
     ``"{run_name}-{unix time}"`` (``"{run_name}-hp-{unix time}"`` when ``MLFLOW_HPTUNING_TAG`` is
-    set) with the tags ``hptuning_tag``, ``job_uuid`` and ``job_name`` from the environment. With
+    set) with the tags ``hptuning_tag``, ``job_uuid`` and ``job_name`` from the environment. Under
+    ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into that run and its experiment instead. With
     ``resume``, the newest run of that base name is reopened instead and ``step_offset`` is the
     largest step of its training metrics.
 
@@ -198,7 +199,14 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
         elif urlparse(str(tracking_uri)).scheme in ("http", "https"):
             _check_tracking_server(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
-        experiment = _set_experiment(exp_name)
+        # Under `mlflow run` (MLflow Projects, locally or on Kubernetes) the job logs into the run MLflow
+        # started for it, in that run's experiment, instead of a new one.
+        project_run_id = None if resume else os.environ.get("MLFLOW_RUN_ID")
+        if project_run_id:
+            client = mlflow.MlflowClient()
+            experiment = client.get_experiment(client.get_run(project_run_id).info.experiment_id)
+        else:
+            experiment = _set_experiment(exp_name)
         if importlib.util.find_spec("psutil") is not None:
             mlflow.enable_system_metrics_logging()  # system/* metrics, as the template logs
         if autolog:
@@ -222,6 +230,11 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
                     previous.info.run_id,
                     step_offset,
                 )
+        if mlflow_run is None and project_run_id:
+            # Named as kiln names its runs, so a later resume=true finds it.
+            mlflow_run = mlflow.start_run(run_id=project_run_id, run_name=f"{run_name}-{int(time.time())}")
+            _set_job_tags()
+            logger.info("Logging into the MLflow Projects run %s (MLFLOW_RUN_ID)", project_run_id)
         if mlflow_run is None:
             mlflow_run = start_mlflow_run(run_name)
         init_success = True
