@@ -56,10 +56,13 @@ RUN apt-get update \
 RUN groupadd --gid 2222 kiln \
     && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
     && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+# debugpy: the Argo workflow's --debug starts training under it; boto3: the MLflow server of
+# deploy/k8s/mlflow runs from this image and stores artifacts in S3.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir /wheels/kiln_mlops-*.whl
+    && pip install --no-cache-dir /wheels/kiln_mlops-*.whl \
+    && pip install --no-cache-dir "debugpy==1.8.22" "boto3==1.44.8"
 WORKDIR /home/kiln/kiln
 # The code is root-owned (read-only to the app); the working dir is kiln's, for outputs/, logs/, mlruns/.
 COPY conf conf
