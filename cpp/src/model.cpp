@@ -24,15 +24,15 @@ namespace {
 class MnistCnn : public Classifier {
  public:
   explicit MnistCnn(const ModelSpec& spec) {
-    const int pooled_h = (spec.height - 4) / 2;
-    const int pooled_w = (spec.width - 4) / 2;
-    if (pooled_h < 1 || pooled_w < 1) {
+    pooled_h_ = (spec.height - 4) / 2;
+    pooled_w_ = (spec.width - 4) / 2;
+    if (pooled_h_ < 1 || pooled_w_ < 1) {
       throw_data_error("mnist_cnn needs images of at least 6x6 pixels, got " + std::to_string(spec.height) + "x" +
                        std::to_string(spec.width));
     }
     conv1_ = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(spec.in_channels, 32, 3)));
-    conv2_ = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3)));
-    fc1_ = register_module("fc1", torch::nn::Linear(64 * pooled_h * pooled_w, 128));
+    conv2_ = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, kConv2Channels, 3)));
+    fc1_ = register_module("fc1", torch::nn::Linear(kConv2Channels * pooled_h_ * pooled_w_, 128));
     fc2_ = register_module("fc2", torch::nn::Linear(128, spec.num_classes));
     // Same values, stored [in, out]: linear() multiplies by weight.t(), which is then contiguous, so
     // the bf16 matmul needs no transposed copy of the 1.2M weights per step (nor of their gradient).
@@ -48,13 +48,32 @@ class MnistCnn : public Classifier {
     x = torch::relu(conv2_->forward(x));
     x = torch::max_pool2d(x, 2);
     x = dropout(x, 0.25, is_training(), dropout_stream_);
-    x = torch::flatten(x, 1);
+    // Flattened in memory order: (h, w, c) for channels-last activations, which fc1's weights then
+    // follow (prepare_channels_last_inference), so no copy is made.
+    x = hwc_flatten_ ? x.permute({0, 2, 3, 1}).flatten(1) : torch::flatten(x, 1);
     x = torch::relu(fc1_->forward(x));
     x = dropout(x, 0.5, is_training(), dropout_stream_);
     return fc2_->forward(x);
   }
 
+  void prepare_channels_last_inference() override {
+    if (hwc_flatten_) return;
+    c10::NoGradGuard no_grad;
+    const auto& weight = fc1_->weight;  // [out, c * h * w] -> [out, h * w * c], stored [in, out] as before
+    fc1_->weight.set_data(weight.view({weight.size(0), kConv2Channels, pooled_h_, pooled_w_})
+                              .permute({0, 2, 3, 1})
+                              .reshape({weight.size(0), -1})
+                              .t()
+                              .contiguous()
+                              .t());
+    hwc_flatten_ = true;
+  }
+
  private:
+  static constexpr int kConv2Channels = 64;
+  int pooled_h_ = 0;
+  int pooled_w_ = 0;
+  bool hwc_flatten_ = false;
   torch::nn::Conv2d conv1_{nullptr};
   torch::nn::Conv2d conv2_{nullptr};
   torch::nn::Linear fc1_{nullptr};

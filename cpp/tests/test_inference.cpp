@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 #include "kiln/batch_inference.hpp"
 #include "kiln/dataset.hpp"
 #include "kiln/error.hpp"
+#include "kiln/model.hpp"
 #include "kiln/predictor.hpp"
 #include "kiln/trainer.hpp"
 #include "test_helpers.hpp"
@@ -82,6 +84,31 @@ TEST(inference, serving_decodes_files_to_the_pixels_training_saw) {
   const auto served = predictor.predict_encoded(encoded);
   EXPECT_TRUE(at::equal(served.probabilities, predictor.predict(train.images)));
   EXPECT_NE(served.conversions[1], "");  // the RGB file was converted as preparation converted it
+}
+
+TEST(inference, channels_last_preparation_keeps_the_model_s_function) {
+  at::manual_seed(3);
+  const auto model = make_model({"mnist_cnn", 1, 10, 28, 28});
+  model->eval();
+  c10::NoGradGuard no_grad;
+  const at::Tensor x = at::randn({4, 1, 28, 28});
+  const at::Tensor before = model->forward(x);
+  for (auto& param : model->parameters()) {
+    if (param.dim() == 4) param.set_data(param.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+  model->prepare_channels_last_inference();
+  const at::Tensor after = model->forward(x.contiguous(at::MemoryFormat::ChannelsLast));
+  EXPECT_TRUE(at::allclose(after, before, 1e-4, 1e-5)) << (after - before).abs().max().item<float>();
+}
+
+TEST(inference, bf16_predictor_agrees_with_fp32) {
+  // The bf16 path casts the weights once, computes channels-last and reorders fc1's weights to the
+  // activations' memory order: the same function up to bf16 rounding.
+  Fixture f;
+  const SplitData train = load_split(f.processed, "train");
+  const at::Tensor fp32 = Predictor(f.checkpoint).predict(train.images);
+  const at::Tensor bf16 = Predictor(f.checkpoint, "cpu", true).predict(train.images);
+  EXPECT_TRUE(at::allclose(bf16, fp32, 0.0, 2e-2)) << (bf16 - fp32).abs().max().item<float>();
 }
 
 TEST(inference, undecodable_images_get_an_error_and_the_rest_a_prediction) {

@@ -37,6 +37,9 @@ class Classifier : public torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& input) = 0;
   // Where dropout masks come from while training; none: torch's global generator.
   void set_dropout_stream(DropoutStream* stream) { dropout_stream_ = stream; }
+  // For inference on channels-last activations: lets the model rearrange its (loaded) weights so
+  // that no layout copy is needed on the way. The model must not be trained or saved afterwards.
+  virtual void prepare_channels_last_inference() {}
 
  protected:
   DropoutStream* dropout_stream_ = nullptr;
