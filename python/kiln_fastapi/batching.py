@@ -22,6 +22,7 @@ class MicroBatcher:
         self._max_images = max_images
         self._pending: list[tuple[list[bytes], asyncio.Future]] = []
         self._draining = False
+        self._drain_task: asyncio.Task | None = None  # referenced, so the loop cannot drop it mid-run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-predict")
 
     async def predict_encoded(self, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
@@ -30,7 +31,7 @@ class MicroBatcher:
         self._pending.append((images, future))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
