@@ -8,6 +8,7 @@ the paths, shows progress and logs the outcome.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,8 +52,10 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     input_dir = Path(inference["input_data_dir"])
     if not input_dir.is_dir():
         raise FileNotFoundError(f"inference.input_data_dir '{input_dir}' does not exist or is not a directory")
-    checkpoint = resolve_checkpoint(inference["model_path"])
-    predictor = load_predictor(checkpoint, bool(cfg.get("no_cuda", True)), str(inference.get("precision", "auto")))
+    # A model from MLflow (runs:/...) is downloaded to a temp dir, removed once the predictor holds it.
+    with tempfile.TemporaryDirectory(prefix="kiln-model-") as download_dir:
+        checkpoint = resolve_checkpoint(inference["model_path"], cache_dir=download_dir)
+        predictor = load_predictor(checkpoint, bool(cfg.get("no_cuda", True)), str(inference.get("precision", "auto")))
     output_path = output_dir / inference.get("output_path", "batch-infer-res.jsonl")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     glob = inference.get("file_check_glob", "*.png")
