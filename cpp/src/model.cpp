@@ -8,9 +8,12 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/GradMode.h>
+
+#include <mutex>
 
 #include "kiln/error.hpp"
 
@@ -197,6 +200,42 @@ std::shared_ptr<Classifier> make_model(const ModelSpec& spec) {
   std::string known;
   for (const auto& name : model_names()) known += (known.empty() ? "" : ", ") + name;
   throw_data_error("unknown model '" + spec.name + "' (known: " + known + ")");
+}
+
+void prepare_for_inference(Classifier& model, bool bf16, bool channels_last) {
+  c10::NoGradGuard no_grad;
+  model.eval();
+  if (channels_last) model.prepare_channels_last_inference();
+  for (auto& param : model.parameters()) {
+    if (channels_last && param.dim() == 4) param.set_data(param.contiguous(at::MemoryFormat::ChannelsLast));
+    if (bf16 && param.dim() >= 2) param.set_data(param.to(at::kBFloat16));
+  }
+}
+
+std::shared_ptr<Classifier> inference_copy(const Classifier& model, const ModelSpec& spec, bool bf16,
+                                           bool channels_last) {
+  // The copy's own initialisation is overwritten below: keep it from consuming torch's random stream.
+  at::Generator global = at::globalContext().defaultGenerator(at::kCPU);
+  at::Tensor saved_state;
+  {
+    std::lock_guard<std::mutex> lock(global.mutex());
+    saved_state = global.get_state();
+  }
+  std::shared_ptr<Classifier> copy = make_model(spec);
+  {
+    std::lock_guard<std::mutex> lock(global.mutex());
+    global.set_state(saved_state);
+  }
+  c10::NoGradGuard no_grad;
+  const auto source_params = model.parameters();
+  if (!source_params.empty()) copy->to(source_params.front().device());
+  auto copy_params = copy->parameters();
+  for (std::size_t i = 0; i < copy_params.size(); ++i) copy_params[i].set_data(source_params[i].detach());
+  const auto source_buffers = model.buffers();
+  auto copy_buffers = copy->buffers();
+  for (std::size_t i = 0; i < copy_buffers.size(); ++i) copy_buffers[i].set_data(source_buffers[i].detach());
+  prepare_for_inference(*copy, bf16, channels_last);
+  return copy;
 }
 
 }  // namespace kiln

@@ -64,17 +64,10 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
   load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
   s.saved.state_dict = c10::IValue();  // the weights now live in the model
   s.model->to(s.device);
-  s.model->eval();
   // bf16 convolutions are fastest on channels-last tensors (oneDNN); fp32 ones on the CPU are not
   // (measured: 18x slower for this network's eval, through layout reorders around each op).
   s.channels_last = bf16 || !s.device.is_cpu();
-  if (s.channels_last) s.model->prepare_channels_last_inference();
-  c10::NoGradGuard no_grad;
-  for (auto& param : s.model->parameters()) {
-    if (s.channels_last && param.dim() == 4) param.set_data(param.contiguous(at::MemoryFormat::ChannelsLast));
-    // Weights cast once, not by autocast on every call (for fc1 alone, 1.2M values per call).
-    if (bf16 && param.dim() >= 2) param.set_data(param.to(at::kBFloat16));
-  }
+  prepare_for_inference(*s.model, bf16, s.channels_last);
   s.normalizer = Normalizer(s.saved.mean, s.saved.std, s.device);
 }
 
@@ -94,9 +87,8 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   at::Tensor probabilities = at::empty({count, static_cast<std::int64_t>(s.saved.classes.size())}, at::kFloat);
   c10::NoGradGuard no_grad;
   detail::AutocastScope autocast(s.device, s.bf16);
-  // Large batches go through in slices whose activations stay in the CPU's caches (measured on a
-  // 2-core AVX-512 machine: 64 images a slice predict 2-3x faster than 256).
-  const std::int64_t slice = s.device.is_cpu() ? 64 : count;
+  // Large batches go through in slices whose activations stay in the CPU's caches.
+  const std::int64_t slice = s.device.is_cpu() ? kInferenceSlice : count;
   for (std::int64_t begin = 0; begin < count; begin += slice) {
     const std::int64_t end = std::min(count, begin + slice);
     at::Tensor x = s.normalizer(batch.slice(0, begin, end).to(s.device));

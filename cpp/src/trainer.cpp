@@ -257,7 +257,12 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
 
   {
     c10::NoGradGuard no_grad;
-    s.model->eval();
+    // bf16 evaluation runs on an inference copy laid out as Predictor's (weights cast once, no layout
+    // copies on the way): the same function, ~1.8x faster than autocast re-casting every batch.
+    const bool bf16 = s.options.precision == Precision::bf16;
+    const std::shared_ptr<Classifier> evaluated =
+        bf16 ? inference_copy(*s.model, s.spec, /*bf16=*/true, /*channels_last=*/true) : s.model;
+    evaluated->eval();
     const std::int64_t test_size = s.test_images.size(0);
     const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
     at::Tensor test_loss = at::zeros({}, accumulate_options);
@@ -266,7 +271,23 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
       const std::int64_t end = std::min(test_size, begin + s.options.test_batch_size);
       const at::Tensor x = s.normalise(s.test_images.slice(0, begin, end));
       const at::Tensor y = s.test_labels.slice(0, begin, end);
-      const at::Tensor logits = s.forward(x).to(at::kFloat);
+      at::Tensor logits;
+      if (bf16) {
+        // In slices that keep the activations in cache, as Predictor does (test_bs 100: 1.8 s for 10k
+        // images here, 64-image slices: 0.95 s).
+        detail::AutocastScope autocast(s.device, true);
+        const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
+        const std::int64_t count = input.size(0);
+        const std::int64_t pieces = s.device.is_cpu() ? (count + kInferenceSlice - 1) / kInferenceSlice : 1;
+        const std::int64_t slice = (count + pieces - 1) / pieces;  // even slices: 100 -> 50 + 50
+        std::vector<at::Tensor> parts;
+        for (std::int64_t first = 0; first < count; first += slice) {
+          parts.push_back(evaluated->forward(input.slice(0, first, std::min(count, first + slice))));
+        }
+        logits = at::cat(parts).to(at::kFloat);
+      } else {
+        logits = s.forward(x).to(at::kFloat);
+      }
       test_loss.add_(at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum));
       pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
     }

@@ -173,6 +173,27 @@ TEST(predictor, gives_the_trained_model_s_predictions) {
   EXPECT_THROW(predictor.predict(at::zeros({2, 1, 12, 12}, at::kFloat)), DataError);
 }
 
+TEST(trainer, bf16_evaluation_matches_the_bf16_predictor_and_leaves_torch_s_generator_alone) {
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 32);
+  TrainerOptions options = small_options(data);
+  options.precision = Precision::bf16;
+  Trainer trainer(options);
+  trainer.run_epoch();
+  at::manual_seed(11);
+  const at::Tensor expected_draw = at::randn({3});
+  at::manual_seed(11);
+  const EpochMetrics metrics = trainer.run_epoch();  // evaluates on an inference copy of the model
+  EXPECT_TRUE(at::equal(at::randn({3}), expected_draw));
+  trainer.save_checkpoint(dir.path() / "model.pt");
+
+  const Predictor predictor(dir.path() / "model.pt", "cpu", /*bf16=*/true);
+  const SplitData test = load_split(data, "test");
+  const double accuracy =
+      predictor.predict(test.images).argmax(1).eq(test.labels).to(at::kDouble).mean().item<double>();
+  EXPECT_DOUBLE_EQ(accuracy, metrics.test_accuracy);
+}
+
 TEST(model, both_architectures_produce_class_logits) {
   for (const auto& name : model_names()) {
     const auto model = make_model({name, 3, 5, 20, 16});
