@@ -100,6 +100,15 @@ def _is_local_store(tracking_uri):
     return urlparse(str(tracking_uri)).scheme in ("", "file")
 
 
+def allow_local_file_store(tracking_uri):
+    """Let MLflow 3 use a local file store (kiln's ``./mlruns`` default), which it refuses unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``; other URIs are left alone. Returns whether the URI is local."""
+    local = _is_local_store(tracking_uri)
+    if local:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return local
+
+
 def _check_tracking_server(tracking_uri, timeout=10.0):
     """Fail fast, naming the URI, instead of MLflow's minutes of retries against a dead server."""
     url = str(tracking_uri).rstrip("/") + "/health"
@@ -194,9 +203,8 @@ def mlflow_init(tracking_uri, exp_name, run_name, setup_mlflow=False, autolog=Fa
     try:
         import mlflow
 
-        if _is_local_store(tracking_uri):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        elif urlparse(str(tracking_uri)).scheme in ("http", "https"):
+        allow_local_file_store(tracking_uri)
+        if urlparse(str(tracking_uri)).scheme in ("http", "https"):
             _check_tracking_server(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
         # Under `mlflow run` (MLflow Projects, locally or on Kubernetes) the job logs into the run MLflow

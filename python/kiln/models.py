@@ -96,7 +96,7 @@ def download(run_id: str, dst: str | os.PathLike[str], tracking_uri: str | None 
     """
     import mlflow
 
-    from kiln.general_utils import _is_local_store
+    from kiln.general_utils import allow_local_file_store
 
     target = Path(dst) / run_id
     if target.is_dir():
@@ -104,8 +104,7 @@ def download(run_id: str, dst: str | os.PathLike[str], tracking_uri: str | None 
         return target
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    if _is_local_store(mlflow.get_tracking_uri()):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # kiln's ./mlruns default, as in training
+    allow_local_file_store(mlflow.get_tracking_uri())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=target.parent))
     try:
