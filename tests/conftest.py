@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,42 +80,80 @@ def processed_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return processed
 
 
-class MlflowServer:
-    """A real `mlflow server` process on a free loopback port."""
+class ServerProcess:
+    """A server started as a subprocess on a free loopback port; its output goes to <root>/<name>-<port>.log."""
 
-    def __init__(self, root: Path, *backend_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        command: Callable[[int], list[str]],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = root / f"{name}-{port}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command(port), cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def wait_healthy(self, path: str, timeout: float) -> None:
+        """Return once GET <path> answers 200; raise with the server's log if it exits or times out."""
         import time
         import urllib.request
 
-        port = free_port()
-        self.uri = f"http://127.0.0.1:{port}"
-        self._log_path = root / f"mlflow-server-{port}.log"
-        self._log = open(self._log_path, "w")  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "mlflow", "server", *backend_args]
-        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        self._process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.url}{path}", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
                 pass
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlflow server did not start:\n{self._log_path.read_text()}")
-            time.sleep(0.5)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.log()}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
 
     def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self._log.close()
+
+
+class MlflowServer(ServerProcess):
+    """A real `mlflow server` process on a free loopback port, healthy once constructed."""
+
+    def __init__(self, root: Path, *backend_args: str, env: dict[str, str] | None = None) -> None:
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "mlflow", "server", *backend_args] + [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ]
+
+        super().__init__(root, "mlflow-server", command, env=env)
+        self.uri = self.url
+        try:
+            self.wait_healthy("/health", timeout=120)
+        except RuntimeError:
+            self.stop()
+            raise
 
 
 @pytest.fixture(scope="session")

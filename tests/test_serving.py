@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,51 +16,30 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 import kiln
-from conftest import REPO, SAMPLE, free_port
+from conftest import REPO, SAMPLE, ServerProcess
 from kiln.training import resolve_precision
 
 IMAGES = sorted((SAMPLE / "test" / "7_Sneaker").iterdir())[:8] + sorted((SAMPLE / "test" / "1_Trouser").iterdir())[:8]
 
 
-class ModelServer:
+class ModelServer(ServerProcess):
     """`gunicorn kiln_fastapi.main:APP ... -k uvicorn.workers.UvicornWorker --chdir src` on a free port."""
 
     def __init__(self, root: Path, env: dict[str, str], workers: int = 2) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = root / f"gunicorn-{port}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "gunicorn", "kiln_fastapi.main:APP", "-b", f"127.0.0.1:{port}"]
-        command += ["-w", str(workers), "-k", "uvicorn.workers.UvicornWorker", "--chdir", "src"]
-        self.process = subprocess.Popen(
-            command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}
-        )
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "gunicorn", "kiln_fastapi.main:APP", "-b", f"127.0.0.1:{port}"] + [
+                "-w",
+                str(workers),
+                "-k",
+                "uvicorn.workers.UvicornWorker",
+                "--chdir",
+                "src",
+            ]
+
+        super().__init__(root, "gunicorn", command, env=env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log.close()
+        self.wait_healthy("/v2/health/ready", timeout)
 
 
 @pytest.fixture(scope="module")
