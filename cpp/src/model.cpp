@@ -8,13 +8,11 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/GradMode.h>
 
-#include <mutex>
-
+#include "kiln/detail/random_stream.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -214,17 +212,12 @@ void prepare_for_inference(Classifier& model, bool bf16, bool channels_last) {
 
 std::shared_ptr<Classifier> inference_copy(const Classifier& model, const ModelSpec& spec, bool bf16,
                                            bool channels_last) {
-  // The copy's own initialisation is overwritten below: keep it from consuming torch's random stream.
-  at::Generator global = at::globalContext().defaultGenerator(at::kCPU);
-  at::Tensor saved_state;
+  std::shared_ptr<Classifier> copy;
   {
-    std::lock_guard<std::mutex> lock(global.mutex());
-    saved_state = global.get_state();
-  }
-  std::shared_ptr<Classifier> copy = make_model(spec);
-  {
-    std::lock_guard<std::mutex> lock(global.mutex());
-    global.set_state(saved_state);
+    // The copy's own initialisation is overwritten below: run it on a scratch stream, not torch's.
+    at::Tensor scratch = detail::seeded_stream(0, at::kCPU);
+    detail::RandomStreamScope stream(scratch, at::kCPU);
+    copy = make_model(spec);
   }
   c10::NoGradGuard no_grad;
   const auto source_params = model.parameters();

@@ -10,6 +10,7 @@
 
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/autocast.hpp"
+#include "kiln/detail/random_stream.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 #include "kiln/normalize.hpp"
@@ -17,6 +18,9 @@
 
 namespace kiln {
 namespace {
+
+using detail::RandomStreamScope;
+using detail::seeded_stream;
 
 using Clock = std::chrono::steady_clock;
 
@@ -36,42 +40,6 @@ class ProgressThrottle {
   const ProgressFn& progress_;
   Clock::time_point last_{};
 };
-
-// Runs the torch ops in its scope (weight initialisation, dropout) on a trainer's own random stream:
-// swaps `state` into torch's global generator of `device` and, on leaving, stores the advanced stream
-// back and restores the global one. Two trainers, or other torch code, then never disturb each other.
-class RandomStreamScope {
- public:
-  RandomStreamScope(at::Tensor& state, const torch::Device& device)
-      : state_(state), global_(at::globalContext().defaultGenerator(device)) {
-    std::lock_guard<std::mutex> lock(global_.mutex());
-    saved_ = global_.get_state();
-    global_.set_state(state_);
-  }
-  RandomStreamScope(const RandomStreamScope&) = delete;
-  RandomStreamScope& operator=(const RandomStreamScope&) = delete;
-  ~RandomStreamScope() {
-    std::lock_guard<std::mutex> lock(global_.mutex());
-    state_ = global_.get_state();
-    global_.set_state(saved_);
-  }
-
- private:
-  at::Tensor& state_;
-  at::Generator global_;
-  at::Tensor saved_;
-};
-
-// The state of `device`'s global generator as if seeded with `seed`, leaving the generator as it was.
-at::Tensor seeded_stream(std::uint64_t seed, const torch::Device& device) {
-  at::Generator global = at::globalContext().defaultGenerator(device);
-  std::lock_guard<std::mutex> lock(global.mutex());
-  const at::Tensor saved = global.get_state();
-  global.set_current_seed(seed);
-  at::Tensor seeded = global.get_state();
-  global.set_state(saved);
-  return seeded;
-}
 
 at::Tensor random_subset(std::int64_t size, std::int64_t limit, std::uint64_t seed) {
   if (limit <= 0 || limit >= size) return {};
