@@ -18,16 +18,20 @@ py::list errors_or_none(const std::vector<std::string>& errors) {
 
 void register_inference(py::module_& m) {
   py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
-      .def(py::init(
-               [](const std::filesystem::path& checkpoint, const std::string& device, const std::string& precision) {
-                 if (precision != "fp32" && precision != "bf16") {
-                   throw DataError("precision must be 'fp32' or 'bf16', got '" + precision + "'");
-                 }
-                 py::gil_scoped_release release;
-                 return std::make_unique<Predictor>(checkpoint, device, precision == "bf16");
-               }),
+      .def(py::init([](const std::filesystem::path& checkpoint, const std::string& device,
+                       const std::string& precision, const std::optional<std::string>& fallback) {
+             const InferencePrecision requested = parse_inference_precision(precision);
+             std::optional<InferencePrecision> int8_fallback;
+             if (fallback) int8_fallback = parse_inference_precision(*fallback);
+             py::gil_scoped_release release;
+             return std::make_unique<Predictor>(checkpoint, device, requested, int8_fallback);
+           }),
            py::arg("checkpoint"), py::arg("device") = "cpu", py::arg("precision") = "fp32",
-           "Load a kiln checkpoint (nothing is unpickled). precision='bf16' predicts under bfloat16 autocast.")
+           py::arg("fallback") = py::none(),
+           "Load a kiln checkpoint (nothing is unpickled). precision: 'fp32', 'bf16' (bfloat16 autocast) or "
+           "'int8' (static int8 on the CPU, from the calibration kiln's training records). When int8 cannot "
+           "run here, the predictor uses `fallback` (the reason is in int8_unavailable), or raises ValueError "
+           "naming the reason when there is none.")
       .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
            "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
       .def(
@@ -68,8 +72,14 @@ void register_inference(py::module_& m) {
                              })
       .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
       .def_property_readonly("epoch", &Predictor::epoch)
-      .def_property_readonly("precision",
-                             [](const Predictor& predictor) { return predictor.bf16() ? "bf16" : "fp32"; });
+      .def_property_readonly("precision", [](const Predictor& predictor) { return to_string(predictor.precision()); })
+      .def_property_readonly(
+          "int8_unavailable",
+          [](const Predictor& predictor) -> py::object {
+            const std::string& reason = predictor.int8_unavailable();
+            return reason.empty() ? py::object(py::none()) : py::str(reason);
+          },
+          "Why int8 was asked for but the fallback precision runs; None otherwise.");
 
   m.def(
       "classify_directory",

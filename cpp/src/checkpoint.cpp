@@ -7,6 +7,13 @@
 
 namespace kiln {
 
+c10::IValue calibration_to_ivalue(const Int8Calibration& calibration) {
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+  dict.insert("activation_max", detail::plain_list(calibration.activation_max));
+  dict.insert("images", calibration.images);
+  return dict;
+}
+
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path) {
   if (!std::filesystem::exists(path)) throw NotFoundError("checkpoint '" + path.string() + "' does not exist");
   const c10::IValue value = detail::load_ivalue(path);
@@ -40,6 +47,13 @@ CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const
     for (const auto& v : normalization.at("mean").toListRef()) result.mean.push_back(v.toDouble());
     for (const auto& v : normalization.at("std").toListRef()) result.std.push_back(v.toDouble());
     result.epoch = checkpoint.at("epoch").toInt();
+    if (checkpoint.contains("int8_calibration")) {
+      const auto calibration = checkpoint.at("int8_calibration").toGenericDict();
+      for (const auto& v : calibration.at("activation_max").toListRef()) {
+        result.calibration.activation_max.push_back(v.toDouble());
+      }
+      result.calibration.images = calibration.at("images").toInt();
+    }
     if (static_cast<int>(result.classes.size()) != result.spec.num_classes ||
         static_cast<int>(result.mean.size()) != result.spec.in_channels || result.std.size() != result.mean.size()) {
       throw_data_error("checkpoint '" + path.string() +

@@ -45,14 +45,16 @@ class MnistCnn : public Classifier {
     // With one input channel, "channels-last" and "contiguous" are the same strides, and conv1 picks
     // contiguous output; the rest of the network then mixes layouts (slow kernels, extra copies).
     // Hand conv2 its input in the layout of its weights instead.
-    auto x = torch::relu(conv1_->forward(input).contiguous(conv2_->weight.suggest_memory_format()));
-    x = torch::relu(conv2_->forward(x));
-    x = torch::max_pool2d(x, 2);
+    const auto conv1 = torch::relu(conv1_->forward(input).contiguous(conv2_->weight.suggest_memory_format()));
+    auto x = torch::relu(conv2_->forward(conv1));
+    x = torch::max_pool2d(x, 2);  // keeps conv2's largest activation: observed after pooling (4x fewer)
+    const auto pooled = x;
     x = dropout(x, 0.25, is_training(), dropout_stream_);
     // Flattened in memory order: (h, w, c) for channels-last activations, which fc1's weights then
     // follow (prepare_channels_last_inference), so no copy is made.
     x = hwc_flatten_ ? x.permute({0, 2, 3, 1}).flatten(1) : torch::flatten(x, 1);
     x = torch::relu(fc1_->forward(x));
+    if (observer_ != nullptr) observer_->observe({conv1, pooled, x}, input.size(0));
     x = dropout(x, 0.5, is_training(), dropout_stream_);
     return fc2_->forward(x);
   }
@@ -182,6 +184,23 @@ torch::Tensor dropout(const torch::Tensor& input, double p, bool training, Dropo
   }
   stream->offset += static_cast<std::uint64_t>(mask.numel());
   return input * mask;
+}
+
+void ActivationObserver::observe(std::initializer_list<torch::Tensor> activations, std::int64_t images) {
+  std::vector<torch::Tensor> maxima;
+  maxima.reserve(activations.size());
+  for (const auto& activation : activations) maxima.push_back(activation.detach().amax().to(at::kFloat));
+  const torch::Tensor batch = torch::stack(maxima);
+  max_ = max_.defined() ? torch::maximum(max_, batch) : batch;
+  images_ += images;
+}
+
+std::vector<double> ActivationObserver::maxima() const {
+  std::vector<double> result;
+  if (!max_.defined()) return result;
+  const torch::Tensor values = max_.to(at::kCPU, at::kDouble).contiguous();
+  result.assign(values.data_ptr<double>(), values.data_ptr<double>() + values.numel());
+  return result;
 }
 
 std::vector<std::string> model_names() {

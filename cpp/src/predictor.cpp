@@ -9,6 +9,7 @@
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/autocast.hpp"
 #include "kiln/error.hpp"
+#include "kiln/int8.hpp"
 #include "kiln/normalize.hpp"
 
 namespace kiln {
@@ -41,25 +42,63 @@ DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageS
   return batch;
 }
 
+std::string to_string(InferencePrecision precision) {
+  switch (precision) {
+    case InferencePrecision::fp32:
+      return "fp32";
+    case InferencePrecision::bf16:
+      return "bf16";
+    case InferencePrecision::int8:
+      return "int8";
+  }
+  return "?";
+}
+
+InferencePrecision parse_inference_precision(const std::string& name) {
+  for (auto precision : {InferencePrecision::fp32, InferencePrecision::bf16, InferencePrecision::int8}) {
+    if (name == to_string(precision)) return precision;
+  }
+  throw_data_error("precision must be 'fp32', 'bf16' or 'int8', got '" + name + "'");
+}
+
 struct Predictor::State {
   CheckpointModel saved;
   torch::Device device{torch::kCPU};
+  InferencePrecision precision = InferencePrecision::fp32;
+  std::string int8_unavailable;
+  std::unique_ptr<Int8Classifier> int8;  // with int8 precision, instead of `model`
   std::shared_ptr<Classifier> model;
   Normalizer normalizer;
   bool bf16 = false;
   bool channels_last = false;
 };
 
-Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device, bool bf16)
+Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device, InferencePrecision precision,
+                     std::optional<InferencePrecision> int8_fallback)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
-  s.bf16 = bf16;
   try {
     s.device = torch::Device(device);
   } catch (const c10::Error&) {
     throw_data_error("unknown device '" + device + "' (expected cpu, cuda or cuda:N)");
   }
   s.saved = checkpoint_model(read_checkpoint(checkpoint), checkpoint);
+  if (precision == InferencePrecision::int8) {
+    s.int8_unavailable = s.device.is_cpu() ? int8_unavailable_reason(s.saved) : "int8 inference runs on the CPU";
+    if (s.int8_unavailable.empty()) {
+      s.int8 = std::make_unique<Int8Classifier>(s.saved);
+      s.precision = precision;
+      s.saved.state_dict = c10::IValue();
+      return;
+    }
+    if (!int8_fallback || *int8_fallback == InferencePrecision::int8) {
+      throw_data_error("cannot predict in int8 with '" + checkpoint.string() + "': " + s.int8_unavailable);
+    }
+    precision = *int8_fallback;
+  }
+  s.precision = precision;
+  s.bf16 = precision == InferencePrecision::bf16;
+  const bool bf16 = s.bf16;
   s.model = make_model(s.saved.spec);
   load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
   s.saved.state_dict = c10::IValue();  // the weights now live in the model
@@ -86,6 +125,13 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   const auto count = batch.size(0);
   at::Tensor probabilities = at::empty({count, static_cast<std::int64_t>(s.saved.classes.size())}, at::kFloat);
   c10::NoGradGuard no_grad;
+  if (s.int8) {
+    for (std::int64_t begin = 0; begin < count; begin += kInferenceSlice) {
+      const std::int64_t end = std::min(count, begin + kInferenceSlice);
+      probabilities.slice(0, begin, end).copy_(at::softmax(s.int8->forward(batch.slice(0, begin, end)), 1));
+    }
+    return probabilities;
+  }
   detail::AutocastScope autocast(s.device, s.bf16);
   // Large batches go through in slices whose activations stay in the CPU's caches.
   const std::int64_t slice = s.device.is_cpu() ? kInferenceSlice : count;
@@ -136,8 +182,11 @@ const ModelSpec& Predictor::model_spec() const {
 std::int64_t Predictor::epoch() const {
   return state_->saved.epoch;
 }
-bool Predictor::bf16() const {
-  return state_->bf16;
+InferencePrecision Predictor::precision() const {
+  return state_->precision;
+}
+const std::string& Predictor::int8_unavailable() const {
+  return state_->int8_unavailable;
 }
 
 }  // namespace kiln

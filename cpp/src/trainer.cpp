@@ -91,6 +91,7 @@ struct Trainer::State {
   std::int64_t epoch = 0;
   std::vector<EpochMetrics> history;
   at::Tensor confusion;
+  Int8Calibration calibration;  // of the weights as of the last evaluation
 
   at::Tensor normalise(const at::Tensor& pixels) const {
     at::Tensor x = normalizer(pixels);
@@ -231,6 +232,13 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
     const std::shared_ptr<Classifier> evaluated =
         bf16 ? inference_copy(*s.model, s.spec, /*bf16=*/true, /*channels_last=*/true) : s.model;
     evaluated->eval();
+    // The evaluation also calibrates int8 inference: the activations' ranges over the test split.
+    ActivationObserver observer;
+    struct ObserverScope {
+      Classifier& model;
+      ~ObserverScope() { model.set_activation_observer(nullptr); }
+    } observing{*evaluated};
+    evaluated->set_activation_observer(&observer);
     const std::int64_t test_size = s.test_images.size(0);
     const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
     at::Tensor test_loss = at::zeros({}, accumulate_options);
@@ -260,6 +268,7 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
       pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
     }
     s.model->train();
+    s.calibration = {observer.maxima(), observer.images()};
     s.confusion = pairs.view({classes, classes}).cpu();
     metrics.test_loss = test_loss.item<double>() / static_cast<double>(test_size);
     metrics.test_accuracy =
@@ -340,6 +349,7 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   checkpoint.insert("history", history);
   checkpoint.insert("rng", rng);
   checkpoint.insert("options", options);
+  if (!s.calibration.activation_max.empty()) checkpoint.insert("int8_calibration", calibration_to_ivalue(s.calibration));
   detail::save_ivalue(path, checkpoint);
 }
 
@@ -368,6 +378,7 @@ void Trainer::load_checkpoint(const std::filesystem::path& path) {
     s.epoch = checkpoint.at("epoch").toInt();
     s.history.clear();
     for (const auto& item : checkpoint.at("history").toListRef()) s.history.push_back(metrics_from_ivalue(item));
+    s.calibration = saved.calibration;
     const auto rng = checkpoint.at("rng").toGenericDict();
     s.torch_stream = rng.at("torch_cpu").toTensor().clone();
     s.dropout.seed = static_cast<std::uint64_t>(rng.at("dropout_seed").toInt());

@@ -107,7 +107,7 @@ TEST(inference, bf16_predictor_agrees_with_fp32) {
   Fixture f;
   const SplitData train = load_split(f.processed, "train");
   const at::Tensor fp32 = Predictor(f.checkpoint).predict(train.images);
-  const at::Tensor bf16 = Predictor(f.checkpoint, "cpu", true).predict(train.images);
+  const at::Tensor bf16 = Predictor(f.checkpoint, "cpu", InferencePrecision::bf16).predict(train.images);
   EXPECT_TRUE(at::allclose(bf16, fp32, 0.0, 2e-2)) << (bf16 - fp32).abs().max().item<float>();
 }
 

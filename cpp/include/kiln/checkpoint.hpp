@@ -8,6 +8,7 @@
 //   epoch, history: [{epoch, train_loss, train_accuracy, test_loss, test_accuracy, learning_rate}]
 //   rng:        {torch_cpu, shuffle: generator states (uint8 tensors), dropout_seed, dropout_offset}
 //   options
+//   int8_calibration (optional): {activation_max: [float], images}: see kiln/int8.hpp
 #pragma once
 
 #include <ATen/core/ivalue.h>
@@ -24,6 +25,15 @@ namespace kiln {
 inline constexpr const char* kCheckpointFormat = "kiln-checkpoint";
 inline constexpr int kCheckpointFormatVersion = 1;
 
+// The ranges static int8 inference quantises activations to, measured on `images` test images with
+// the checkpoint's weights (ActivationObserver). Empty in checkpoints of models without an int8 path
+// and in those written before kiln recorded it.
+struct Int8Calibration {
+  std::vector<double> activation_max;
+  std::int64_t images = 0;
+};
+c10::IValue calibration_to_ivalue(const Int8Calibration& calibration);
+
 // What inference needs from a checkpoint.
 struct CheckpointModel {
   ModelSpec spec;
@@ -32,6 +42,7 @@ struct CheckpointModel {
   std::vector<double> std;
   std::int64_t epoch = 0;
   c10::IValue state_dict;
+  Int8Calibration calibration;
 };
 
 // Loads and validates a checkpoint file; throws kiln::NotFoundError / kiln::DataError naming it.

@@ -5,6 +5,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,18 +32,38 @@ struct DropoutStream {
 // sequential Mersenne Twister, a large share of a small CNN's CPU time); elsewhere torch's dropout.
 torch::Tensor dropout(const torch::Tensor& input, double p, bool training, DropoutStream* stream);
 
+// The largest value each activation that int8 inference quantises took over the batches a model
+// ran while observed (mnist_cnn: conv1's, conv2's and fc1's ReLU outputs): the calibration of
+// static int8 inference (kiln/int8.hpp), recorded by the trainer's evaluation.
+class ActivationObserver {
+ public:
+  // One call per forward pass: the activations, in the model's fixed order.
+  void observe(std::initializer_list<torch::Tensor> activations, std::int64_t images);
+  // Per activation, the largest value seen (empty before any batch).
+  std::vector<double> maxima() const;
+  std::int64_t images() const { return images_; }
+
+ private:
+  torch::Tensor max_;  // float [activations], on the model's device: no sync per batch
+  std::int64_t images_ = 0;
+};
+
 // A classifier: float input [N, C, H, W] (already normalised) -> logits [N, classes].
 class Classifier : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(const torch::Tensor& input) = 0;
   // Where dropout masks come from while training; none: torch's global generator.
   void set_dropout_stream(DropoutStream* stream) { dropout_stream_ = stream; }
+  // Records activation ranges into `observer` on every forward pass (none: stop). Models without an
+  // int8 path record nothing.
+  void set_activation_observer(ActivationObserver* observer) { observer_ = observer; }
   // For inference on channels-last activations: lets the model rearrange its (loaded) weights so
   // that no layout copy is needed on the way. The model must not be trained or saved afterwards.
   virtual void prepare_channels_last_inference() {}
 
  protected:
   DropoutStream* dropout_stream_ = nullptr;
+  ActivationObserver* observer_ = nullptr;
 };
 
 // The names make_model accepts: "mnist_cnn" (the PyTorch MNIST example network) and "resnet8".

@@ -1,0 +1,188 @@
+#include "kiln/int8.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "kiln/error.hpp"
+
+namespace kiln {
+namespace {
+
+constexpr const char* kConvOp = "onednn::qconv2d_pointwise";
+constexpr const char* kLinearOp = "onednn::qlinear_pointwise";
+constexpr int kConv2Channels = 64;  // mnist_cnn's, as model.cpp defines it
+constexpr std::size_t kObservedActivations = 3;
+
+bool cpu_has_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+
+std::optional<c10::OperatorHandle> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchema({name, ""});
+}
+
+// Symmetric int8 per output channel: weight ~= values * scales[o].
+struct QuantizedWeight {
+  at::Tensor values;       // int8, the weight's shape
+  at::Tensor scales;       // float [out]
+  at::Tensor zero_points;  // int64 [out], zeros
+  at::Tensor packed;       // oneDNN's prepacked layout
+};
+
+QuantizedWeight quantize(const at::Tensor& weight) {
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  QuantizedWeight q;
+  q.scales = (w.flatten(1).abs().amax(1) / 127.0).clamp_min(1e-12).contiguous();
+  std::vector<std::int64_t> per_channel(static_cast<std::size_t>(w.dim()), 1);
+  per_channel[0] = -1;
+  q.values = at::round(w / q.scales.view(per_channel)).clamp(-127, 127).to(at::kChar);
+  q.zero_points = at::zeros({w.size(0)}, at::kLong);
+  return q;
+}
+
+at::Tensor tensor_at(const CheckpointModel& saved, const std::string& name) {
+  return saved.state_dict.toGenericDict().at(name).toTensor().to(at::kFloat);
+}
+
+at::Tensor call(const c10::OperatorHandle& op, torch::jit::Stack stack) {
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+}  // namespace
+
+std::string int8_unavailable_reason(const CheckpointModel& saved) {
+  if (saved.spec.name != "mnist_cnn") return "int8 inference covers mnist_cnn, not " + saved.spec.name;
+  if (saved.calibration.activation_max.size() != kObservedActivations) {
+    return "the checkpoint carries no int8 calibration (kiln's evaluation records one in every checkpoint it "
+           "writes now; train one more epoch with resume=true to add it)";
+  }
+  if (!cpu_has_vnni()) return "this CPU has no VNNI int8 instructions";
+  if (!find_op(kConvOp) || !find_op(kLinearOp)) return "this LibTorch has no oneDNN int8 kernels";
+  return {};
+}
+
+struct Int8Classifier::Layers {
+  c10::OperatorHandle conv_op;
+  c10::OperatorHandle linear_op;
+  QuantizedWeight conv1, conv2, fc1, fc2;
+  at::Tensor conv1_bias, conv2_bias, fc1_bias, fc2_bias;
+  double conv1_scale = 0, conv2_scale = 0, fc1_scale = 0;  // of the uint8 activations after each ReLU
+  std::int64_t channels = 0, height = 0, width = 0, pooled_h = 0, pooled_w = 0;
+
+  at::Tensor conv(const at::Tensor& x, double x_scale, const QuantizedWeight& w, const at::Tensor& bias,
+                  double out_scale) const {
+    return call(conv_op, {x, x_scale, std::int64_t{0}, w.packed, w.scales, w.zero_points, bias,
+                          std::vector<std::int64_t>{1, 1}, std::vector<std::int64_t>{0, 0},
+                          std::vector<std::int64_t>{1, 1}, std::int64_t{1}, out_scale, std::int64_t{0}, c10::IValue(),
+                          std::string("relu"), c10::List<std::optional<at::Scalar>>(), std::string()});
+  }
+
+  // out_scale 0: float output, no ReLU (the logits).
+  at::Tensor linear(const at::Tensor& x, double x_scale, const QuantizedWeight& w, const at::Tensor& bias,
+                    double out_scale) const {
+    const bool logits = out_scale == 0;
+    return call(linear_op, {x, x_scale, std::int64_t{0}, w.packed, w.scales, w.zero_points, bias,
+                            logits ? 1.0 : out_scale, std::int64_t{0},
+                            logits ? c10::IValue(at::kFloat) : c10::IValue(), std::string(logits ? "none" : "relu"),
+                            c10::List<std::optional<at::Scalar>>(), std::string()});
+  }
+
+  // 2x2 max pooling of channels-last uint8 [N, 64, H, W] straight into fc1's input [N, h * w * 64]
+  // (the order fc1's weights were rearranged to). Exact: max commutes with ReLU and quantisation.
+  at::Tensor pool(const at::Tensor& activations) const {
+    const at::Tensor x = activations.contiguous(at::MemoryFormat::ChannelsLast);
+    const std::int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+    at::Tensor out = at::empty({n, pooled_h * pooled_w * kConv2Channels}, at::kByte);
+    const std::uint8_t* in = x.data_ptr<std::uint8_t>();
+    std::uint8_t* o = out.data_ptr<std::uint8_t>();
+    at::parallel_for(0, n, 1, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t i = begin; i < end; ++i) {
+        std::uint8_t* dst = o + i * pooled_h * pooled_w * kConv2Channels;
+        for (std::int64_t y = 0; y < pooled_h; ++y) {
+          for (std::int64_t xx = 0; xx < pooled_w; ++xx, dst += kConv2Channels) {
+            const std::uint8_t* a = in + ((i * h + 2 * y) * w + 2 * xx) * kConv2Channels;
+            const std::uint8_t* b = a + kConv2Channels;
+            const std::uint8_t* c = a + w * kConv2Channels;
+            const std::uint8_t* d = c + kConv2Channels;
+            for (int k = 0; k < kConv2Channels; ++k) dst[k] = std::max(std::max(a[k], b[k]), std::max(c[k], d[k]));
+          }
+        }
+      }
+    });
+    return out;
+  }
+};
+
+Int8Classifier::Int8Classifier(const CheckpointModel& saved) {
+  const std::string reason = int8_unavailable_reason(saved);
+  if (!reason.empty()) throw_data_error("int8 inference is not available: " + reason);
+  const auto prepack_conv = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qconv_prepack", "");
+  const auto prepack_linear = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
+  layers_ = std::unique_ptr<Layers>(new Layers{*find_op(kConvOp), *find_op(kLinearOp)});
+  Layers& l = *layers_;
+  l.channels = saved.spec.in_channels;
+  l.height = saved.spec.height;
+  l.width = saved.spec.width;
+  l.pooled_h = (saved.spec.height - 4) / 2;
+  l.pooled_w = (saved.spec.width - 4) / 2;
+  const std::vector<double>& max = saved.calibration.activation_max;
+  // [0, max] in 255 uint8 steps; a layer that never fired still needs a positive scale.
+  l.conv1_scale = std::max(max[0], 1e-6) / 255.0;
+  l.conv2_scale = std::max(max[1], 1e-6) / 255.0;
+  l.fc1_scale = std::max(max[2], 1e-6) / 255.0;
+
+  // conv1 on raw pixels p: x_c = (p_c / 255 - mean_c) / std_c, so w . x + b = (w / (255 std_c)) . p +
+  // (b - sum w mean_c / std_c), exactly (conv1 has no padding).
+  const at::Tensor mean = at::tensor(saved.mean, at::kDouble).to(at::kFloat).view({1, -1, 1, 1});
+  const at::Tensor std = at::tensor(saved.std, at::kDouble).to(at::kFloat).view({1, -1, 1, 1});
+  const at::Tensor w1 = tensor_at(saved, "conv1.weight");
+  l.conv1 = quantize(w1 / (std * 255.0));
+  l.conv1_bias = (tensor_at(saved, "conv1.bias") - (w1 * (mean / std)).sum({1, 2, 3})).contiguous();
+  l.conv2 = quantize(tensor_at(saved, "conv2.weight"));
+  l.conv2_bias = tensor_at(saved, "conv2.bias").contiguous();
+  // fc1's inputs in the pooled activations' memory order (h, w, c) instead of torch.flatten's (c, h, w).
+  const at::Tensor f1 = tensor_at(saved, "fc1.weight");
+  l.fc1 = quantize(
+      f1.view({f1.size(0), kConv2Channels, l.pooled_h, l.pooled_w}).permute({0, 2, 3, 1}).reshape({f1.size(0), -1}));
+  l.fc1_bias = tensor_at(saved, "fc1.bias").contiguous();
+  l.fc2 = quantize(tensor_at(saved, "fc2.weight"));
+  l.fc2_bias = tensor_at(saved, "fc2.bias").contiguous();
+
+  auto pack_conv = [&](QuantizedWeight& w, double x_scale) {
+    w.packed = call(prepack_conv, {w.values.contiguous(at::MemoryFormat::ChannelsLast), w.scales, x_scale,
+                                   std::int64_t{0}, std::vector<std::int64_t>{1, 1}, std::vector<std::int64_t>{0, 0},
+                                   std::vector<std::int64_t>{1, 1}, std::int64_t{1}, c10::IValue()});
+  };
+  pack_conv(l.conv1, 1.0);
+  pack_conv(l.conv2, l.conv1_scale);
+  l.fc1.packed = call(prepack_linear, {l.fc1.values, c10::IValue()});
+  l.fc2.packed = call(prepack_linear, {l.fc2.values, c10::IValue()});
+}
+
+Int8Classifier::~Int8Classifier() = default;
+
+at::Tensor Int8Classifier::forward(const at::Tensor& pixels) const {
+  const Layers& l = *layers_;
+  TORCH_CHECK(pixels.scalar_type() == at::kByte && pixels.dim() == 4 && pixels.size(1) == l.channels &&
+                  pixels.size(2) == l.height && pixels.size(3) == l.width && pixels.device().is_cpu(),
+              "Int8Classifier expects uint8 CPU images [N, ", l.channels, ", ", l.height, ", ", l.width, "], got ",
+              pixels.sizes());
+  at::Tensor x = l.conv(pixels.contiguous(at::MemoryFormat::ChannelsLast), 1.0, l.conv1, l.conv1_bias, l.conv1_scale);
+  x = l.conv(x, l.conv1_scale, l.conv2, l.conv2_bias, l.conv2_scale);
+  x = l.pool(x);
+  x = l.linear(x, l.conv2_scale, l.fc1, l.fc1_bias, l.fc1_scale);
+  return l.linear(x, l.fc1_scale, l.fc2, l.fc2_bias, 0.0);
+}
+
+}  // namespace kiln
