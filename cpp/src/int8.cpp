@@ -73,6 +73,8 @@ std::string int8_unavailable_reason(const CheckpointModel& saved) {
 }
 
 struct Int8Classifier::Layers {
+  Layers(c10::OperatorHandle conv, c10::OperatorHandle linear) : conv_op(conv), linear_op(linear) {}
+
   c10::OperatorHandle conv_op;
   c10::OperatorHandle linear_op;
   QuantizedWeight conv1, conv2, fc1, fc2;
@@ -129,7 +131,7 @@ Int8Classifier::Int8Classifier(const CheckpointModel& saved) {
   if (!reason.empty()) throw_data_error("int8 inference is not available: " + reason);
   const auto prepack_conv = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qconv_prepack", "");
   const auto prepack_linear = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
-  layers_ = std::unique_ptr<Layers>(new Layers{*find_op(kConvOp), *find_op(kLinearOp)});
+  layers_ = std::make_unique<Layers>(*find_op(kConvOp), *find_op(kLinearOp));
   Layers& l = *layers_;
   l.channels = saved.spec.in_channels;
   l.height = saved.spec.height;

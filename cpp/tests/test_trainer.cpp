@@ -187,7 +187,7 @@ TEST(trainer, bf16_evaluation_matches_the_bf16_predictor_and_leaves_torch_s_gene
   EXPECT_TRUE(at::equal(at::randn({3}), expected_draw));
   trainer.save_checkpoint(dir.path() / "model.pt");
 
-  const Predictor predictor(dir.path() / "model.pt", "cpu", /*bf16=*/true);
+  const Predictor predictor(dir.path() / "model.pt", "cpu", InferencePrecision::bf16);
   const SplitData test = load_split(data, "test");
   const double accuracy =
       predictor.predict(test.images).argmax(1).eq(test.labels).to(at::kDouble).mean().item<double>();

@@ -20,14 +20,31 @@ from kiln.progress import ProgressBar
 logger = logging.getLogger(__name__)
 
 
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
 def load_predictor(checkpoint: Path, no_cuda: bool, precision: str = "auto"):
-    """kiln.Predictor for ``checkpoint`` on the training device rules (``no_cuda``) and precision
-    (``auto``: bf16 where the hardware computes it natively, as training's default)."""
+    """kiln.Predictor for ``checkpoint`` on the training device rules (``no_cuda``) and ``precision``.
+
+    ``auto`` on the CPU: int8 where it can run (a checkpoint with kiln's int8 calibration, a CPU with
+    VNNI), else what training's ``auto`` picks (bf16 where the hardware computes it natively, else
+    fp32); on a GPU: training's ``auto``. ``int8`` without those raises ValueError naming what is missing.
+    """
     import kiln
     from kiln.training import resolve_device, resolve_precision
 
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
     device = resolve_device(no_cuda)
-    return kiln.Predictor(checkpoint, device=device, precision=resolve_precision(precision, device))
+    if precision == "int8":
+        return kiln.Predictor(checkpoint, device=device, precision="int8")
+    floating = resolve_precision(precision, device)
+    if precision != "auto" or device != "cpu":
+        return kiln.Predictor(checkpoint, device=device, precision=floating)
+    predictor = kiln.Predictor(checkpoint, device=device, precision="int8", fallback=floating)
+    if predictor.int8_unavailable:
+        logger.info("Predicting in %s: no int8 here, %s", predictor.precision, predictor.int8_unavailable)
+    return predictor
 
 
 def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
