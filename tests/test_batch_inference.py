@@ -13,7 +13,7 @@ import torch
 
 import kiln
 from conftest import REPO, SAMPLE, run_app
-from kiln.training import resolve_precision
+from kiln.inference import load_predictor
 
 TEST_CLASS = "7_Sneaker"
 
@@ -73,7 +73,7 @@ def test_batch_inference_classifies_every_image_and_reports_bad_files(
     for name in ("truncated.png", "notes.png"):
         assert by_name[name]["prediction"] is None and by_name[name]["error"]
 
-    predictor = kiln.Predictor(trained_checkpoint, precision=resolve_precision("auto", "cpu"))  # as the app
+    predictor = load_predictor(trained_checkpoint, no_cuda=True)  # as the app
     probabilities = predictor.predict(rows)
     for file, row in zip(files, probabilities, strict=True):
         line = by_name[file.name]

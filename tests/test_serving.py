@@ -17,7 +17,7 @@ from schemathesis import checks
 
 import kiln
 from conftest import REPO, SAMPLE, ServerProcess
-from kiln.training import resolve_precision
+from kiln.inference import load_predictor
 
 IMAGES = sorted((SAMPLE / "test" / "7_Sneaker").iterdir())[:8] + sorted((SAMPLE / "test" / "1_Trouser").iterdir())[:8]
 
@@ -81,7 +81,7 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 def expected(checkpoint: Path, files: list[Path]):
     """The labels and probabilities of the server's own numerics (precision auto, as the server)."""
-    predictor = kiln.Predictor(checkpoint, precision=resolve_precision("auto", "cpu"))
+    predictor = load_predictor(checkpoint, no_cuda=True)
     probabilities, errors = predictor.predict_encoded([file.read_bytes() for file in files])
     assert errors == [None] * len(files)
     return [predictor.classes[int(row.argmax())] for row in probabilities], probabilities
