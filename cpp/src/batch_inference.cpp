@@ -67,6 +67,22 @@ std::string utc_now() {
 
 }  // namespace
 
+namespace {
+
+// Path order, component by component ("a/x" before "a-b/x"), on the strings: '/' sorts first.
+bool path_order(const std::string& a, const std::string& b) {
+  const std::size_t n = std::min(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    if (a[i] == b[i]) continue;
+    if (a[i] == '/') return true;
+    if (b[i] == '/') return false;
+    return static_cast<unsigned char>(a[i]) < static_cast<unsigned char>(b[i]);
+  }
+  return a.size() < b.size();
+}
+
+}  // namespace
+
 std::vector<fs::path> find_matching_files(const fs::path& dir, std::string_view glob) {
   const std::vector<std::string> pattern = split_segments(glob);
   if (pattern.empty()) throw_data_error("the file glob is empty; expected e.g. \"*.png\" or \"**/*.png\"");
@@ -75,24 +91,25 @@ std::vector<fs::path> find_matching_files(const fs::path& dir, std::string_view 
     throw NotFoundError("input directory '" + dir.string() + "' does not exist or is not a directory");
   }
   const fs::path root = fs::absolute(dir).lexically_normal();
-  const bool recursive = pattern.size() > 1;
-  std::vector<fs::path> files;
-  auto consider = [&](const fs::directory_entry& entry) {
-    const fs::path relative = entry.path().lexically_relative(root);
-    std::error_code ignored;
-    if (entry.is_directory(ignored)) return;
-    if (match_segments(pattern, 0, split_segments(relative.string()), 0)) files.push_back(entry.path());
-  };
-  if (recursive) {
-    for (auto it = fs::recursive_directory_iterator(root, fs::directory_options::skip_permission_denied);
-         it != fs::recursive_directory_iterator(); ++it) {
-      consider(*it);
+  const bool spans_folders = std::find(pattern.begin(), pattern.end(), "**") != pattern.end();
+  // Without "**", nothing deeper than the pattern's own depth can match: those folders are not read.
+  const auto max_depth = static_cast<int>(pattern.size()) - 1;
+  std::vector<std::string> relative;  // the current entry's path below root, one segment per depth
+  std::vector<std::string> matches;
+  std::error_code ignored;
+  for (auto it = fs::recursive_directory_iterator(root, fs::directory_options::skip_permission_denied);
+       it != fs::recursive_directory_iterator(); ++it) {
+    const int depth = it.depth();
+    relative.resize(static_cast<std::size_t>(depth) + 1);
+    relative.back() = it->path().filename().native();
+    if (it->is_directory(ignored)) {
+      if (!spans_folders && depth >= max_depth) it.disable_recursion_pending();
+      continue;
     }
-  } else {
-    for (const auto& entry : fs::directory_iterator(root)) consider(entry);
+    if (match_segments(pattern, 0, relative, 0)) matches.push_back(it->path().native());
   }
-  std::sort(files.begin(), files.end());
-  return files;
+  std::sort(matches.begin(), matches.end(), path_order);
+  return {matches.begin(), matches.end()};
 }
 
 BatchInferenceSummary classify_directory(const Predictor& predictor, const BatchInferenceOptions& options,
