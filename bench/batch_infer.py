@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="image tree; default: full Fashion-MNIST as PNGs")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kiln-bench-fashion-mnist")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--precision", default="auto", help="kiln's inference.precision (default: auto, as users run it)")
+    parser.add_argument("--precision", default="auto", help="inference.precision for kiln (default: auto)")
     parser.add_argument("--worker", nargs=3, metavar=("CHECKPOINT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
