@@ -303,11 +303,14 @@ def test_kiln_adadelta_matches_torch_step_for_step() -> None:
     assert torch.equal(restored.state[theirs]["square_avg"], kiln_optimizer.state_dict()["state"][0]["square_avg"])
 
 
-def test_checkpoint_loads_into_the_python_definition_of_the_model(tmp_path: Path, processed_sample: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpoint_loads_into_the_python_definition_of_the_model(
+    tmp_path: Path, processed_sample: Path, precision: str
+) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    trainer = kiln.Trainer(processed_sample, train_limit=300, test_limit=100)
+    trainer = kiln.Trainer(processed_sample, train_limit=300, test_limit=100, precision=precision)
     trainer.run_epoch()
     trainer.save_checkpoint(tmp_path / "checkpoint.pt")
 
@@ -322,6 +325,8 @@ def test_checkpoint_loads_into_the_python_definition_of_the_model(tmp_path: Path
             return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # bf16 training computes with bf16 working copies; the checkpoint holds the float32 weights.
+    assert {tensor.dtype for tensor in checkpoint["model"]["state_dict"].values()} == {torch.float32}
     net = Net().eval()
     net.load_state_dict(checkpoint["model"]["state_dict"])
     images, _ = kiln.load_split(processed_sample, "test")

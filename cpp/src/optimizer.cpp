@@ -15,28 +15,78 @@
 namespace kiln {
 namespace {
 
-// All of Adadelta's update in one pass over memory, instead of the ~10 passes of the tensor-op form.
-// Matches torch.optim.Adadelta's single-tensor arithmetic order. Compiled for AVX-512, AVX2 and a
-// baseline, picked at load time for this CPU; -fno-math-errno (CMakeLists.txt) lets sqrt vectorise.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void fused_step_cpu(
-    float* param, const float* grad, float* square_avg, float* acc_delta, std::int64_t size,
-    const AdadeltaOptions& options) {
+// All of Adadelta's update in one pass over memory, instead of the ~10 passes of the tensor-op form:
+// torch.optim.Adadelta's single-tensor arithmetic order, and with a bf16 working copy, the updated
+// weight written there too.
+template <typename Grad, bool Copy>
+[[gnu::always_inline]] inline void step_range(float* param, const Grad* grad, float* square_avg,
+                                              float* acc_delta, at::BFloat16* copy, std::int64_t begin,
+                                              std::int64_t end, const AdadeltaOptions& options) {
   const float rho = static_cast<float>(options.rho);
   const float one_minus_rho = static_cast<float>(1.0 - options.rho);
   const float eps = static_cast<float>(options.eps);
   const float lr = static_cast<float>(options.lr);
   const float weight_decay = static_cast<float>(options.weight_decay);
-  at::parallel_for(0, size, 32768, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) {
-      const float g = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
-      const float avg = square_avg[i] * rho + one_minus_rho * g * g;
-      square_avg[i] = avg;
-      const float std = std::sqrt(avg + eps);
-      const float delta = std::sqrt(acc_delta[i] + eps) / std * g;
-      acc_delta[i] = acc_delta[i] * rho + one_minus_rho * delta * delta;
-      param[i] -= lr * delta;
-    }
-  });
+  for (std::int64_t i = begin; i < end; ++i) {
+    float g = static_cast<float>(grad[i]);
+    if (weight_decay != 0.0f) g += weight_decay * param[i];
+    const float avg = square_avg[i] * rho + one_minus_rho * g * g;
+    square_avg[i] = avg;
+    const float std = std::sqrt(avg + eps);
+    const float delta = std::sqrt(acc_delta[i] + eps) / std * g;
+    acc_delta[i] = acc_delta[i] * rho + one_minus_rho * delta * delta;
+    const float updated = param[i] - lr * delta;
+    param[i] = updated;
+    if constexpr (Copy) copy[i] = at::BFloat16(updated);
+  }
+}
+
+// One instance per supported combination, each compiled for AVX-512, AVX2 and a baseline and picked
+// at load time for this CPU; -fno-math-errno (CMakeLists.txt) lets sqrt vectorise. They are called
+// per chunk from inside the parallel loop, so the loop itself is in the cloned code.
+#define KILN_STEP_VARIANT(name, Grad, Copy)                                                                  \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void name(                \
+      float* param, const Grad* grad, float* square_avg, float* acc_delta, at::BFloat16* copy,               \
+      std::int64_t begin, std::int64_t end, const AdadeltaOptions& options) {                                \
+    step_range<Grad, Copy>(param, grad, square_avg, acc_delta, copy, begin, end, options);                  \
+  }
+KILN_STEP_VARIANT(step_f32, float, false)
+KILN_STEP_VARIANT(step_bf16_copy, at::BFloat16, true)
+#undef KILN_STEP_VARIANT
+
+// The fused kernel for this gradient, or false (then the tensor-op form runs).
+bool fused_step_cpu(at::Tensor& master, const at::Tensor& grad, at::Tensor& square_avg, at::Tensor& acc_delta,
+                    const at::Tensor& copy, const AdadeltaOptions& options) {
+  // Dense tensors with identical strides hold element k of each at the same memory offset, whatever
+  // the layout (channels-last, transposed): the update can run over raw memory.
+  const auto same_layout = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.is_non_overlapping_and_dense() && t.strides() == master.strides();
+  };
+  if (master.scalar_type() != at::kFloat || !same_layout(master) || !same_layout(square_avg) ||
+      !same_layout(acc_delta) || !same_layout(grad)) {
+    return false;
+  }
+  float* param = master.data_ptr<float>();
+  float* avg = square_avg.data_ptr<float>();
+  float* delta = acc_delta.data_ptr<float>();
+  // bf16 gradients come with a bf16 working copy, float32 ones without: what training produces.
+  if (!copy.defined() && grad.scalar_type() == at::kFloat) {
+    const float* g = grad.const_data_ptr<float>();
+    at::parallel_for(0, master.numel(), 32768, [&](std::int64_t begin, std::int64_t end) {
+      step_f32(param, g, avg, delta, nullptr, begin, end, options);
+    });
+    return true;
+  }
+  if (copy.defined() && grad.scalar_type() == at::kBFloat16 && copy.scalar_type() == at::kBFloat16 &&
+      same_layout(copy)) {
+    const at::BFloat16* g = grad.const_data_ptr<at::BFloat16>();
+    at::BFloat16* out = copy.data_ptr<at::BFloat16>();
+    at::parallel_for(0, master.numel(), 32768, [&](std::int64_t begin, std::int64_t end) {
+      step_bf16_copy(param, g, avg, delta, out, begin, end, options);
+    });
+    return true;
+  }
+  return false;
 }
 
 void tensor_step(at::Tensor& param, at::Tensor grad, at::Tensor& square_avg, at::Tensor& acc_delta,
@@ -53,7 +103,7 @@ void tensor_step(at::Tensor& param, at::Tensor grad, at::Tensor& square_avg, at:
 }  // namespace
 
 Adadelta::Adadelta(std::vector<at::Tensor> params, AdadeltaOptions options)
-    : params_(std::move(params)), steps_(params_.size(), 0.0), options_(options) {
+    : params_(std::move(params)), masters_(params_.size()), steps_(params_.size(), 0.0), options_(options) {
   for (const auto& param : params_) {
     // Same memory format as the parameter (channels-last conv weights stay channels-last).
     square_avg_.push_back(at::zeros_like(param));
@@ -68,23 +118,20 @@ void Adadelta::zero_grad() {
 void Adadelta::step() {
   c10::NoGradGuard no_grad;
   for (const auto i : c10::irange(params_.size())) {
-    at::Tensor& param = params_[i];
-    const at::Tensor& grad = param.grad();
+    const at::Tensor& grad = params_[i].grad();
     if (!grad.defined()) continue;
     steps_[i] += 1.0;
-    // Dense tensors with identical strides hold element k of each at the same memory offset, whatever
-    // the layout (channels-last, transposed): the update can run over raw memory.
-    const bool fusable = param.device().is_cpu() && param.scalar_type() == at::kFloat &&
-                         grad.scalar_type() == at::kFloat && param.is_non_overlapping_and_dense() &&
-                         grad.is_non_overlapping_and_dense() && grad.strides() == param.strides() &&
-                         square_avg_[i].strides() == param.strides() && acc_delta_[i].strides() == param.strides();
-    if (fusable) {
-      fused_step_cpu(param.data_ptr<float>(), grad.const_data_ptr<float>(), square_avg_[i].data_ptr<float>(),
-                     acc_delta_[i].data_ptr<float>(), param.numel(), options_);
-    } else {
-      tensor_step(param, grad, square_avg_[i], acc_delta_[i], options_);
-    }
+    const bool has_master = masters_[i].defined();
+    at::Tensor& master = has_master ? masters_[i] : params_[i];
+    const at::Tensor copy = has_master ? params_[i] : at::Tensor();
+    if (fused_step_cpu(master, grad, square_avg_[i], acc_delta_[i], copy, options_)) continue;
+    tensor_step(master, grad.to(master.scalar_type()), square_avg_[i], acc_delta_[i], options_);
+    if (has_master) params_[i].copy_(master);
   }
+}
+
+void Adadelta::set_master(std::size_t i, at::Tensor master) {
+  masters_.at(i) = std::move(master);
 }
 
 c10::IValue Adadelta::state_dict() const {

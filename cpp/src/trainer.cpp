@@ -47,6 +47,40 @@ at::Tensor random_subset(std::int64_t size, std::int64_t limit, std::uint64_t se
   return at::randperm(size, generator, at::TensorOptions().dtype(at::kLong)).slice(0, 0, limit);
 }
 
+// For an epoch's training steps in bf16 on the CPU: the weights (2+ dims) hold bfloat16 working
+// copies that the optimizer rewrites from their float32 masters after each update (what autocast
+// would cast them to, cast once per step instead of in every forward pass, and no cast of their
+// gradients back). The float32 weights are back in the model when the scope ends, however it ends.
+class Bf16WorkingWeights {
+ public:
+  Bf16WorkingWeights(const std::vector<at::Tensor>& params, Adadelta& optimizer)
+      : params_(params), optimizer_(optimizer) {
+    c10::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      if (params_[i].dim() < 2 || params_[i].scalar_type() != at::kFloat) continue;
+      at::Tensor master = params_[i].detach();  // keeps the float32 storage
+      params_[i].set_data(master.to(at::kBFloat16));  // same strides (channels-last, transposed fc1)
+      optimizer_.set_master(i, master);
+      masters_.emplace_back(i, master);
+    }
+  }
+  Bf16WorkingWeights(const Bf16WorkingWeights&) = delete;
+  Bf16WorkingWeights& operator=(const Bf16WorkingWeights&) = delete;
+  ~Bf16WorkingWeights() {
+    c10::NoGradGuard no_grad;
+    for (auto& [i, master] : masters_) {
+      params_[i].mutable_grad().reset();
+      params_[i].set_data(master);
+      optimizer_.set_master(i, at::Tensor());
+    }
+  }
+
+ private:
+  std::vector<at::Tensor> params_;
+  Adadelta& optimizer_;
+  std::vector<std::pair<std::size_t, at::Tensor>> masters_;
+};
+
 c10::IValue metrics_to_ivalue(const EpochMetrics& m) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
   dict.insert("epoch", m.epoch);
@@ -102,6 +136,7 @@ struct Trainer::State {
     detail::AutocastScope autocast(device, options.precision == Precision::bf16);
     return model->forward(x);
   }
+
 };
 
 Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
@@ -199,18 +234,22 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
                           "); lower lr or check the data");
     }
   };
+  const std::vector<at::Tensor> params = s.model->parameters();
+  std::optional<Bf16WorkingWeights> working_weights;
+  if (s.options.precision == Precision::bf16 && s.device.is_cpu()) working_weights.emplace(params, *s.optimizer);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
     const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
+    const std::int64_t rows = indices.size(0);
+    s.optimizer->zero_grad();
     const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
     const at::Tensor y = s.train_labels.index_select(0, indices);
-    s.optimizer->zero_grad();
     const at::Tensor logits = s.forward(x);
     const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
     loss.backward();
     s.optimizer->step();
     {
       c10::NoGradGuard no_grad;
-      loss_sum.add_(loss.detach() * static_cast<double>(indices.size(0)));
+      loss_sum.add_(loss.detach() * static_cast<double>(rows));
       correct.add_(logits.argmax(1).eq(y).sum());
     }
     // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at each report.
@@ -220,6 +259,7 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
       throttle.report(batch + 1, batches, last);
     }
   }
+  working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints
   check_finite(batches);
   metrics.train_loss = loss_sum.item<double>() / static_cast<double>(train_size);
   metrics.train_accuracy = static_cast<double>(correct.item<std::int64_t>()) / static_cast<double>(train_size);

@@ -70,6 +70,55 @@ TEST(adadelta, fused_cpu_step_matches_the_tensor_op_update) {
   EXPECT_EQ(state.at(0).toGenericDict().at("step").toTensor().item<double>(), 20.0);
 }
 
+TEST(adadelta, bf16_working_copy_is_the_float32_update_rounded) {
+  // Mixed precision as the trainer sets it up: the parameter's data swapped for a bf16 copy, its
+  // float32 storage kept as the master. The master takes exactly the float32 update of the (bf16)
+  // gradient, in the fused kernel, and the bf16 tensor is what casting the master gives.
+  at::manual_seed(1);
+  const at::Tensor initial = at::randn({64, 300}).t();  // transposed strides, as fc1 stores its weight
+  at::Tensor plain = initial.clone().set_requires_grad(true);
+  at::Tensor working = initial.clone().set_requires_grad(true);
+  Adadelta plain_optimizer({plain}, {1.3});
+  Adadelta mixed_optimizer({working}, {1.3});
+  const at::Tensor master = working.detach();
+  working.set_data(master.to(at::kBFloat16));
+  mixed_optimizer.set_master(0, master);
+  ASSERT_EQ(working.strides(), master.strides());
+  for (int step = 0; step < 10; ++step) {
+    const at::Tensor grad = at::randn({64, 300}).t().to(at::kBFloat16);  // the layout backward gives
+    plain.mutable_grad() = grad.to(at::kFloat);
+    working.mutable_grad() = grad;
+    plain_optimizer.step();
+    mixed_optimizer.step();
+  }
+  EXPECT_TRUE(at::equal(master, plain.detach())) << (master - plain.detach()).abs().max().item<float>();
+  EXPECT_TRUE(at::equal(working.detach(), plain.detach().to(at::kBFloat16)));
+  mixed_optimizer.set_master(0, at::Tensor());
+  working.set_data(master);  // as the trainer ends an epoch
+  EXPECT_EQ(working.scalar_type(), at::kFloat);
+}
+
+TEST(model, fused_relu_max_pool_matches_torch_forward_and_backward) {
+  at::manual_seed(2);
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    for (const auto& size : std::vector<std::vector<std::int64_t>>{{3, 16, 8, 8}, {2, 8, 7, 9}}) {
+      // Rounded values make ties (between positives and among negatives) common.
+      const at::Tensor values = (at::randn(size) * 3).round().to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
+      at::Tensor ours = values.clone().set_requires_grad(true);
+      at::Tensor theirs = values.clone().set_requires_grad(true);
+      const at::Tensor out = relu_max_pool2x2(ours);
+      const at::Tensor expected = at::max_pool2d(at::relu(theirs), {2, 2});
+      ASSERT_TRUE(at::equal(out, expected)) << size;
+      const at::Tensor grad = at::randn(expected.sizes()).to(dtype);
+      out.backward(grad);
+      expected.backward(grad);
+      EXPECT_TRUE(at::equal(ours.grad(), theirs.grad())) << size;
+      c10::NoGradGuard no_grad;  // evaluation takes the no-record path: same values
+      EXPECT_TRUE(at::equal(relu_max_pool2x2(values), expected.detach())) << size;
+    }
+  }
+}
+
 TEST(trainer, learns_an_easy_task_and_reports_metrics) {
   TempDir dir;
   const fs::path data = write_halves_dataset(dir.path(), 48);

@@ -48,6 +48,10 @@ class ActivationObserver {
   std::int64_t images_ = 0;
 };
 
+// torch::max_pool2d(torch::relu(x), 2) with the same values and gradient, in one pass each way over
+// channels-last float/bf16 CPU activations (other inputs: those two ops).
+torch::Tensor relu_max_pool2x2(const torch::Tensor& x);
+
 // A classifier: float input [N, C, H, W] (already normalised) -> logits [N, classes].
 class Classifier : public torch::nn::Module {
  public:

@@ -22,9 +22,15 @@ class Adadelta {
 
   // Gradients are set to None (undefined), as torch.optim's zero_grad does by default.
   void zero_grad();
-  // One update of every parameter that has a gradient. CPU float32 parameters take a fused
-  // single-pass kernel; others (CUDA, other dtypes) the same update in tensor ops.
+  // One update of every parameter that has a gradient. CPU float32 parameters (or masters) take a
+  // fused single-pass kernel; others (CUDA, other dtypes) the same update in tensor ops.
   void step();
+
+  // Mixed precision: while parameter i's tensor holds a bfloat16 working copy of its weights, the
+  // update runs on `master` (float32, its former storage) and rewrites the copy from it, rounded as
+  // a cast rounds: the model computes with what autocast would cast the weights to, cast once per
+  // step instead of on every forward pass. Gradients may then be bfloat16. An undefined `master` ends it.
+  void set_master(std::size_t i, at::Tensor master);
 
   double lr() const { return options_.lr; }
   void set_lr(double lr) { options_.lr = lr; }
@@ -38,6 +44,7 @@ class Adadelta {
 
  private:
   std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> masters_;  // per parameter: its float32 master while it holds a bf16 copy
   std::vector<at::Tensor> square_avg_;
   std::vector<at::Tensor> acc_delta_;
   std::vector<double> steps_;
