@@ -10,7 +10,9 @@ StepLR(0.7), batch size 32/100, same number of images:
   template      the template's loop: PNG folder -> PIL -> Dataset -> DataLoader, fp32
   python-fp32   the plain in-memory loop: tensors in memory, randperm batches, torch.optim, fp32
   python-bf16   the same with channels-last + bf16 autocast (for reference: the fastest Python here)
-Prints seconds per epoch, test accuracy, and kiln's speed-up over each.
+Prints seconds per epoch (the best epoch of each process), test accuracy, and kiln's speed-up over
+each; with --rounds N, the median of N rounds' ratios (the shared machine's speed drifts by tens of
+percent over minutes, so compare within rounds).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,6 +231,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kiln-bench-fashion-mnist")
     parser.add_argument("--train-limit", type=int, default=10000, help="train images per epoch; 0 = all")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every contender; ratios: median of the rounds")
     parser.add_argument("--only", choices=list(CONTENDERS), action="append")
     parser.add_argument("--worker", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     parser.add_argument("--processed", type=Path, help=argparse.SUPPRESS)
@@ -246,39 +250,52 @@ def main() -> None:
         import kiln
 
         kiln.prepare_dataset(raw, processed)
-        results = {}
-        for name in args.only or list(CONTENDERS):
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                name,
-                "--raw",
-                str(raw),
-                "--processed",
-                str(processed),
-            ]
-            command += ["--train-limit", str(args.train_limit), "--epochs", str(args.epochs)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{done.stderr}")
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            best = min(r["seconds"] for r in results[name])
-            print(
-                f"{name:12s} {best:7.2f} s/epoch  test accuracy {results[name][-1]['test_accuracy']:.4f}",
-                flush=True,
-            )
+        # Rounds run the contenders one after another, round after round: on a shared machine whose
+        # speed drifts, each round's ratios compare processes that ran minutes apart, not a whole run.
+        rounds: list[dict[str, list[dict]]] = []
+        for round_number in range(1, args.rounds + 1):
+            results = {}
+            for name in args.only or list(CONTENDERS):
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    "--raw",
+                    str(raw),
+                    "--processed",
+                    str(processed),
+                ]
+                command += ["--train-limit", str(args.train_limit), "--epochs", str(args.epochs)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{done.stderr}")
+                results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                best = min(r["seconds"] for r in results[name])
+                print(
+                    f"round {round_number}  {name:12s} {best:7.2f} s/epoch  "
+                    f"test accuracy {results[name][-1]['test_accuracy']:.4f}",
+                    flush=True,
+                )
+            rounds.append(results)
 
     images = "all" if args.train_limit == 0 else str(args.train_limit)
-    print(f"({images} train images/epoch, 10000 test images, {args.epochs} epoch(s), {os.cpu_count()} cores)")
-    if "kiln" in results:
-        kiln_seconds = min(r["seconds"] for r in results["kiln"])
+    print(
+        f"({images} train images/epoch, 10000 test images, {args.epochs} epoch(s), {args.rounds} round(s), "
+        f"{os.cpu_count()} cores)"
+    )
+    if "kiln" in rounds[0]:
         targets = {"template": 3.5, "python-fp32": 1.3}
-        for name, runs in results.items():
-            if name != "kiln":
-                ratio = min(r["seconds"] for r in runs) / kiln_seconds
-                target = f" (target >= {targets[name]}x)" if name in targets else ""
-                print(f"kiln vs {name:12s} {ratio:5.2f}x{target}")
+        for name in rounds[0]:
+            if name == "kiln":
+                continue
+            ratios = sorted(
+                min(r["seconds"] for r in results[name]) / min(r["seconds"] for r in results["kiln"])
+                for results in rounds
+            )
+            target = f" (target >= {targets[name]}x)" if name in targets else ""
+            spread = f"  [rounds: {', '.join(f'{r:.2f}' for r in ratios)}]" if len(ratios) > 1 else ""
+            print(f"kiln vs {name:12s} {statistics.median(ratios):5.2f}x{target}{spread}")
 
 
 if __name__ == "__main__":
