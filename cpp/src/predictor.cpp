@@ -83,12 +83,16 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
     throw_data_error("unknown device '" + device + "' (expected cpu, cuda or cuda:N)");
   }
   s.saved = checkpoint_model(read_checkpoint(checkpoint), checkpoint);
+  s.model = make_model(s.saved.spec);
+  // Also what checks every weight is there with its shape, for int8 too.
+  load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
   if (precision == InferencePrecision::int8) {
     s.int8_unavailable = s.device.is_cpu() ? int8_unavailable_reason(s.saved) : "int8 inference runs on the CPU";
     if (s.int8_unavailable.empty()) {
       s.int8 = std::make_unique<Int8Classifier>(s.saved);
       s.precision = precision;
       s.saved.state_dict = c10::IValue();
+      s.model.reset();
       return;
     }
     if (!int8_fallback || *int8_fallback == InferencePrecision::int8) {
@@ -96,12 +100,10 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
     }
     precision = *int8_fallback;
   }
+  s.saved.state_dict = c10::IValue();  // the weights now live in the model
   s.precision = precision;
   s.bf16 = precision == InferencePrecision::bf16;
   const bool bf16 = s.bf16;
-  s.model = make_model(s.saved.spec);
-  load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
-  s.saved.state_dict = c10::IValue();  // the weights now live in the model
   s.model->to(s.device);
   // bf16 convolutions are fastest on channels-last tensors (oneDNN); fp32 ones on the CPU are not
   // (measured: 18x slower for this network's eval, through layout reorders around each op).

@@ -136,7 +136,6 @@ struct Trainer::State {
     detail::AutocastScope autocast(device, options.precision == Precision::bf16);
     return model->forward(x);
   }
-
 };
 
 Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
@@ -239,17 +238,16 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
   if (s.options.precision == Precision::bf16 && s.device.is_cpu()) working_weights.emplace(params, *s.optimizer);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
     const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
-    const std::int64_t rows = indices.size(0);
-    s.optimizer->zero_grad();
     const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
     const at::Tensor y = s.train_labels.index_select(0, indices);
+    s.optimizer->zero_grad();
     const at::Tensor logits = s.forward(x);
     const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
     loss.backward();
     s.optimizer->step();
     {
       c10::NoGradGuard no_grad;
-      loss_sum.add_(loss.detach() * static_cast<double>(rows));
+      loss_sum.add_(loss.detach() * static_cast<double>(indices.size(0)));
       correct.add_(logits.argmax(1).eq(y).sum());
     }
     // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at each report.
