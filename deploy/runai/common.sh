@@ -69,6 +69,33 @@ mlflow_env_flags() {
   fi
 }
 
+# What a training job and a sweep job share: runai flags for the training image (the GPU one, with
+# --gpu, when KILN_GPU > 0), CPU, memory and the MLflow client; and, in train_overrides, the
+# train_model.py overrides that point the job at the PVC's dataset and models and at the server.
+training_job() {
+  local job_name="$1" no_cuda=true
+  if ((KILN_GPU > 0)); then
+    base_flags "$job_name" "$KILN_TRAINING_GPU_IMAGE"
+    submit_flags+=(--gpu "$KILN_GPU")
+    no_cuda=false
+  else
+    base_flags "$job_name" "$KILN_TRAINING_IMAGE"
+  fi
+  submit_flags+=(--cpu "$KILN_TRAIN_CPU" --memory "$KILN_TRAIN_MEMORY")
+  mlflow_env_flags
+  # shellcheck disable=SC2034 # read by the submit scripts
+  train_overrides=(
+    "train_model.data_dir_path=${KILN_PROCESSED_DATA_DIR}"
+    train_model.setup_mlflow=true
+    "train_model.mlflow_tracking_uri=${MLFLOW_TRACKING_URI}"
+    "train_model.mlflow_exp_name=${KILN_MLFLOW_EXP_NAME}"
+    "train_model.artifact_dir_path=${KILN_MODELS_DIR}"
+    "train_model.log_dir=${KILN_LOG_DIR}"
+    "train_model.no_cuda=${no_cuda}"
+    "train_model.epochs=${KILN_TRAIN_EPOCHS}"
+  )
+}
+
 # Submits `runai submit <submit_flags> --command -- <command...>`, or prints it with --dry-run
 # (shell-quoted, ready to paste; the MLflow password as a reference to $MLFLOW_TRACKING_PASSWORD, not
 # its value).

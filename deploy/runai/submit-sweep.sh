@@ -18,30 +18,12 @@ parse_args "${BASH_SOURCE[0]}" "$@"
 require MLFLOW_TRACKING_URI "export it as the URL of the MLflow tracking server (http://<host>:<port>)"
 : "${MLFLOW_HPTUNING_TAG:=$(date +%s)}"
 
-if ((KILN_GPU > 0)); then
-  base_flags hptuning "$KILN_TRAINING_GPU_IMAGE"
-  submit_flags+=(--gpu "$KILN_GPU")
-  no_cuda=false
-else
-  base_flags hptuning "$KILN_TRAINING_IMAGE"
-  no_cuda=true
-fi
-submit_flags+=(--cpu "$KILN_TRAIN_CPU" --memory "$KILN_TRAIN_MEMORY" -e "MLFLOW_HPTUNING_TAG=${MLFLOW_HPTUNING_TAG}")
-mlflow_env_flags
+training_job hptuning
+submit_flags+=(-e "MLFLOW_HPTUNING_TAG=${MLFLOW_HPTUNING_TAG}")
 
 sweep=("hydra.sweeper.n_trials=${KILN_SWEEP_TRIALS}" "hydra.sweep.dir=${KILN_WORKSPACE}/multirun/${MLFLOW_HPTUNING_TAG}")
 if [[ -n "$KILN_OPTUNA_STORAGE" ]]; then
   sweep+=("hydra.sweeper.storage=${KILN_OPTUNA_STORAGE}")
 fi
 
-submit python src/train_model.py --multirun \
-  "train_model.data_dir_path=${KILN_PROCESSED_DATA_DIR}" \
-  train_model.setup_mlflow=true \
-  "train_model.mlflow_tracking_uri=${MLFLOW_TRACKING_URI}" \
-  "train_model.mlflow_exp_name=${KILN_MLFLOW_EXP_NAME}" \
-  "train_model.artifact_dir_path=${KILN_MODELS_DIR}" \
-  "train_model.log_dir=${KILN_LOG_DIR}" \
-  "train_model.no_cuda=${no_cuda}" \
-  "train_model.epochs=${KILN_TRAIN_EPOCHS}" \
-  "${sweep[@]}" \
-  "${overrides[@]}"
+submit python src/train_model.py --multirun "${train_overrides[@]}" "${sweep[@]}" "${overrides[@]}"

@@ -15,24 +15,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "${BASH_SOURCE[0]}" "$@"
 require MLFLOW_TRACKING_URI "export it as the URL of the MLflow tracking server (http://<host>:<port>)"
 
-if ((KILN_GPU > 0)); then
-  base_flags train "$KILN_TRAINING_GPU_IMAGE"
-  submit_flags+=(--gpu "$KILN_GPU")
-  no_cuda=false
-else
-  base_flags train "$KILN_TRAINING_IMAGE"
-  no_cuda=true
-fi
-submit_flags+=(--cpu "$KILN_TRAIN_CPU" --memory "$KILN_TRAIN_MEMORY")
-mlflow_env_flags
-
-submit python src/train_model.py \
-  "train_model.data_dir_path=${KILN_PROCESSED_DATA_DIR}" \
-  train_model.setup_mlflow=true \
-  "train_model.mlflow_tracking_uri=${MLFLOW_TRACKING_URI}" \
-  "train_model.mlflow_exp_name=${KILN_MLFLOW_EXP_NAME}" \
-  "train_model.artifact_dir_path=${KILN_MODELS_DIR}" \
-  "train_model.log_dir=${KILN_LOG_DIR}" \
-  "train_model.no_cuda=${no_cuda}" \
-  "train_model.epochs=${KILN_TRAIN_EPOCHS}" \
-  "${overrides[@]}"
+training_job train
+submit python src/train_model.py "${train_overrides[@]}" "${overrides[@]}"
