@@ -127,21 +127,21 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   const auto count = batch.size(0);
   at::Tensor probabilities = at::empty({count, static_cast<std::int64_t>(s.saved.classes.size())}, at::kFloat);
   c10::NoGradGuard no_grad;
-  if (s.int8) {
-    for (std::int64_t begin = 0; begin < count; begin += kInferenceSlice) {
-      const std::int64_t end = std::min(count, begin + kInferenceSlice);
-      probabilities.slice(0, begin, end).copy_(at::softmax(s.int8->forward(batch.slice(0, begin, end)), 1));
-    }
-    return probabilities;
-  }
   detail::AutocastScope autocast(s.device, s.bf16);
-  // Large batches go through in slices whose activations stay in the CPU's caches.
+  // Large batches go through in slices whose activations stay in the CPU's caches (int8: CPU only).
   const std::int64_t slice = s.device.is_cpu() ? kInferenceSlice : count;
   for (std::int64_t begin = 0; begin < count; begin += slice) {
     const std::int64_t end = std::min(count, begin + slice);
-    at::Tensor x = s.normalizer(batch.slice(0, begin, end).to(s.device));
-    if (s.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-    probabilities.slice(0, begin, end).copy_(at::softmax(s.model->forward(x).to(at::kFloat), 1));
+    const at::Tensor pixels = batch.slice(0, begin, end);
+    at::Tensor logits;
+    if (s.int8) {
+      logits = s.int8->forward(pixels);  // takes the pixels as they are: normalisation is in its conv1
+    } else {
+      at::Tensor x = s.normalizer(pixels.to(s.device));
+      if (s.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      logits = s.model->forward(x).to(at::kFloat);
+    }
+    probabilities.slice(0, begin, end).copy_(at::softmax(logits, 1));
   }
   return probabilities;
 }
