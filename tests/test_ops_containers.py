@@ -1,7 +1,8 @@
 """Operations files: Dockerfiles, their entrypoints, the Run:ai submit scripts, CI configs, VS Code.
 
 No Docker engine or Run:ai cluster is needed: Dockerfiles are linted with hadolint and read for what a
-user relies on (non-root user, no compiler at run time, the documented server command), shell scripts
+user relies on (each image's file builds the target of docker/Dockerfile that shares the one builder
+stage, non-root user, no compiler at run time, the documented server command), shell scripts
 are shellchecked and run against a fake `runai`, CI files are validated against their schemas, and
 the Hydra command lines the scripts submit are composed by kiln's real apps.
 """
@@ -25,6 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
+SHARED_DOCKERFILE = DOCKER / "Dockerfile"  # every stage once; docker/render.py writes the per-image files
 RUNAI = REPO / "deploy" / "runai"
 
 DEBIAN_IMAGES = [
@@ -51,6 +53,9 @@ GUNICORN_CMD = [
     "--chdir",
     "src",
 ]
+# The stage that compiles kiln's C++ core into the wheel each image installs.
+WHEEL_BUILDER = {**{name: "builder" for name in DEBIAN_IMAGES}, GPU_IMAGE: "builder-gpu"}
+PIP_WHEEL = "pip wheel --no-build-isolation --no-deps --wheel-dir /wheels ."
 COMPILER_PACKAGE = re.compile(r"^(g\+\+|gcc|cpp|clang.*|cmake|ninja-build|build-essential|make)$|-dev$")
 
 
@@ -88,7 +93,8 @@ class Stage:
 
 
 def parse_dockerfile(path: Path) -> list[Stage]:
-    """The stages of a Dockerfile, continuation lines joined, comment lines dropped."""
+    """The stages of a Dockerfile, continuation lines joined, comment lines dropped (the ARGs before the
+    first FROM are read by `global_args`)."""
     stages: list[Stage] = []
     logical = ""
     for raw in path.read_text().splitlines():
@@ -114,6 +120,50 @@ def dockerfile(name: str) -> list[Stage]:
     return parse_dockerfile(DOCKER / f"{name}.Dockerfile")
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs declared before a Dockerfile's first FROM, with their defaults."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("FROM "):
+            break
+        if line.startswith("ARG "):
+            key, _, value = line.removeprefix("ARG ").strip().partition("=")
+            found[key] = value.strip('"')
+    return found
+
+
+def image_stages(stages: list[Stage], target: str | None = None) -> list[Stage]:
+    """The stages whose files end up in the image of `target` (default: the last stage): the target and
+    the stages it is built FROM, base first. Stages it only mounts or copies from are not among them."""
+    by_name = {stage.name: stage for stage in stages}
+    stage = by_name[target] if target else stages[-1]
+    chain = [stage]
+    while stage.base in by_name:
+        stage = by_name[stage.base]
+        chain.insert(0, stage)
+    return chain
+
+
+def image(name: str) -> Stage:
+    """What docker/<name>.Dockerfile puts in the image it builds, as one stage: the instructions of its
+    last stage and of the stages that one is built FROM, in order."""
+    chain = image_stages(dockerfile(name))
+    merged = Stage(base=chain[0].base, name=chain[-1].name)
+    for stage in chain:
+        merged.instructions += stage.instructions
+        merged.text += stage.text
+    return merged
+
+
+def wheel_mounts(stage: Stage) -> list[tuple[str, str]]:
+    """(stage mounted from, RUN command) of each RUN that bind-mounts a stage's /wheels."""
+    return [
+        (match.group(1), run)
+        for run in stage.all("RUN")
+        if (match := re.search(r"--mount=type=bind,from=([\w.-]+),source=/wheels,target=/wheels", run))
+    ]
+
+
 def apt_packages(stage: Stage) -> set[str]:
     """Packages named by the stage's `apt-get install` commands (.deb files excluded)."""
     packages: set[str] = set()
@@ -128,20 +178,98 @@ def apt_packages(stage: Stage) -> set[str]:
     return packages
 
 
-def arg_default(stage: Stage, name: str) -> str | None:
+def arg_default(stage: Stage, name: str, path: Path | None = None) -> str | None:
+    """The value `name` has in the stage when no --build-arg is given; a bare `ARG name` takes the
+    default of the global ARG of the Dockerfile at `path`."""
     for arg in stage.all("ARG"):
-        key, _, value = arg.partition("=")
+        key, eq, value = arg.partition("=")
         if key == name:
+            if not eq and path is not None:
+                return global_args(path).get(name)
             return value.strip('"')
     return None
 
 
-def test_every_documented_image_has_its_dockerfile():
+def all_dockerfiles() -> list[Path]:
+    return [SHARED_DOCKERFILE, *sorted(DOCKER.glob("*.Dockerfile"))]
+
+
+def test_every_documented_image_has_its_dockerfile_and_its_target():
     assert sorted(p.name for p in DOCKER.glob("*.Dockerfile")) == sorted(f"{n}.Dockerfile" for n in ALL_IMAGES)
+    targets = [stage.name for stage in parse_dockerfile(SHARED_DOCKERFILE) if stage.name.startswith("kiln-")]
+    assert sorted(targets) == sorted(ALL_IMAGES)
+
+
+def test_per_image_dockerfiles_are_generated_from_the_shared_dockerfile():
+    result = subprocess.run(
+        [sys.executable, str(DOCKER / "render.py"), "--check"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_image_file_builds_the_same_image_as_its_target_of_the_shared_dockerfile(name):
+    """`docker build -f docker/<name>.Dockerfile .` (the documented command) and
+    `docker build --target <name> -f docker/Dockerfile .`: the same stages, the same global ARGs."""
+    shared = {stage.name: stage for stage in parse_dockerfile(SHARED_DOCKERFILE)}
+    stages = dockerfile(name)
+    assert stages[-1].name == name  # the file's default target
+    for stage in stages:
+        assert stage.text == shared[stage.name].text, f"{name}: stage {stage.name} differs from docker/Dockerfile's"
+    shared_args = global_args(SHARED_DOCKERFILE)
+    assert global_args(DOCKER / f"{name}.Dockerfile").items() <= shared_args.items()
+    for stage in stages:
+        for arg in stage.all("ARG"):
+            if "=" not in arg:
+                assert arg in global_args(DOCKER / f"{name}.Dockerfile"), f"{name}: global ARG {arg} not declared"
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_every_image_builds_its_wheel_in_the_one_shared_builder_stage(name):
+    shared = parse_dockerfile(SHARED_DOCKERFILE)
+    wheel_builders = [stage.name for stage in shared if PIP_WHEEL in stage.all("RUN")]
+    assert sorted(wheel_builders) == ["builder", "builder-gpu"]  # Debian, and CUDA's Ubuntu for the GPU image
+    chain = image_stages(shared, name)
+    sources = {source for stage in chain for source, _ in wheel_mounts(stage)}
+    assert sources == {WHEEL_BUILDER[name]}
+    assert not {stage.name for stage in chain} & set(wheel_builders), f"{name} is built on top of a builder"
+
+
+def documented_build_commands() -> list[tuple[str, str]]:
+    """(where, command) of every `docker build` command in the docs, the README and the Dockerfiles'
+    comments, continuation lines joined and comment marks dropped."""
+    sources = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *all_dockerfiles()]
+    commands = []
+    for path in sources:
+        text = re.sub(r"^#", "", path.read_text(), flags=re.M) if path.parent == DOCKER else path.read_text()
+        text = re.sub(r"[\\`]\n\s*", " ", text)
+        for command in re.findall(r"docker (?:buildx )?build\s+-[^\n]*", text):
+            commands.append((path.relative_to(REPO).as_posix(), command.split("`")[0]))
+    return commands
+
+
+def test_documented_build_commands_name_dockerfiles_and_targets_that_exist():
+    commands = documented_build_commands()
+    named = set()
+    for where, command in commands:
+        words = shlex.split(command.replace("$", "_"))
+        flags = {flag: words[i + 1] for i, flag in enumerate(words[:-1]) if flag in {"-f", "--file", "--target"}}
+        assert "-f" in flags or "--file" in flags, f"{where}: {command}: no -f"
+        file = flags.get("-f", flags.get("--file"))
+        # docker/kiln-<image>.Dockerfile stands for each image's file
+        files = [re.sub(r"kiln-<\w+>", name, file) for name in ALL_IMAGES] if "<" in file else [file]
+        for path in map(REPO.joinpath, files):
+            assert path.is_file(), f"{where}: {command}: no such Dockerfile {path.relative_to(REPO)}"
+            stages = parse_dockerfile(path)
+            target = flags.get("--target", stages[-1].name)
+            assert target in {stage.name for stage in stages}, f"{where}: {command}: no target {target}"
+            named.add(target)
+        assert words[-1] == ".", f"{where}: {command}: the build context is the repo root"
+    assert set(ALL_IMAGES) <= named  # each image's build command is written down somewhere
 
 
 def test_hadolint_passes_every_dockerfile_and_each_ignore_says_why():
-    files = sorted(DOCKER.glob("*.Dockerfile"))
+    files = all_dockerfiles()
     result = subprocess.run(
         [tool("hadolint"), "--no-color", *map(str, files)], cwd=REPO, capture_output=True, text=True, timeout=60
     )
@@ -163,6 +291,8 @@ def test_dockerfile_opens_with_its_build_and_run_commands(name):
         if not line.startswith("#"):
             break
         header.append(line)
+    # RUN --mount and COPY --chmod need BuildKit's Dockerfile syntax 1.x, whatever the engine bundles.
+    assert header[0] == "# syntax=docker/dockerfile:1"
     header_text = "\n".join(header)
     assert "docker build" in header_text
     assert f"-f docker/{name}.Dockerfile" in header_text
@@ -172,7 +302,7 @@ def test_dockerfile_opens_with_its_build_and_run_commands(name):
 
 @pytest.mark.parametrize("name", ALL_IMAGES)
 def test_image_runs_as_the_templates_non_root_user(name):
-    final = dockerfile(name)[-1]
+    final = image(name)
     assert final.last("USER") == "2222:2222"  # numeric, so Kubernetes' runAsNonRoot can verify it
     user_setup = " ".join(final.all("RUN"))
     assert "groupadd --gid 2222 kiln" in user_setup
@@ -183,8 +313,10 @@ def test_image_runs_as_the_templates_non_root_user(name):
 @pytest.mark.parametrize("name", sorted(set(ALL_IMAGES) - DEV_IMAGES))
 def test_runtime_image_carries_no_compiler(name):
     stages = dockerfile(name)
-    final = stages[-1]
-    assert final.name is None and final.base not in {s.name for s in stages[:-1]}, "final stage must start fresh"
+    chain = image_stages(stages)
+    assert chain[0].base not in {s.name for s in stages}, "the image must start from a base image"
+    assert not any(PIP_WHEEL in stage.all("RUN") for stage in chain), "the image must not be built on the builder"
+    final = image(name)
     assert "devel" not in final.base
     compilers = sorted(p for p in apt_packages(final) if COMPILER_PACKAGE.search(p))
     assert not compilers, f"{name}'s final stage installs build tools: {compilers}"
@@ -193,35 +325,36 @@ def test_runtime_image_carries_no_compiler(name):
 
 @pytest.mark.parametrize("name", ALL_IMAGES)
 def test_builder_compiles_the_wheel_with_the_documented_toolchain(name):
-    builder = dockerfile(name)[0]
-    assert builder.name == "builder"
+    stages = {stage.name: stage for stage in dockerfile(name)}
+    builder = stages[WHEEL_BUILDER[name]]
     assert {"cmake", "ninja-build", "g++", "pkg-config", "libopencv-dev", "nlohmann-json3-dev", "libdeflate-dev"} <= (
         apt_packages(builder)
     )
     runs = builder.all("RUN")
     assert any('"torch==${TORCH_VERSION}"' in run and '--index-url "${TORCH_INDEX_URL}"' in run for run in runs)
-    assert runs[-1] == "pip wheel --no-build-isolation --no-deps --wheel-dir /wheels ."
-    for stage in dockerfile(name)[1:]:
-        mounts = [run for run in stage.all("RUN") if "from=builder,source=/wheels" in run]
-        assert mounts and "/wheels/kiln_mlops-*.whl" in mounts[0]
-
-
-def test_builder_stage_is_the_same_in_every_debian_dockerfile():
-    reference = dockerfile(DEBIAN_IMAGES[0])[0].text
-    for name in DEBIAN_IMAGES[1:]:
-        assert dockerfile(name)[0].text == reference, f"{name}'s builder stage drifted from {DEBIAN_IMAGES[0]}'s"
+    assert runs[-1] == PIP_WHEEL
+    mounts = [(source, run) for stage in image_stages(dockerfile(name)) for source, run in wheel_mounts(stage)]
+    assert len(mounts) == 1, f"{name}: the image installs kiln's wheel once"
+    source, run = mounts[0]
+    assert source == builder.name and "/wheels/kiln_mlops-*.whl" in run
 
 
 def test_images_install_the_torch_kiln_is_pinned_to():
     (version,) = re.findall(r'^\s*"torch==([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
     for name in ALL_IMAGES:
-        for stage in dockerfile(name):
-            assert arg_default(stage, "TORCH_VERSION") == version, f"{name}: TORCH_VERSION != {version}"
-            index = arg_default(stage, "TORCH_INDEX_URL")
+        path = DOCKER / f"{name}.Dockerfile"
+        stages = dockerfile(name)
+        builder = next(stage for stage in stages if stage.name == WHEEL_BUILDER[name])
+        # The wheel is compiled against the torch the image runs with: each installs it exactly once.
+        for what in (image_stages(stages), [builder]):
+            torch_installs = [(s, r) for s in what for r in s.all("RUN") if '"torch==${TORCH_VERSION}"' in r]
+            assert len(torch_installs) == 1, f"{name}: torch installed {len(torch_installs)} times"
+            stage, run = torch_installs[0]
+            assert '--index-url "${TORCH_INDEX_URL}"' in run
+            assert arg_default(stage, "TORCH_VERSION", path) == version, f"{name}: TORCH_VERSION != {version}"
+            index = arg_default(stage, "TORCH_INDEX_URL", path)
             expected = "/whl/cu" if name == GPU_IMAGE else "/whl/cpu"
             assert index and expected in index, f"{name}: TORCH_INDEX_URL {index}"
-            torch_installs = [r for r in stage.all("RUN") if '"torch==${TORCH_VERSION}"' in r]
-            assert len(torch_installs) == 1 and '--index-url "${TORCH_INDEX_URL}"' in torch_installs[0]
 
 
 def _kiln_core_packages() -> set[str]:
@@ -253,22 +386,23 @@ def test_runtime_images_install_the_libraries_kiln_core_links_against():
     needed = _kiln_core_packages() - in_every_debian_image
     assert needed, "expected kiln._core to link OpenCV and libdeflate"
     for name in sorted(set(ALL_IMAGES) - DEV_IMAGES - {GPU_IMAGE}):
-        missing = needed - apt_packages(dockerfile(name)[-1])
+        missing = needed - apt_packages(image(name))
         assert not missing, f"{name}'s runtime stage does not install {missing}"
     # Ubuntu 24.04 (the CUDA images' base) names the same OpenCV 4.6 libraries with a t64 suffix.
     ubuntu_names = {p + "t64" if p.startswith("libopencv") else p for p in needed}
-    assert ubuntu_names <= apt_packages(dockerfile(GPU_IMAGE)[-1])
+    assert ubuntu_names <= apt_packages(image(GPU_IMAGE))
 
 
 def test_gpu_image_builds_on_cuda_devel_and_runs_on_cuda_runtime():
-    builder, final = dockerfile(GPU_IMAGE)
+    stages = {stage.name: stage for stage in dockerfile(GPU_IMAGE)}
+    builder, final = stages[WHEEL_BUILDER[GPU_IMAGE]], image(GPU_IMAGE)
     assert builder.base.startswith("nvidia/cuda:") and "-devel-" in builder.base
     assert final.base.startswith("nvidia/cuda:") and "-runtime-" in final.base
     assert json.loads(final.last("CMD")) == ["python", "src/train_model.py", "no_cuda=false"]
 
 
 def test_fastapi_image_fetches_the_model_then_runs_the_documented_gunicorn_command():
-    final = dockerfile("kiln-fastapi")[-1]
+    final = image("kiln-fastapi")
     assert json.loads(final.last("ENTRYPOINT")) == ["kiln-fetch-model"]
     assert json.loads(final.last("CMD")) == GUNICORN_CMD
     assert "8080" in final.all("EXPOSE")
@@ -279,7 +413,7 @@ def test_fastapi_image_fetches_the_model_then_runs_the_documented_gunicorn_comma
 
 
 def test_batch_inferencing_image_runs_batch_inferencing_on_the_fetched_model():
-    final = dockerfile("kiln-batch-inferencing")[-1]
+    final = image("kiln-batch-inferencing")
     assert json.loads(final.last("ENTRYPOINT")) == ["kiln-fetch-model"]
     assert json.loads(final.last("CMD")) == ["kiln-batch-inferencing"]
     assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in " ".join(final.all("ENV"))
@@ -288,14 +422,14 @@ def test_batch_inferencing_image_runs_batch_inferencing_on_the_fetched_model():
 @pytest.mark.parametrize("name", ["kiln-data-prep", "kiln-model-training"])
 def test_job_images_default_to_their_hydra_app(name):
     app = "process_data" if name == "kiln-data-prep" else "train_model"
-    assert json.loads(dockerfile(name)[-1].last("CMD")) == ["python", f"src/{app}.py"]
+    assert json.loads(image(name).last("CMD")) == ["python", f"src/{app}.py"]
 
 
 def test_vscode_image_has_what_setup_sh_installs_so_tests_run_without_root():
     setup = (REPO / "scripts" / "setup.sh").read_text()
     listed = re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1)
     packages = {word for line in listed.splitlines() for word in line.split("#")[0].split()}
-    assert packages <= apt_packages(dockerfile("kiln-vscode")[-1])
+    assert packages <= apt_packages(image("kiln-vscode"))
 
 
 def _dockerignore_regexes() -> list[tuple[bool, re.Pattern]]:
@@ -345,9 +479,10 @@ def test_dockerignore_keeps_data_and_build_outputs_out_of_the_context():
         assert not ignored_by_docker(path), path
 
 
-@pytest.mark.parametrize("name", ALL_IMAGES)
+@pytest.mark.parametrize("name", [*ALL_IMAGES, "Dockerfile"])
 def test_everything_a_dockerfile_copies_is_in_the_build_context(name):
-    for stage in dockerfile(name):
+    path = SHARED_DOCKERFILE if name == "Dockerfile" else DOCKER / f"{name}.Dockerfile"
+    for stage in parse_dockerfile(path):
         for copy in stage.all("COPY"):
             words = [w for w in copy.split() if not w.startswith("--")]
             for source in words[:-1]:
