@@ -591,18 +591,19 @@ def test_sweep_init_container_lets_worker_0_alone_create_the_study(tmp_path):
             text=True,
         )
 
-    waiting = start("1")
-    try:
-        time.sleep(3)
-        assert waiting.poll() is None, waiting.stdout.read()
-        # It only reads: the schema is left to worker 0.
-        with sqlite3.connect(database) as connection:
-            assert connection.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall() == []
-        creator = start("0")
-        assert creator.wait(timeout=60) == 0, creator.stdout.read()
-        assert waiting.wait(timeout=30) == 0, waiting.stdout.read()
-    finally:
-        waiting.kill()
+    # Popen's context closes each worker's output pipe; killing an exited worker is a no-op.
+    with start("1") as waiting:
+        try:
+            time.sleep(3)
+            assert waiting.poll() is None, waiting.stdout.read()
+            # It only reads: the schema is left to worker 0.
+            with sqlite3.connect(database) as connection:
+                assert connection.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall() == []
+            with start("0") as creator:
+                assert creator.wait(timeout=60) == 0, creator.stdout.read()
+            assert waiting.wait(timeout=30) == 0, waiting.stdout.read()
+        finally:
+            waiting.kill()
     import optuna
 
     study = optuna.load_study(study_name="base-template", storage=env["OPTUNA_STORAGE"])

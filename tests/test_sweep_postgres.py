@@ -105,13 +105,16 @@ def test_two_sweep_processes_share_one_postgres_study(tmp_path: Path, processed_
     ]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
-    trials = optuna.load_study(study_name="distributed", storage=postgres).trials
+    storage = optuna.storages.RDBStorage(postgres)
+    try:
+        study = optuna.load_study(study_name="distributed", storage=storage)
+        trials = study.trials
+        # The worker that finished last wrote the Pareto front of the whole study, all workers' trials included.
+        study_front = sorted(tuple(t.values) for t in study.best_trials)
+    finally:
+        storage.engine.dispose()  # closes the pooled connections now, not at garbage collection
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # every worker's trials, none duplicated
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    # The worker that finished last wrote the Pareto front of the whole study, all workers' trials included.
-    study_front = sorted(
-        tuple(t.values) for t in optuna.load_study(study_name="distributed", storage=postgres).best_trials
-    )
     fronts = [
         sorted(tuple(solution["values"]) for solution in yaml.safe_load(path.read_text())["solutions"])
         for path in tmp_path.glob("worker-*/optimization_results.yaml")
