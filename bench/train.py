@@ -116,7 +116,7 @@ def run_python_epochs(model, train_batches, test_batches, epochs: int, bf16: boo
 
 def contender_kiln(processed: Path, raw: Path, args) -> list[dict]:
     from kiln import Trainer
-    from kiln.training import resolve_precision
+    from kiln.precision import resolve_precision
 
     trainer = Trainer(
         processed,

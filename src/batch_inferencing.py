@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @hydra.main(version_base=None, config_path="../conf", config_name="batch_inferencing.yaml")
 def main(args: DictConfig) -> None:
-    cli.setup_app_logging(args.get("log_dir"))
+    cli.setup_app_logging(args["log_dir"])
     with cli.exit_on_user_error(logger):
         batch_infer(args, Path(HydraConfig.get().runtime.output_dir))
 

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 @hydra.main(version_base=None, config_path="../conf", config_name="process_data.yaml")
 def main(args: DictConfig) -> None:
-    cli.setup_app_logging(args.get("log_dir"))
+    cli.setup_app_logging(args["log_dir"])
     with cli.exit_on_user_error(logger):
         process_data(args)
 

@@ -7,9 +7,11 @@ Reads conf/train_model.yaml; every epoch runs in kiln's C++ trainer. Returns the
 import logging
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from kiln import cli
+from kiln.tracking import SweepTrial
 from kiln.training import train
 
 logger = logging.getLogger(__name__)
@@ -17,16 +19,16 @@ logger = logging.getLogger(__name__)
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train_model.yaml")
 def main(args: DictConfig) -> tuple[float, float]:
-    cli.setup_app_logging(args.get("log_dir"))
+    cli.setup_app_logging(args["log_dir"])
     if cli.in_multirun():
         cli.share_cores_between_parallel_trials()
-        tags = cli.sweep_trial_tags()
+        trial = SweepTrial.from_hydra(HydraConfig.get())
         try:
-            result = train(args, tags=tags)
+            result = train(args, trial=trial)
         except Exception:
             # NaN objectives make Optuna record the trial as FAIL, and the sweep goes on (the
             # sweeper's default max_failure_rate of 0 would end it at the first exception).
-            logger.exception("Trial %s failed; the sweep goes on", tags["trial_number"])
+            logger.exception("Trial %s failed; the sweep goes on", trial.number)
             return float("nan"), float("nan")
     else:
         with cli.exit_on_user_error(logger):

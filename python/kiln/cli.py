@@ -8,10 +8,14 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln import general_utils
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # The apps keep the template's `@hydra.main(version_base=None, ...)`, which Hydra 1.4 (the line
 # whose Optuna sweeper works with current Optuna) reports as deprecated on every run.
@@ -49,13 +53,27 @@ def accept_app_prefixed_overrides(app_name: str, argv: list[str] | None = None) 
             args[index] = (match["op"] or "") + match["rest"]
 
 
+def compose_config(config_name: str, overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` with Hydra ``overrides`` applied: the config an app's ``main``
+    receives (without Hydra's own ``hydra:`` section), for calling ``kiln.training.train(cfg)``,
+    ``kiln.inference.batch_infer(cfg, out)`` or ``kiln.processing.process_data(cfg)`` from Python.
+
+    ``conf_dir`` defaults to the folder of :func:`logging_config_path` (./conf, else the checkout's).
+    """
+    from hydra import compose, initialize_config_dir
+
+    directory = (conf_dir or logging_config_path().parent).resolve()
+    with initialize_config_dir(config_dir=str(directory)):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
 def setup_app_logging(log_dir: str | None) -> None:
     """Configure logging from the repo's conf/logging.yaml, with files in ``log_dir``."""
     general_utils.setup_logging(logging_config_path=str(logging_config_path()), log_dir=log_dir)
 
 
 def _is_expected(error: Exception) -> bool:
-    from kiln.general_utils import TrackingError
+    from kiln.tracking import TrackingError
 
     expected: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, TrackingError)
     core = sys.modules.get("kiln._core")  # loaded by then if the error came from the C++ core
@@ -84,22 +102,6 @@ def share_cores_between_parallel_trials() -> None:
     launcher = str(OmegaConf.select(config, "launcher._target_", default=""))
     if n_jobs > 1 and "BasicLauncher" not in launcher:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
-
-
-def sweep_trial_tags() -> dict[str, str]:
-    """Group a sweep's trials in MLflow: MLFLOW_HPTUNING_TAG, when the user did not set it, becomes
-    the sweep's output dir (named after the sweep's start time, the same for every trial, also in
-    parallel worker processes); returns the trial's own tags (trial number, study name)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    config = HydraConfig.get()
-    os.environ.setdefault("MLFLOW_HPTUNING_TAG", str(config.sweep.dir))
-    tags = {"trial_number": str(config.job.num)}
-    study_name = OmegaConf.select(config, "sweeper.study_name")
-    if study_name:
-        tags["study_name"] = str(study_name)
-    return tags
 
 
 @contextlib.contextmanager

@@ -15,36 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln.models import resolve_checkpoint
+from kiln.precision import load_predictor
 from kiln.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
-
-
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
-
-
-def load_predictor(checkpoint: Path, no_cuda: bool, precision: str = "auto"):
-    """kiln.Predictor for ``checkpoint`` on the training device rules (``no_cuda``) and ``precision``.
-
-    ``auto`` on the CPU: int8 where it can run (a checkpoint with kiln's int8 calibration, a CPU with
-    VNNI), else what training's ``auto`` picks (bf16 where the hardware computes it natively, else
-    fp32); on a GPU: training's ``auto``. ``int8`` without those raises ValueError naming what is missing.
-    """
-    import kiln
-    from kiln.training import resolve_device, resolve_precision
-
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
-    device = resolve_device(no_cuda)
-    if precision == "int8":
-        return kiln.Predictor(checkpoint, device=device, precision="int8")
-    floating = resolve_precision(precision, device)
-    if precision != "auto" or device != "cpu":
-        return kiln.Predictor(checkpoint, device=device, precision=floating)
-    predictor = kiln.Predictor(checkpoint, device=device, precision="int8", fallback=floating)
-    if predictor.int8_unavailable:
-        logger.info("Predicting in %s: no int8 here, %s", predictor.precision, predictor.int8_unavailable)
-    return predictor
 
 
 def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -72,10 +46,10 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     # A model from MLflow (runs:/...) is downloaded to a temp dir, removed once the predictor holds it.
     with tempfile.TemporaryDirectory(prefix="kiln-model-") as download_dir:
         checkpoint = resolve_checkpoint(inference["model_path"], cache_dir=download_dir)
-        predictor = load_predictor(checkpoint, bool(cfg.get("no_cuda", True)), str(inference.get("precision", "auto")))
-    output_path = output_dir / inference.get("output_path", "batch-infer-res.jsonl")
+        predictor = load_predictor(checkpoint, bool(cfg["no_cuda"]), str(inference["precision"]))
+    output_path = output_dir / inference["output_path"]
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    glob = inference.get("file_check_glob", "*.png")
+    glob = inference["file_check_glob"]
     logger.info(
         "Classifying %s/%s with %s (%s, %d classes, %s)",
         input_dir,
@@ -94,7 +68,7 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
             input_dir,
             glob=glob,
             output_path=output_path,
-            batch_size=int(inference.get("batch_size", 256)),
+            batch_size=int(inference["batch_size"]),
             progress=progress,
         )
     finally:

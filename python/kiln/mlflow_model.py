@@ -1,7 +1,8 @@
 """kiln's model in MLflow's pyfunc format (logged as "models from code").
 
 MLflow copies this file into the logged model and runs it on load; the weights come from the kiln
-checkpoint artifact, read by the C++ predictor. Nothing is unpickled.
+checkpoint artifact, read by the C++ predictor in the precision serving picks with its defaults
+(``PRECISION=auto``, ``NO_CUDA=true``; see :mod:`kiln.precision`). Nothing is unpickled.
 
     model = mlflow.pyfunc.load_model("runs:/<run id>/model")
     model.predict(images)   # uint8 [N, C, H, W] -> DataFrame: prediction, probability, probabilities
@@ -17,9 +18,9 @@ from mlflow.pyfunc import PythonModel
 
 class KilnImageClassifier(PythonModel):
     def load_context(self, context) -> None:
-        import kiln
+        from kiln.precision import load_predictor
 
-        self.predictor = kiln.Predictor(context.artifacts["checkpoint"])
+        self.predictor = load_predictor(context.artifacts["checkpoint"], no_cuda=True, precision="auto")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch

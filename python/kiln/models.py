@@ -96,7 +96,7 @@ def download(run_id: str, dst: str | os.PathLike[str], tracking_uri: str | None 
     """
     import mlflow
 
-    from kiln.general_utils import allow_local_file_store
+    from kiln.tracking import allow_local_file_store
 
     target = Path(dst) / run_id
     if target.is_dir():

@@ -67,7 +67,7 @@ def process_data(cfg: Mapping[str, Any]):
             "raw_data_dir_path=./data/sample)"
         )
     prepare_dataset = kiln.prepare_dataset  # loads the C++ core before the clock starts
-    if not cfg.get("no_cuda", True):
+    if not cfg["no_cuda"]:
         logger.info("Data preparation decodes on the CPU; no_cuda=false only matters for training.")
     logger.info("Preparing images from %s into %s", raw_dir, out_dir)
 
@@ -77,9 +77,9 @@ def process_data(cfg: Mapping[str, Any]):
         manifest = prepare_dataset(
             raw_dir,
             out_dir,
-            image_size=_image_size(cfg.get("image_size")),
-            channels=cfg.get("channels"),
-            num_workers=int(cfg.get("num_workers") or 0),
+            image_size=_image_size(cfg["image_size"]),
+            channels=cfg["channels"],
+            num_workers=int(cfg["num_workers"] or 0),
             progress=progress,
         )
     finally:

@@ -8,68 +8,22 @@ interrupted runs.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln import general_utils
-from kiln.general_utils import TRAINING_METRICS, TrackingError, mlflow_log
+from kiln import tracking
+from kiln.precision import resolve_device, resolve_precision
 from kiln.progress import ProgressBar
+from kiln.tracking import CHECKPOINT_ARTIFACT_DIR, SweepTrial, Tracking, TrackingError
+
+if TYPE_CHECKING:
+    from kiln._core import Trainer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
-
-def resolve_device(no_cuda: bool) -> str:
-    import torch
-
-    return "cuda" if not no_cuda and torch.cuda.is_available() else "cpu"
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    """``auto`` is bf16 where the hardware computes it natively (same accuracy, faster), else fp32."""
-    import torch
-
-    if requested in ("fp32", "bf16"):
-        return requested
-    if requested != "auto":
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {requested!r}")
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def _metrics(epoch_metrics: Mapping[str, float]) -> dict[str, float]:
-    return {key: float(epoch_metrics[key]) for key in TRAINING_METRICS}
-
-
-def _find_checkpoint(local: Path, run_id: str | None) -> Path | None:
-    """The run's checkpoint: the local copy, else the one logged to the run (another machine's)."""
-    if local.is_file():
-        return local
-    if run_id is None:
-        return None
-    import mlflow
-
-    try:
-        downloaded = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_NAME}"
-        )
-    except Exception as error:  # no such artifact
-        logger.debug("No checkpoint artifact in run %s: %s", run_id, error)
-        return None
-    local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(local.name + ".download")
-    shutil.copyfile(downloaded, partial)
-    os.replace(partial, local)  # a killed copy never leaves a truncated checkpoint behind
-    return local
-
-
-def _log_model(trainer, checkpoint: Path) -> None:
+def _log_model(trainer: Trainer, checkpoint: Path) -> None:
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -90,7 +44,7 @@ def _log_model(trainer, checkpoint: Path) -> None:
     )
 
 
-def _log_plots(trainer) -> None:
+def _log_plots(trainer: Trainer) -> None:
     import mlflow
     from matplotlib import pyplot as plt
 
@@ -107,10 +61,12 @@ def _log_plots(trainer) -> None:
         plt.close(figure)
 
 
-def train(cfg: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, Any]:
     """Train as configured by conf/train_model.yaml; returns the last epoch's metrics and paths.
 
-    ``tags`` are set on the MLflow run (a sweep's trial number and study name).
+    ``cfg`` holds every key of conf/train_model.yaml (compose it with Hydra to call this from
+    Python). ``trial`` is the sweep trial this job is: it groups the run (``-hp`` name,
+    ``hptuning_tag``) and tags it with the trial number and study name.
 
     Raises TrackingError when setup_mlflow is on and MLflow cannot be used (before any training),
     kiln.TrainingError when the loss diverges, FileNotFoundError/ValueError for bad data or config.
@@ -118,111 +74,102 @@ def train(cfg: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> dict
     """
     import kiln
 
-    device = resolve_device(bool(cfg.get("no_cuda", True)))
-    precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    device = resolve_device(bool(cfg["no_cuda"]))
+    precision = resolve_precision(str(cfg["precision"]), device)
     # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
     trainer = kiln.Trainer(
         Path(cfg["data_dir_path"]),
-        model=str(cfg.get("model", "mnist_cnn")),
+        model=str(cfg["model"]),
         lr=float(cfg["lr"]),
-        gamma=float(cfg.get("gamma", 0.7)),
+        gamma=float(cfg["gamma"]),
         train_batch_size=int(cfg["train_bs"]),
         test_batch_size=int(cfg["test_bs"]),
-        seed=int(cfg.get("seed", 1)),
+        seed=int(cfg["seed"]),
         device=device,
         precision=precision,
-        train_limit=int(cfg.get("train_limit") or 0),
-        test_limit=int(cfg.get("test_limit") or 0),
+        train_limit=int(cfg["train_limit"] or 0),
+        test_limit=int(cfg["test_limit"] or 0),
     )
-    tracking = bool(cfg.get("setup_mlflow", False))
-    uri = cfg.get("mlflow_tracking_uri")
-    status, run, step_offset = general_utils.mlflow_init(
+    run = _start_tracking(cfg, trial)
+    try:
+        return _train(cfg, trainer, precision, run)
+    except BaseException as error:
+        tracking.end_failed(run, error)
+        raise
+
+
+def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None) -> Tracking:
+    if not cfg["setup_mlflow"]:
+        return tracking.UNTRACKED
+    uri = cfg["mlflow_tracking_uri"]
+    run = tracking.open_run(
         uri,
-        cfg.get("mlflow_exp_name"),
-        cfg.get("mlflow_run_name", "train-model"),
-        setup_mlflow=tracking,
-        autolog=bool(cfg.get("mlflow_autolog", False)),
-        resume=bool(cfg.get("resume", False)),
+        cfg["mlflow_exp_name"],
+        cfg["mlflow_run_name"],
+        autolog=bool(cfg["mlflow_autolog"]),
+        resume=bool(cfg["resume"]),
+        hptuning_tag=trial.hptuning_tag if trial is not None else None,
     )
-    if tracking and not status:
+    if not run.tracked:
         raise TrackingError(
             f"setup_mlflow=true but MLflow could not be set up with tracking URI {uri} (reason logged "
             "above); fix mlflow_tracking_uri or set setup_mlflow=false to train untracked"
         )
-    mlflow_log(status, "set_tags", tags=dict(tags or {}))
-    try:
-        return _train(cfg, trainer, precision, status, run, step_offset)
-    except BaseException as error:
-        if status:
-            import mlflow
-
-            failed = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            mlflow_log(status, "set_tag", key="kiln.error", value=f"{type(error).__name__}: {error}"[:5000])
-            mlflow.end_run(status=failed)
-        raise
+    if trial is not None:
+        run.log("set_tags", tags=trial.tags)
+    return run
 
 
-def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
-    import mlflow
-
-    run_id = run.info.run_id if run is not None else None
-    artifact_dir = Path(cfg.get("artifact_dir_path", "./models"))
-    checkpoint = artifact_dir / run_id / CHECKPOINT_NAME if run_id else artifact_dir / CHECKPOINT_NAME
-    resumed = False
-    if cfg.get("resume", False):
-        found = _find_checkpoint(checkpoint, run_id if status and step_offset > 0 else None)
-        if found is not None:
-            trainer.load_checkpoint(found)
-            resumed = True
-            logger.info("Resumed from %s at epoch %d", found, trainer.epoch)
-            # A job killed between writing its checkpoint and logging that epoch: log it now.
-            for epoch_metrics in trainer.history:
-                if epoch_metrics["epoch"] > step_offset:
-                    mlflow_log(
-                        status,
-                        "log_metrics",
-                        metrics=_metrics(epoch_metrics),
-                        step=epoch_metrics["epoch"],
-                    )
-            if step_offset > trainer.epoch:
-                logger.warning(
-                    "MLflow run has steps up to %d but the checkpoint is at epoch %d; "
-                    "epochs %d..%d will be logged again",
-                    step_offset,
-                    trainer.epoch,
-                    trainer.epoch + 1,
-                    step_offset,
-                )
-        else:
-            logger.warning(
-                "resume=true but no checkpoint found at %s; training starts from scratch",
-                checkpoint,
-            )
-            if status and step_offset > 0:
-                mlflow.end_run()
-                run = general_utils.start_mlflow_run(
-                    general_utils.run_base_name(cfg.get("mlflow_run_name", "train-model"))
-                )
-                run_id = run.info.run_id
-                checkpoint = artifact_dir / run_id / CHECKPOINT_NAME
-
+def _train(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking) -> dict[str, Any]:
+    artifact_dir = Path(cfg["artifact_dir_path"])
+    run, resumed = _resume(cfg, trainer, run, artifact_dir)
     if not resumed:
-        mlflow_log(
-            status,
-            "log_params",
-            params={
-                "learning_rate": cfg["lr"],
-                "train_batch_size": cfg["train_bs"],
-                "test_batch_size": cfg["test_bs"],
-                "model": trainer.model_name,
-                "seed": cfg.get("seed", 1),
-                "device": trainer.device,
-                "precision": precision,
-                "epochs": cfg["epochs"],
-            },
-        )
-        config = cfg if isinstance(cfg, dict) else _to_container(cfg)
-        mlflow_log(status, "log_dict", dictionary=config, artifact_file="train_model_config.json")
+        _log_params(cfg, trainer, precision, run)
+    checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
+    epoch_metrics = _train_epochs(cfg, trainer, precision, run, checkpoint)
+    return _finish(trainer, run, checkpoint, epoch_metrics)
+
+
+def _resume(cfg: Mapping[str, Any], trainer: Trainer, run: Tracking, artifact_dir: Path) -> tuple[Tracking, bool]:
+    """With resume=true, load the run's last checkpoint into ``trainer`` (True), or, with none, go
+    on from scratch, in a new run when the reopened one has steps (False)."""
+    if not cfg["resume"]:
+        return run, False
+    checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
+    found = tracking.find_checkpoint(checkpoint, run.run_id if run.tracked and run.step_offset > 0 else None)
+    if found is None:
+        logger.warning("resume=true but no checkpoint found at %s; training starts from scratch", checkpoint)
+        if run.tracked and run.step_offset > 0:
+            run = tracking.restart_run(run)
+        return run, False
+    trainer.load_checkpoint(found)
+    logger.info("Resumed from %s at epoch %d", found, trainer.epoch)
+    tracking.log_missed_epochs(run, trainer.history, trainer.epoch)
+    return run, True
+
+
+def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking) -> None:
+    run.log(
+        "log_params",
+        params={
+            "learning_rate": cfg["lr"],
+            "train_batch_size": cfg["train_bs"],
+            "test_batch_size": cfg["test_bs"],
+            "model": trainer.model_name,
+            "seed": cfg["seed"],
+            "device": trainer.device,
+            "precision": precision,
+            "epochs": cfg["epochs"],
+        },
+    )
+    config = cfg if isinstance(cfg, dict) else _to_container(cfg)
+    run.log("log_dict", dictionary=config, artifact_file="train_model_config.json")
+
+
+def _train_epochs(
+    cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking, checkpoint: Path
+) -> dict[str, float]:
+    """``epochs`` more epochs; each is checkpointed, then logged. Returns the last one's metrics."""
     logger.info(
         "Training %s on %d images (%d test) for %d epoch(s) on %s, %s, lr %s, batch %s",
         trainer.model_name,
@@ -234,7 +181,6 @@ def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
         cfg["lr"],
         cfg["train_bs"],
     )
-
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     epoch_metrics: dict[str, float] = {}
     for _ in range(int(cfg["epochs"])):
@@ -245,13 +191,8 @@ def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
             bar.close()
         # Checkpoint before logging: a job killed in between re-logs this epoch when resumed.
         trainer.save_checkpoint(checkpoint)
-        mlflow_log(status, "log_metrics", metrics=_metrics(epoch_metrics), step=epoch_metrics["epoch"])
-        mlflow_log(
-            status,
-            "log_artifact",
-            local_path=str(checkpoint),
-            artifact_path=CHECKPOINT_ARTIFACT_DIR,
-        )
+        tracking.log_epoch(run, epoch_metrics)
+        run.log("log_artifact", local_path=str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT_DIR)
         logger.info(
             "Epoch %d: train loss %.4f, train accuracy %.4f, test loss %.4f, test accuracy %.4f (%.1fs)",
             epoch_metrics["epoch"],
@@ -261,8 +202,14 @@ def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
             epoch_metrics["test_accuracy"],
             epoch_metrics["seconds"],
         )
+    return epoch_metrics
 
-    if status and trainer.history:
+
+def _finish(trainer: Trainer, run: Tracking, checkpoint: Path, epoch_metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Log the plots and the pyfunc model, end the run; the result ``train`` returns."""
+    if run.tracked and trainer.history:
+        import mlflow
+
         _log_plots(trainer)
         _log_model_safely(trainer, checkpoint)
         mlflow.end_run()
@@ -271,12 +218,12 @@ def _train(cfg, trainer, precision, status, run, step_offset) -> dict[str, Any]:
         "test_loss": float(last.get("test_loss", float("nan"))),
         "test_accuracy": float(last.get("test_accuracy", float("nan"))),
         "epoch": trainer.epoch,
-        "run_id": run_id,
+        "run_id": run.run_id,
         "checkpoint": str(checkpoint),
     }
 
 
-def _log_model_safely(trainer, checkpoint: Path) -> None:
+def _log_model_safely(trainer: Trainer, checkpoint: Path) -> None:
     try:
         _log_model(trainer, checkpoint)
     except Exception as error:  # a tracking error never fails a finished training

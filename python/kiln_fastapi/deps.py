@@ -33,8 +33,8 @@ def load_model(settings: Settings) -> ServedModel:
     """Resolve PRED_MODEL_PATH (or download PRED_MODEL_UUID) and load it into the C++ predictor."""
     import torch
 
-    from kiln.inference import load_predictor
     from kiln.models import download, resolve_checkpoint
+    from kiln.precision import load_predictor
 
     try:
         if settings.PRED_MODEL_PATH:
