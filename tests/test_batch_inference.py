@@ -1,8 +1,11 @@
-"""Batch inference: the real `python src/batch_inferencing.py`, model resolution and download."""
+"""Batch inference: `kiln.inference.batch_infer(cfg, out)` on configs composed from
+conf/batch_inferencing.yaml, the real `python src/batch_inferencing.py` for the command's contract
+(exit codes, messages, an MLflow model from the environment), model resolution and download."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -13,7 +16,8 @@ import torch
 
 import kiln
 from conftest import REPO, SAMPLE, run_app
-from kiln.inference import load_predictor
+from kiln.cli import compose_config
+from kiln.inference import batch_infer, load_predictor
 
 TEST_CLASS = "7_Sneaker"
 
@@ -45,7 +49,7 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def test_batch_inference_classifies_every_image_and_reports_bad_files(
-    tmp_path: Path, processed_sample: Path, trained_checkpoint: Path
+    tmp_path: Path, processed_sample: Path, trained_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     files, rows = sample_rows_of(processed_sample, "test", TEST_CLASS)
     images = tmp_path / "images"
@@ -56,16 +60,15 @@ def test_batch_inference_classifies_every_image_and_reports_bad_files(
     (images / "notes.png").write_text("not an image")
     (images / "readme.txt").write_text("not matched by the glob")
 
-    result = run_app(
-        "batch_inferencing.py",
-        f"inference.model_path={trained_checkpoint}",
-        f"inference.input_data_dir={images}",
-        "inference.batch_size=16",
-        cwd=tmp_path,
+    config = compose_config(
+        "batch_inferencing",
+        [f"inference.model_path={trained_checkpoint}", f"inference.input_data_dir={images}", "inference.batch_size=16"],
     )
-    assert result.returncode == 0, result.stderr
+    with caplog.at_level(logging.INFO, logger="kiln.inference"):
+        summary = batch_infer(config, tmp_path / "outputs")
     output = tmp_path / "outputs" / "batch-infer-res.jsonl"
-    assert f"Batch inference results are saved to {output}" in result.stdout + result.stderr
+    assert summary == {"files": len(files) + 2, "classified": len(files), "failed": 2, "output_path": str(output)}
+    assert f"Batch inference results are saved to {output}" in caplog.text
     lines = read_lines(output)
     assert len(lines) == len(files) + 2
     by_name = {Path(line["image_filepath"]).name: line for line in lines}

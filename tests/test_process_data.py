@@ -1,9 +1,13 @@
-"""`python src/process_data.py` end to end: the real Hydra CLI, the compiled core, real files."""
+"""Data preparation: `kiln.processing.process_data(cfg)` on configs composed from
+conf/process_data.yaml, and `python src/process_data.py` end to end for the command's contract (exit
+codes, messages, log files, template-style overrides); the compiled core, real files."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,17 @@ from PIL import Image
 
 import kiln
 from conftest import SAMPLE, copy_sample, run_app
+from kiln.cli import compose_config
+from kiln.processing import process_data
+
+
+def prepare(raw: Path, processed: Path, *overrides: str) -> kiln.Manifest:
+    """What `python src/process_data.py raw_data_dir_path=<raw> processed_data_dir_path=<processed>`
+    runs, in this process."""
+    config = compose_config(
+        "process_data", [f"raw_data_dir_path={raw}", f"processed_data_dir_path={processed}", *overrides]
+    )
+    return process_data(config)
 
 
 def read_manifest_json(processed: Path) -> dict:
@@ -59,20 +74,15 @@ def test_sample_is_prepared_into_tensors_torch_load_reads(tmp_path: Path) -> Non
 
 
 def test_same_input_gives_identical_files(tmp_path: Path, small_raw: Path) -> None:
-    for name in ("a", "b"):
-        result = run_app(
-            "process_data.py",
-            f"raw_data_dir_path={small_raw}",
-            f"processed_data_dir_path={tmp_path / name}",
-            f"num_workers={1 if name == 'a' else 2}",
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr
+    prepare(small_raw, tmp_path / "a", "num_workers=1")
+    prepare(small_raw, tmp_path / "b", "num_workers=2")
     for file in ("train.pt", "test.pt", "manifest.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
 
 
-def test_bad_files_are_skipped_listed_logged_and_the_rest_kept(tmp_path: Path) -> None:
+def test_bad_files_are_skipped_listed_logged_and_the_rest_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     raw = copy_sample(tmp_path / "raw", per_class=4, classes=2)
     shirts = raw / "train" / "0_T-shirt_top"
     good_png = sorted(shirts.iterdir())[0].read_bytes()
@@ -88,14 +98,8 @@ def test_bad_files_are_skipped_listed_logged_and_the_rest_kept(tmp_path: Path) -
     empty_class.mkdir()
     (empty_class / "broken.png").write_bytes(b"broken")
 
-    result = run_app(
-        "process_data.py",
-        f"raw_data_dir_path={raw}",
-        f"processed_data_dir_path={tmp_path / 'processed'}",
-        f"log_dir={tmp_path / 'logs'}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+    with caplog.at_level(logging.WARNING):
+        prepare(raw, tmp_path / "processed")
     manifest = read_manifest_json(tmp_path / "processed")
     skipped = {item["path"]: item["reason"] for item in manifest["skipped"]}
     prefix = "train/0_T-shirt_top/"
@@ -125,7 +129,8 @@ def test_bad_files_are_skipped_listed_logged_and_the_rest_kept(tmp_path: Path) -
     assert train["images"].shape[0] == manifest["splits"]["train"]["count"] == 11
     assert (train["images"] == 7).flatten(1).all(dim=1).sum() == 1  # the non-ASCII named image
 
-    warn_log = (tmp_path / "logs" / "warn.log").read_text(encoding="utf-8")
+    # What conf/logging.yaml's warn.log receives (tests/test_general_utils.py checks that routing).
+    warn_log = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     for path in skipped:
         assert path in warn_log
     assert "9_empty" in warn_log
@@ -142,15 +147,7 @@ def test_missing_raw_dir_fails_with_one_clear_message(tmp_path: Path) -> None:
 
 def test_raw_dir_without_images_fails_and_keeps_previous_dataset(tmp_path: Path, small_raw: Path) -> None:
     processed = tmp_path / "processed"
-    assert (
-        run_app(
-            "process_data.py",
-            f"raw_data_dir_path={small_raw}",
-            f"processed_data_dir_path={processed}",
-            cwd=tmp_path,
-        ).returncode
-        == 0
-    )
+    prepare(small_raw, processed)
     before = (processed / "train.pt").read_bytes()
     empty = tmp_path / "empty"
     (empty / "train" / "cat").mkdir(parents=True)
@@ -178,19 +175,11 @@ def test_template_style_prefixed_overrides_work(tmp_path: Path, small_raw: Path)
 
 
 def test_image_size_and_channels_options(tmp_path: Path, small_raw: Path) -> None:
-    result = run_app(
-        "process_data.py",
-        f"raw_data_dir_path={small_raw}",
-        f"processed_data_dir_path={tmp_path / 'p'}",
-        "image_size=[32,24]",
-        "channels=3",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+    prepare(small_raw, tmp_path / "p", "image_size=[32,24]", "channels=3")
     test = torch.load(tmp_path / "p" / "test.pt", weights_only=True)
     assert test["images"].shape[1:] == (3, 32, 24)
-    bad = run_app("process_data.py", f"raw_data_dir_path={small_raw}", "channels=2", cwd=tmp_path)
-    assert bad.returncode != 0 and "channels must be 1 (grayscale) or 3 (RGB), got 2" in bad.stdout + bad.stderr
+    with pytest.raises(ValueError, match=re.escape("channels must be 1 (grayscale) or 3 (RGB), got 2")):
+        prepare(small_raw, tmp_path / "q", "channels=2")
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_previous_dataset(tmp_path: Path, small_raw: Path) -> None:

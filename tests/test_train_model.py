@@ -1,5 +1,6 @@
-"""`python src/train_model.py` end to end: the real Hydra CLI, the C++ trainer, a real MLflow server
-and the ./mlruns file store."""
+"""Training: `kiln.training.train(cfg)` on configs composed from conf/train_model.yaml for the
+library's behaviour, and `python src/train_model.py` end to end for the command's contract (exit
+codes, messages, environment, SIGKILL and resume); a real MLflow server and the ./mlruns file store."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 
 import kiln
 from conftest import run_app
+from kiln.cli import compose_config
+from kiln.training import train
 
 # A small but real run: 600 training and 300 test images of the sample per epoch.
 QUICK = ("train_limit=600", "test_limit=300")
@@ -31,6 +34,25 @@ def train_args(processed: Path, tmp_path: Path, *overrides: str) -> list[str]:
         *QUICK,
         *overrides,
     ]
+
+
+def train_config(processed: Path, tmp_path: Path, *overrides: str):
+    """conf/train_model.yaml with the overrides `train_args` gives the command."""
+    return compose_config("train_model", train_args(processed, tmp_path, *overrides))
+
+
+def tracked_config(processed: Path, tmp_path: Path, uri: str, experiment: str, *overrides: str):
+    """`train_config` tracked to ``uri`` in ``experiment``."""
+    return train_config(processed, tmp_path, f"mlflow_tracking_uri={uri}", f"mlflow_exp_name={experiment}", *overrides)
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path as the working dir, where the default ./mlruns goes; MLflow's file store allowed
+    as kiln allows it, without leaving the variable set for later tests."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return tmp_path
 
 
 def client_for(uri: str):
@@ -88,25 +110,29 @@ def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
     assert checkpoint["epoch"] == 2 and checkpoint["classes"] == kiln.read_manifest(processed_sample).classes
     assert set(checkpoint["optimizer"]) == {"state", "param_groups"}
 
-    # The pyfunc model predicts in a fresh process.
+    # The pyfunc model predicts in a fresh process, in the precision serving picks by default.
     script = textwrap.dedent(
         f"""
         import mlflow, torch, kiln
+        from kiln.precision import load_predictor
         mlflow.set_tracking_uri({mlflow_server!r})
         model = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/model")
         images, labels = kiln.load_split({str(processed_sample)!r}, "test")
         out = model.predict(images[:200].numpy())
         classes = kiln.read_manifest({str(processed_sample)!r}).classes
         hits = sum(p == classes[int(l)] for p, l in zip(out["prediction"], labels[:200]))
-        print(len(out), hits, float(out["probability"].min()), len(out["probabilities"][0]))
+        served = load_predictor({str(tmp_path / "models" / run.info.run_id / "checkpoint.pt")!r}, no_cuda=True)
+        gap = (torch.tensor(list(out["probabilities"])) - served.predict(images[:200])).abs().max().item()
+        print(len(out), hits, float(out["probability"].min()), len(out["probabilities"][0]), gap)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    count, hits, min_probability, width = done.stdout.split()
+    count, hits, min_probability, width, gap = done.stdout.split()
     assert int(count) == 200 and int(width) == 10
     assert int(hits) > 100  # far above the 10% of guessing after two short epochs
     assert 0 < float(min_probability) <= 1
+    assert float(gap) < 1e-6  # the pyfunc model answers as serving's default rule (kiln.precision)
 
 
 def test_default_file_store_works_out_of_the_box_and_shows_in_the_ui(tmp_path: Path, processed_sample: Path) -> None:
@@ -129,16 +155,12 @@ def test_default_file_store_works_out_of_the_box_and_shows_in_the_ui(tmp_path: P
         ui.stop()
 
 
-def test_sweep_style_run_is_named_and_tagged(tmp_path: Path, processed_sample: Path, mlflow_server: str) -> None:
+def test_sweep_style_run_is_named_and_tagged(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     experiment = "hp-tagging"
-    result = run_app(
-        "train_model.py",
-        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "epochs=1"),
-        f"mlflow_exp_name={experiment}",
-        cwd=tmp_path,
-        env={"MLFLOW_HPTUNING_TAG": "sweep-42"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "sweep-42")
+    train(tracked_config(processed_sample, tmp_path, mlflow_server, experiment, "epochs=1"))
     run = only_run(client_for(mlflow_server), experiment)
     assert re.fullmatch(r"train-model-hp-\d+", run.info.run_name)
     assert run.data.tags["hptuning_tag"] == "sweep-42"
@@ -159,13 +181,11 @@ def test_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Path,
     assert time.monotonic() - started < 60
 
 
-def test_untracked_training_writes_the_checkpoint_only(tmp_path: Path, processed_sample: Path) -> None:
-    result = run_app(
-        "train_model.py", *train_args(processed_sample, tmp_path, "setup_mlflow=false", "epochs=1"), cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not (tmp_path / "mlruns").exists()
-    assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+def test_untracked_training_writes_the_checkpoint_only(in_tmp_path: Path, processed_sample: Path) -> None:
+    result = train(train_config(processed_sample, in_tmp_path, "setup_mlflow=false", "epochs=1"))
+    assert not (in_tmp_path / "mlruns").exists()
+    assert result["run_id"] is None and result["checkpoint"] == str(in_tmp_path / "models" / "checkpoint.pt")
+    assert torch.load(in_tmp_path / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_diverging_loss_stops_the_run_with_a_clear_error(
@@ -253,26 +273,21 @@ def test_resume_logs_an_epoch_that_was_checkpointed_but_not_logged(
     (tmp_path / "models" / run.info.run_id).mkdir(parents=True)
     trainer.save_checkpoint(tmp_path / "models" / run.info.run_id / "checkpoint.pt")
 
-    result = run_app(
-        "train_model.py",
-        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "resume=true", "epochs=1"),
-        f"mlflow_exp_name={experiment}",
-        "seed=5",
-        "train_limit=300",
-        "test_limit=100",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    overrides = ("resume=true", "epochs=1", "seed=5", "train_limit=300", "test_limit=100")
+    result = train(tracked_config(processed_sample, tmp_path, mlflow_server, experiment, *overrides))
+    assert result["run_id"] == run.info.run_id and result["epoch"] == 3
     client = client_for(mlflow_server)
     assert steps(client, run.info.run_id, "test_loss") == [1, 2, 3]
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert logged[2] == pytest.approx(second["test_loss"])
 
 
-def test_resume_without_an_earlier_run_starts_fresh_and_says_so(tmp_path: Path, processed_sample: Path) -> None:
-    result = run_app("train_model.py", *train_args(processed_sample, tmp_path, "resume=true", "epochs=1"), cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "has no run named train-model-<time>; starting a new run" in result.stdout + result.stderr
+def test_resume_without_an_earlier_run_starts_fresh_and_says_so(
+    in_tmp_path: Path, processed_sample: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = train(train_config(processed_sample, in_tmp_path, "resume=true", "epochs=1"))
+    assert result["epoch"] == 1
+    assert "has no run named train-model-<time>; starting a new run" in caplog.text
 
 
 def test_autolog_does_not_break_training(tmp_path: Path, processed_sample: Path) -> None:
@@ -363,7 +378,7 @@ def test_missing_dataset_fails_clearly_and_leaves_no_run(tmp_path: Path) -> None
 
 
 def test_resume_of_a_run_without_checkpoint_starts_a_new_run(
-    tmp_path: Path, processed_sample: Path, mlflow_server: str
+    tmp_path: Path, processed_sample: Path, mlflow_server: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     import mlflow
 
@@ -372,14 +387,8 @@ def test_resume_of_a_run_without_checkpoint_starts_a_new_run(
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"train-model-{int(time.time())}") as earlier:
         mlflow.log_metric("test_loss", 1.0, step=1)
-    result = run_app(
-        "train_model.py",
-        *train_args(processed_sample, tmp_path, f"mlflow_tracking_uri={mlflow_server}", "resume=true", "epochs=1"),
-        f"mlflow_exp_name={experiment}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "no checkpoint found" in result.stdout + result.stderr
+    train(tracked_config(processed_sample, tmp_path, mlflow_server, experiment, "resume=true", "epochs=1"))
+    assert "no checkpoint found" in caplog.text
     client = client_for(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     newer = [run for run in runs if run.info.run_id != earlier.info.run_id]
