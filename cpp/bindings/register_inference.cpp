@@ -3,6 +3,7 @@
 
 #include "kiln/batch_inference.hpp"
 #include "kiln/error.hpp"
+#include "kiln/precision.hpp"
 #include "kiln/predictor.hpp"
 
 namespace kiln::bindings {
@@ -20,9 +21,9 @@ void register_inference(py::module_& m) {
   py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
       .def(py::init([](const std::filesystem::path& checkpoint, const std::string& device,
                        const std::string& precision, const std::optional<std::string>& fallback) {
-             const InferencePrecision requested = parse_inference_precision(precision);
-             std::optional<InferencePrecision> int8_fallback;
-             if (fallback) int8_fallback = parse_inference_precision(*fallback);
+             const Precision requested = parse_precision(precision);
+             std::optional<Precision> int8_fallback;
+             if (fallback) int8_fallback = parse_precision(*fallback);
              py::gil_scoped_release release;
              return std::make_unique<Predictor>(checkpoint, device, requested, int8_fallback);
            }),

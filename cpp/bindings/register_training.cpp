@@ -1,8 +1,8 @@
 // Training: kiln._core.Trainer (and the Adadelta it uses, for testing).
 #include "bindings.hpp"
 
-#include "kiln/error.hpp"
 #include "kiln/optimizer.hpp"
+#include "kiln/precision.hpp"
 #include "kiln/trainer.hpp"
 
 namespace kiln::bindings {
@@ -40,12 +40,6 @@ py::object to_python(const c10::IValue& value) {
     return dict;
   }
   throw std::runtime_error("cannot convert a " + value.tagKind() + " to Python");
-}
-
-Precision parse_precision(const std::string& name) {
-  if (name == "fp32") return Precision::fp32;
-  if (name == "bf16") return Precision::bf16;
-  throw DataError("precision must be 'fp32' or 'bf16', got '" + name + "'");
 }
 
 }  // namespace

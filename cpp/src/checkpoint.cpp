@@ -4,14 +4,109 @@
 
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
+#include "kiln/precision.hpp"
 
 namespace kiln {
+namespace {
+
+using Dict = c10::impl::GenericDict;
+
+Dict string_dict() {
+  return Dict(c10::StringType::get(), c10::AnyType::get());
+}
+
+c10::IValue metrics_to_ivalue(const EpochMetrics& m) {
+  Dict dict = string_dict();
+  dict.insert("epoch", m.epoch);
+  dict.insert("train_loss", m.train_loss);
+  dict.insert("train_accuracy", m.train_accuracy);
+  dict.insert("test_loss", m.test_loss);
+  dict.insert("test_accuracy", m.test_accuracy);
+  dict.insert("learning_rate", m.learning_rate);
+  dict.insert("seconds", m.seconds);
+  return dict;
+}
+
+EpochMetrics metrics_from_ivalue(const c10::IValue& value) {
+  const auto dict = value.toGenericDict();
+  EpochMetrics m;
+  m.epoch = dict.at("epoch").toInt();
+  m.train_loss = dict.at("train_loss").toDouble();
+  m.train_accuracy = dict.at("train_accuracy").toDouble();
+  m.test_loss = dict.at("test_loss").toDouble();
+  m.test_accuracy = dict.at("test_accuracy").toDouble();
+  m.learning_rate = dict.at("learning_rate").toDouble();
+  m.seconds = dict.at("seconds").toDouble();
+  return m;
+}
 
 c10::IValue calibration_to_ivalue(const Int8Calibration& calibration) {
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+  Dict dict = string_dict();
   dict.insert("activation_max", detail::plain_list(calibration.activation_max));
   dict.insert("images", calibration.images);
   return dict;
+}
+
+}  // namespace
+
+void write_checkpoint(const std::filesystem::path& path, const TrainingState& state) {
+  const CheckpointModel& saved = state.model;
+  Dict model = string_dict();
+  model.insert("name", saved.spec.name);
+  model.insert("in_channels", static_cast<std::int64_t>(saved.spec.in_channels));
+  model.insert("num_classes", static_cast<std::int64_t>(saved.spec.num_classes));
+  model.insert("height", static_cast<std::int64_t>(saved.spec.height));
+  model.insert("width", static_cast<std::int64_t>(saved.spec.width));
+  model.insert("state_dict", saved.state_dict);
+
+  Dict normalization = string_dict();
+  normalization.insert("mean", detail::plain_list(saved.mean));
+  normalization.insert("std", detail::plain_list(saved.std));
+
+  // torch.optim.lr_scheduler.StepLR(step_size=1)'s state_dict.
+  Dict scheduler = string_dict();
+  scheduler.insert("step_size", std::int64_t{1});
+  scheduler.insert("gamma", state.gamma);
+  scheduler.insert("base_lrs", detail::plain_list(std::vector<double>{state.base_lr}));
+  scheduler.insert("last_epoch", saved.epoch);
+  scheduler.insert("_last_lr", detail::plain_list(std::vector<double>{state.lr}));
+
+  Dict rng = string_dict();
+  rng.insert("torch_cpu", state.torch_cpu_rng);
+  rng.insert("dropout_seed", static_cast<std::int64_t>(state.dropout_seed));
+  rng.insert("dropout_offset", static_cast<std::int64_t>(state.dropout_offset));
+  if (state.torch_device_rng.defined()) rng.insert("torch_device", state.torch_device_rng);
+  rng.insert("shuffle", state.shuffle_rng);
+
+  c10::impl::GenericList history(c10::AnyType::get());
+  for (const auto& m : state.history) history.push_back(metrics_to_ivalue(m));
+
+  const TrainerOptions& o = state.options;
+  Dict options = string_dict();
+  options.insert("lr", o.lr);
+  options.insert("train_batch_size", o.train_batch_size);
+  options.insert("test_batch_size", o.test_batch_size);
+  options.insert("seed", static_cast<std::int64_t>(o.seed));
+  options.insert("precision", to_string(o.precision));
+  options.insert("device", o.device);
+
+  Dict checkpoint = string_dict();
+  checkpoint.insert("format", std::string(kCheckpointFormat));
+  checkpoint.insert("format_version", static_cast<std::int64_t>(kCheckpointFormatVersion));
+  checkpoint.insert("kiln_version", std::string(KILN_VERSION));
+  checkpoint.insert("model", model);
+  checkpoint.insert("classes", detail::plain_list(saved.classes));
+  checkpoint.insert("normalization", normalization);
+  checkpoint.insert("optimizer", state.optimizer);
+  checkpoint.insert("scheduler", scheduler);
+  checkpoint.insert("epoch", saved.epoch);
+  checkpoint.insert("history", history);
+  checkpoint.insert("rng", rng);
+  checkpoint.insert("options", options);
+  if (!saved.calibration.activation_max.empty()) {
+    checkpoint.insert("int8_calibration", calibration_to_ivalue(saved.calibration));
+  }
+  detail::save_ivalue(path, checkpoint);
 }
 
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path) {
@@ -63,6 +158,28 @@ CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const
   } catch (const c10::Error& error) {
     throw_data_error("checkpoint '" + path.string() + "' is incomplete: " + error.what_without_backtrace());
   }
+}
+
+TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path) {
+  TrainingState state;
+  state.model = checkpoint_model(checkpoint, path);
+  try {
+    state.optimizer = checkpoint.at("optimizer");
+    const auto scheduler = checkpoint.at("scheduler").toGenericDict();
+    state.base_lr = scheduler.at("base_lrs").toListRef().at(0).toDouble();
+    state.gamma = scheduler.at("gamma").toDouble();
+    state.lr = scheduler.at("_last_lr").toListRef().at(0).toDouble();
+    for (const auto& item : checkpoint.at("history").toListRef()) state.history.push_back(metrics_from_ivalue(item));
+    const auto rng = checkpoint.at("rng").toGenericDict();
+    state.torch_cpu_rng = rng.at("torch_cpu").toTensor();
+    if (rng.contains("torch_device")) state.torch_device_rng = rng.at("torch_device").toTensor();
+    state.shuffle_rng = rng.at("shuffle").toTensor();
+    state.dropout_seed = static_cast<std::uint64_t>(rng.at("dropout_seed").toInt());
+    state.dropout_offset = static_cast<std::uint64_t>(rng.at("dropout_offset").toInt());
+  } catch (const c10::Error& error) {
+    throw_data_error("checkpoint '" + path.string() + "' is incomplete: " + error.what_without_backtrace());
+  }
+  return state;
 }
 
 c10::IValue module_state_dict(const torch::nn::Module& module) {

@@ -338,15 +338,6 @@ void check_destination(const fs::path& raw_dir, const fs::path& out_dir) {
 
 }  // namespace
 
-const SplitInfo& Manifest::split(const std::string& name) const {
-  for (const auto& info : splits) {
-    if (info.name == name) return info;
-  }
-  std::string known;
-  for (const auto& info : splits) known += (known.empty() ? "" : ", ") + info.name;
-  throw_data_error("processed dataset has no split '" + name + "' (it has: " + known + ")");
-}
-
 Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress) {
   check_destination(options.raw_dir, options.out_dir);
   Tree tree = scan_tree(options.raw_dir);

@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -16,8 +17,7 @@ namespace {
 
 constexpr const char* kConvOp = "onednn::qconv2d_pointwise";
 constexpr const char* kLinearOp = "onednn::qlinear_pointwise";
-constexpr int kConv2Channels = 64;  // mnist_cnn's, as model.cpp defines it
-constexpr std::size_t kObservedActivations = 3;
+using detail::mnist_cnn::kConv2Channels;
 
 bool cpu_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -63,7 +63,7 @@ at::Tensor call(const c10::OperatorHandle& op, torch::jit::Stack stack) {
 
 std::string int8_unavailable_reason(const CheckpointModel& saved) {
   if (saved.spec.name != "mnist_cnn") return "int8 inference covers mnist_cnn, not " + saved.spec.name;
-  if (saved.calibration.activation_max.size() != kObservedActivations) {
+  if (saved.calibration.activation_max.size() != detail::mnist_cnn::kObservedActivations) {
     return "the checkpoint carries no int8 calibration (kiln's evaluation records one in every checkpoint it "
            "writes now; train one more epoch with resume=true to add it)";
   }
@@ -136,8 +136,9 @@ Int8Classifier::Int8Classifier(const CheckpointModel& saved) {
   l.channels = saved.spec.in_channels;
   l.height = saved.spec.height;
   l.width = saved.spec.width;
-  l.pooled_h = (saved.spec.height - 4) / 2;
-  l.pooled_w = (saved.spec.width - 4) / 2;
+  const auto pooled = detail::mnist_cnn::pooled_size(saved.spec.height, saved.spec.width);
+  l.pooled_h = pooled.height;
+  l.pooled_w = pooled.width;
   const std::vector<double>& max = saved.calibration.activation_max;
   // [0, max] in 255 uint8 steps; a layer that never fired still needs a positive scale.
   l.conv1_scale = std::max(max[0], 1e-6) / 255.0;
@@ -153,10 +154,8 @@ Int8Classifier::Int8Classifier(const CheckpointModel& saved) {
   l.conv1_bias = (tensor_at(saved, "conv1.bias") - (w1 * (mean / std)).sum({1, 2, 3})).contiguous();
   l.conv2 = quantize(tensor_at(saved, "conv2.weight"));
   l.conv2_bias = tensor_at(saved, "conv2.bias").contiguous();
-  // fc1's inputs in the pooled activations' memory order (h, w, c) instead of torch.flatten's (c, h, w).
-  const at::Tensor f1 = tensor_at(saved, "fc1.weight");
-  l.fc1 = quantize(
-      f1.view({f1.size(0), kConv2Channels, l.pooled_h, l.pooled_w}).permute({0, 2, 3, 1}).reshape({f1.size(0), -1}));
+  // fc1's inputs in the pooled activations' memory order (h, w, c), as pool() writes them.
+  l.fc1 = quantize(detail::mnist_cnn::fc1_weight_for_channels_last(tensor_at(saved, "fc1.weight"), pooled));
   l.fc1_bias = tensor_at(saved, "fc1.bias").contiguous();
   l.fc2 = quantize(tensor_at(saved, "fc2.weight"));
   l.fc2_bias = tensor_at(saved, "fc2.bias").contiguous();

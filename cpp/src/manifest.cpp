@@ -1,7 +1,8 @@
 // manifest.json of a processed dataset: written by prepare_dataset, read by training and by tools.
+#include "kiln/manifest.hpp"
+
 #include <nlohmann/json.hpp>
 
-#include "kiln/dataset.hpp"
 #include "kiln/detail/files.hpp"
 #include "kiln/error.hpp"
 
@@ -27,6 +28,15 @@ std::vector<FileNote> notes_from_json(const ordered_json& array) {
 }
 
 }  // namespace
+
+const SplitInfo& Manifest::split(const std::string& name) const {
+  for (const auto& info : splits) {
+    if (info.name == name) return info;
+  }
+  std::string known;
+  for (const auto& info : splits) known += (known.empty() ? "" : ", ") + info.name;
+  throw_data_error("processed dataset has no split '" + name + "' (it has: " + known + ")");
+}
 
 void write_manifest(const Manifest& manifest, const fs::path& path) {
   ordered_json splits = ordered_json::object();

@@ -8,6 +8,7 @@
 
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/autocast.hpp"
+#include "kiln/detail/inference.hpp"
 #include "kiln/error.hpp"
 #include "kiln/int8.hpp"
 #include "kiln/normalize.hpp"
@@ -42,29 +43,10 @@ DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageS
   return batch;
 }
 
-std::string to_string(InferencePrecision precision) {
-  switch (precision) {
-    case InferencePrecision::fp32:
-      return "fp32";
-    case InferencePrecision::bf16:
-      return "bf16";
-    case InferencePrecision::int8:
-      return "int8";
-  }
-  return "?";
-}
-
-InferencePrecision parse_inference_precision(const std::string& name) {
-  for (auto precision : {InferencePrecision::fp32, InferencePrecision::bf16, InferencePrecision::int8}) {
-    if (name == to_string(precision)) return precision;
-  }
-  throw_data_error("precision must be 'fp32', 'bf16' or 'int8', got '" + name + "'");
-}
-
 struct Predictor::State {
   CheckpointModel saved;
   torch::Device device{torch::kCPU};
-  InferencePrecision precision = InferencePrecision::fp32;
+  Precision precision = Precision::fp32;
   std::string int8_unavailable;
   std::unique_ptr<Int8Classifier> int8;  // with int8 precision, instead of `model`
   std::shared_ptr<Classifier> model;
@@ -73,8 +55,8 @@ struct Predictor::State {
   bool channels_last = false;
 };
 
-Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device, InferencePrecision precision,
-                     std::optional<InferencePrecision> int8_fallback)
+Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device, Precision precision,
+                     std::optional<Precision> int8_fallback)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
   try {
@@ -86,7 +68,7 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
   s.model = make_model(s.saved.spec);
   // Also what checks every weight is there with its shape, for int8 too.
   load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
-  if (precision == InferencePrecision::int8) {
+  if (precision == Precision::int8) {
     s.int8_unavailable = s.device.is_cpu() ? int8_unavailable_reason(s.saved) : "int8 inference runs on the CPU";
     if (s.int8_unavailable.empty()) {
       s.int8 = std::make_unique<Int8Classifier>(s.saved);
@@ -95,20 +77,20 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
       s.model.reset();
       return;
     }
-    if (!int8_fallback || *int8_fallback == InferencePrecision::int8) {
+    if (!int8_fallback || *int8_fallback == Precision::int8) {
       throw_data_error("cannot predict in int8 with '" + checkpoint.string() + "': " + s.int8_unavailable);
     }
     precision = *int8_fallback;
   }
   s.saved.state_dict = c10::IValue();  // the weights now live in the model
   s.precision = precision;
-  s.bf16 = precision == InferencePrecision::bf16;
+  s.bf16 = precision == Precision::bf16;
   const bool bf16 = s.bf16;
   s.model->to(s.device);
   // bf16 convolutions are fastest on channels-last tensors (oneDNN); fp32 ones on the CPU are not
   // (measured: 18x slower for this network's eval, through layout reorders around each op).
   s.channels_last = bf16 || !s.device.is_cpu();
-  prepare_for_inference(*s.model, bf16, s.channels_last);
+  detail::prepare_for_inference(*s.model, bf16, s.channels_last);
   s.normalizer = Normalizer(s.saved.mean, s.saved.std, s.device);
 }
 
@@ -124,26 +106,16 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
                      std::to_string(spec.height) + ", " + std::to_string(spec.width) + "], got " +
                      std::string(c10::toString(images.scalar_type())) + " " + c10::str(images.sizes()));
   }
-  const auto count = batch.size(0);
-  at::Tensor probabilities = at::empty({count, static_cast<std::int64_t>(s.saved.classes.size())}, at::kFloat);
   c10::NoGradGuard no_grad;
   detail::AutocastScope autocast(s.device, s.bf16);
-  // Large batches go through in slices whose activations stay in the CPU's caches (int8: CPU only).
-  const std::int64_t slice = s.device.is_cpu() ? kInferenceSlice : count;
-  for (std::int64_t begin = 0; begin < count; begin += slice) {
-    const std::int64_t end = std::min(count, begin + slice);
-    const at::Tensor pixels = batch.slice(0, begin, end);
-    at::Tensor logits;
-    if (s.int8) {
-      logits = s.int8->forward(pixels);  // takes the pixels as they are: normalisation is in its conv1
-    } else {
-      at::Tensor x = s.normalizer(pixels.to(s.device));
-      if (s.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-      logits = s.model->forward(x).to(at::kFloat);
-    }
-    probabilities.slice(0, begin, end).copy_(at::softmax(logits, 1));
-  }
-  return probabilities;
+  const auto classes = static_cast<std::int64_t>(s.saved.classes.size());
+  const at::Tensor logits = detail::forward_in_slices(batch, classes, s.device, [&](const at::Tensor& pixels) {
+    if (s.int8) return s.int8->forward(pixels);  // takes the pixels as they are: normalisation is in its conv1
+    at::Tensor x = s.normalizer(pixels.to(s.device));
+    if (s.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    return s.model->forward(x);
+  });
+  return at::softmax(logits, 1).cpu();
 }
 
 Predictor::EncodedPredictions Predictor::predict_encoded(const std::vector<EncodedImage>& encoded) const {
@@ -184,7 +156,7 @@ const ModelSpec& Predictor::model_spec() const {
 std::int64_t Predictor::epoch() const {
   return state_->saved.epoch;
 }
-InferencePrecision Predictor::precision() const {
+Precision Predictor::precision() const {
   return state_->precision;
 }
 const std::string& Predictor::int8_unavailable() const {

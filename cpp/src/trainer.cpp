@@ -9,9 +9,11 @@
 #include <optional>
 
 #include "kiln/checkpoint.hpp"
+#include "kiln/detail/activation_observer.hpp"
 #include "kiln/detail/autocast.hpp"
+#include "kiln/detail/dropout.hpp"
+#include "kiln/detail/inference.hpp"
 #include "kiln/detail/random_stream.hpp"
-#include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 #include "kiln/normalize.hpp"
 #include "kiln/optimizer.hpp"
@@ -81,29 +83,12 @@ class Bf16WorkingWeights {
   std::vector<std::pair<std::size_t, at::Tensor>> masters_;
 };
 
-c10::IValue metrics_to_ivalue(const EpochMetrics& m) {
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
-  dict.insert("epoch", m.epoch);
-  dict.insert("train_loss", m.train_loss);
-  dict.insert("train_accuracy", m.train_accuracy);
-  dict.insert("test_loss", m.test_loss);
-  dict.insert("test_accuracy", m.test_accuracy);
-  dict.insert("learning_rate", m.learning_rate);
-  dict.insert("seconds", m.seconds);
-  return dict;
-}
-
-EpochMetrics metrics_from_ivalue(const c10::IValue& value) {
-  const auto dict = value.toGenericDict();
-  EpochMetrics m;
-  m.epoch = dict.at("epoch").toInt();
-  m.train_loss = dict.at("train_loss").toDouble();
-  m.train_accuracy = dict.at("train_accuracy").toDouble();
-  m.test_loss = dict.at("test_loss").toDouble();
-  m.test_accuracy = dict.at("test_accuracy").toDouble();
-  m.learning_rate = dict.at("learning_rate").toDouble();
-  m.seconds = dict.at("seconds").toDouble();
-  return m;
+// The error that stops a diverged run, naming where it happened and what to change.
+TrainingError divergence(const EpochMetrics& metrics, std::int64_t batch, std::int64_t batches) {
+  return TrainingError("training diverged in epoch " + std::to_string(metrics.epoch) +
+                       " (loss became NaN or inf by batch " + std::to_string(batch) + " of " +
+                       std::to_string(batches) + " at lr " + std::to_string(metrics.learning_rate) +
+                       "); lower lr or check the data");
 }
 
 }  // namespace
@@ -121,7 +106,7 @@ struct Trainer::State {
   at::Generator shuffle;
   at::Tensor torch_stream;   // this trainer's state of torch's CPU generator (init, dropout on the CPU)
   at::Tensor device_stream;  // and of the GPU's generator (dropout on the GPU); undefined on the CPU
-  DropoutStream dropout;     // dropout masks on the CPU
+  detail::DropoutStream dropout;  // dropout masks on the CPU
   std::int64_t epoch = 0;
   std::vector<EpochMetrics> history;
   at::Tensor confusion;
@@ -132,9 +117,22 @@ struct Trainer::State {
     return options.channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
   }
 
+  bool bf16() const { return options.precision == Precision::bf16; }
+
   at::Tensor forward(const at::Tensor& x) {
-    detail::AutocastScope autocast(device, options.precision == Precision::bf16);
+    detail::AutocastScope autocast(device, bf16());
     return model->forward(x);
+  }
+
+  // float32 logits of `evaluated` (the model, or its bf16 inference copy) for a test batch.
+  at::Tensor evaluation_logits(Classifier& evaluated, const at::Tensor& x) {
+    if (!bf16()) return forward(x).to(at::kFloat);
+    // In slices that keep the activations in cache, as Predictor does (test_bs 100: 1.8 s for 10k
+    // images here, 64-image slices: 0.95 s).
+    detail::AutocastScope autocast(device, true);
+    const auto classes = static_cast<std::int64_t>(manifest.classes.size());
+    return detail::forward_in_slices(x.contiguous(at::MemoryFormat::ChannelsLast), classes, device,
+                                     [&](const at::Tensor& slice) { return evaluated.forward(slice); });
   }
 };
 
@@ -143,6 +141,10 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   s.options = std::move(options);
   const TrainerOptions& o = s.options;
   if (o.lr <= 0 || !std::isfinite(o.lr)) throw_data_error("lr must be a positive number, got " + std::to_string(o.lr));
+  if (o.precision == Precision::int8) {
+    throw_data_error("training runs in fp32 or bf16, got precision '" + to_string(o.precision) +
+                     "' (int8 is for inference)");
+  }
   if (o.train_batch_size < 1 || o.test_batch_size < 1) {
     throw_data_error("train_bs and test_bs must be at least 1, got " + std::to_string(o.train_batch_size) + " and " +
                      std::to_string(o.test_batch_size));
@@ -209,33 +211,33 @@ Trainer::~Trainer() = default;
 EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
   State& s = *state_;
   const auto started = Clock::now();
-  const std::int64_t train_size = s.train_images.size(0);
-  const std::int64_t batch_size = s.options.train_batch_size;
-  const std::int64_t batches = (train_size + batch_size - 1) / batch_size;
-  const auto accumulate_options = at::TensorOptions().dtype(at::kDouble).device(s.device);
   EpochMetrics metrics;
   metrics.epoch = s.epoch + 1;
   metrics.learning_rate = s.optimizer->lr();
+  train_epoch(metrics, progress);
+  evaluate(metrics);
+  s.epoch += 1;
+  s.optimizer->set_lr(s.base_lr * std::pow(s.options.gamma, static_cast<double>(s.epoch)));
+  metrics.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  s.history.push_back(metrics);
+  return metrics;
+}
 
+void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress) {
+  State& s = *state_;
+  const std::int64_t train_size = s.train_images.size(0);
+  const std::int64_t batch_size = s.options.train_batch_size;
+  const std::int64_t batches = (train_size + batch_size - 1) / batch_size;
   ProgressThrottle throttle(progress);
   RandomStreamScope stream(s.torch_stream, torch::kCPU);
   std::optional<RandomStreamScope> device_stream;
   if (s.device.is_cuda()) device_stream.emplace(s.device_stream, s.device);
   s.model->train();
   const at::Tensor order = at::randperm(train_size, s.shuffle, at::TensorOptions().dtype(at::kLong)).to(s.device);
-  at::Tensor loss_sum = at::zeros({}, accumulate_options);
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
   at::Tensor correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(s.device));
-  auto check_finite = [&](std::int64_t batch) {
-    if (!std::isfinite(loss_sum.item<double>())) {
-      throw TrainingError("training diverged in epoch " + std::to_string(metrics.epoch) +
-                          " (loss became NaN or inf by batch " + std::to_string(batch) + " of " +
-                          std::to_string(batches) + " at lr " + std::to_string(metrics.learning_rate) +
-                          "); lower lr or check the data");
-    }
-  };
-  const std::vector<at::Tensor> params = s.model->parameters();
   std::optional<Bf16WorkingWeights> working_weights;
-  if (s.options.precision == Precision::bf16 && s.device.is_cpu()) working_weights.emplace(params, *s.optimizer);
+  if (s.bf16() && s.device.is_cpu()) working_weights.emplace(s.model->parameters(), *s.optimizer);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
     const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
     const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
@@ -250,78 +252,59 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
       loss_sum.add_(loss.detach() * static_cast<double>(indices.size(0)));
       correct.add_(logits.argmax(1).eq(y).sum());
     }
-    // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at each report.
-    if (s.device.is_cpu() && !std::isfinite(loss.item<float>())) check_finite(batch + 1);
-    if (progress) {
-      const bool last = batch + 1 == batches;
-      throttle.report(batch + 1, batches, last);
-    }
+    // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at the epoch's end.
+    if (s.device.is_cpu() && !std::isfinite(loss.item<float>())) throw divergence(metrics, batch + 1, batches);
+    if (progress) throttle.report(batch + 1, batches, /*force=*/batch + 1 == batches);
   }
   working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints
-  check_finite(batches);
-  metrics.train_loss = loss_sum.item<double>() / static_cast<double>(train_size);
+  const double total_loss = loss_sum.item<double>();
+  if (!std::isfinite(total_loss)) throw divergence(metrics, batches, batches);
+  metrics.train_loss = total_loss / static_cast<double>(train_size);
   metrics.train_accuracy = static_cast<double>(correct.item<std::int64_t>()) / static_cast<double>(train_size);
+}
 
-  {
-    c10::NoGradGuard no_grad;
-    // bf16 evaluation runs on an inference copy laid out as Predictor's (weights cast once, no layout
-    // copies on the way): the same function, ~1.8x faster than autocast re-casting every batch.
-    const bool bf16 = s.options.precision == Precision::bf16;
-    const std::shared_ptr<Classifier> evaluated =
-        bf16 ? inference_copy(*s.model, s.spec, /*bf16=*/true, /*channels_last=*/true) : s.model;
-    evaluated->eval();
-    // The evaluation also calibrates int8 inference: the activations' ranges over the test split.
-    ActivationObserver observer;
-    struct ObserverScope {
-      Classifier& model;
-      ~ObserverScope() { model.set_activation_observer(nullptr); }
-    } observing{*evaluated};
-    evaluated->set_activation_observer(&observer);
-    const std::int64_t test_size = s.test_images.size(0);
-    const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
-    at::Tensor test_loss = at::zeros({}, accumulate_options);
-    at::Tensor pairs = at::zeros({classes * classes}, at::TensorOptions().dtype(at::kLong).device(s.device));
-    for (std::int64_t begin = 0; begin < test_size; begin += s.options.test_batch_size) {
-      const std::int64_t end = std::min(test_size, begin + s.options.test_batch_size);
-      const at::Tensor x = s.normalise(s.test_images.slice(0, begin, end));
-      const at::Tensor y = s.test_labels.slice(0, begin, end);
-      at::Tensor logits;
-      if (bf16) {
-        // In slices that keep the activations in cache, as Predictor does (test_bs 100: 1.8 s for 10k
-        // images here, 64-image slices: 0.95 s).
-        detail::AutocastScope autocast(s.device, true);
-        const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
-        const std::int64_t count = input.size(0);
-        const std::int64_t pieces = s.device.is_cpu() ? (count + kInferenceSlice - 1) / kInferenceSlice : 1;
-        const std::int64_t slice = (count + pieces - 1) / pieces;  // even slices: 100 -> 50 + 50
-        std::vector<at::Tensor> parts;
-        for (std::int64_t first = 0; first < count; first += slice) {
-          parts.push_back(evaluated->forward(input.slice(0, first, std::min(count, first + slice))));
-        }
-        logits = at::cat(parts).to(at::kFloat);
-      } else {
-        logits = s.forward(x).to(at::kFloat);
-      }
-      test_loss.add_(at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum));
-      pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
+void Trainer::evaluate(EpochMetrics& metrics) {
+  State& s = *state_;
+  c10::NoGradGuard no_grad;
+  // bf16 evaluation runs on an inference copy laid out as Predictor's (weights cast once, no layout
+  // copies on the way): the same function, ~1.8x faster than autocast re-casting every batch.
+  const std::shared_ptr<Classifier> evaluated =
+      s.bf16() ? detail::inference_copy(*s.model, s.spec, /*bf16=*/true, /*channels_last=*/true) : s.model;
+  // The evaluation also calibrates int8 inference: the activations' ranges over the test split.
+  detail::ActivationObserver observer;
+  // Eval mode and the observer until the evaluation ends, however it ends.
+  struct EvaluationScope {
+    EvaluationScope(Classifier& model, detail::ActivationObserver& observer) : model(model) {
+      model.eval();
+      model.set_activation_observer(&observer);
     }
-    s.model->train();
-    s.calibration = {observer.maxima(), observer.images()};
-    s.confusion = pairs.view({classes, classes}).cpu();
-    metrics.test_loss = test_loss.item<double>() / static_cast<double>(test_size);
-    metrics.test_accuracy =
-        static_cast<double>(s.confusion.diagonal().sum().item<std::int64_t>()) / static_cast<double>(test_size);
-    if (!std::isfinite(metrics.test_loss)) {
-      throw TrainingError("evaluation after epoch " + std::to_string(metrics.epoch) +
-                          " gave a NaN or inf loss; lower lr or check the data");
+    ~EvaluationScope() {
+      model.set_activation_observer(nullptr);
+      model.train();
     }
+    Classifier& model;
+  } evaluation(*evaluated, observer);
+  const std::int64_t test_size = s.test_images.size(0);
+  const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
+  at::Tensor test_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
+  at::Tensor pairs = at::zeros({classes * classes}, at::TensorOptions().dtype(at::kLong).device(s.device));
+  for (std::int64_t begin = 0; begin < test_size; begin += s.options.test_batch_size) {
+    const std::int64_t end = std::min(test_size, begin + s.options.test_batch_size);
+    const at::Tensor x = s.normalise(s.test_images.slice(0, begin, end));
+    const at::Tensor y = s.test_labels.slice(0, begin, end);
+    const at::Tensor logits = s.evaluation_logits(*evaluated, x);
+    test_loss.add_(at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum));
+    pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
   }
-
-  s.epoch += 1;
-  s.optimizer->set_lr(s.base_lr * std::pow(s.options.gamma, static_cast<double>(s.epoch)));
-  metrics.seconds = std::chrono::duration<double>(Clock::now() - started).count();
-  s.history.push_back(metrics);
-  return metrics;
+  s.calibration = {observer.maxima(), observer.images()};
+  s.confusion = pairs.view({classes, classes}).cpu();
+  metrics.test_loss = test_loss.item<double>() / static_cast<double>(test_size);
+  metrics.test_accuracy =
+      static_cast<double>(s.confusion.diagonal().sum().item<std::int64_t>()) / static_cast<double>(test_size);
+  if (!std::isfinite(metrics.test_loss)) {
+    throw TrainingError("evaluation after epoch " + std::to_string(metrics.epoch) +
+                        " gave a NaN or inf loss; lower lr or check the data");
+  }
 }
 
 at::Tensor Trainer::confusion_matrix() const {
@@ -330,105 +313,64 @@ at::Tensor Trainer::confusion_matrix() const {
 
 void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   const State& s = *state_;
-  using Dict = c10::impl::GenericDict;
-  auto dict = [] { return Dict(c10::StringType::get(), c10::AnyType::get()); };
-
-  Dict model = dict();
-  model.insert("name", s.spec.name);
-  model.insert("in_channels", static_cast<std::int64_t>(s.spec.in_channels));
-  model.insert("num_classes", static_cast<std::int64_t>(s.spec.num_classes));
-  model.insert("height", static_cast<std::int64_t>(s.spec.height));
-  model.insert("width", static_cast<std::int64_t>(s.spec.width));
-  model.insert("state_dict", module_state_dict(*s.model));
-
-  Dict normalization = dict();
-  normalization.insert("mean", detail::plain_list(s.manifest.mean));
-  normalization.insert("std", detail::plain_list(s.manifest.std));
-
-  Dict scheduler = dict();
-  scheduler.insert("step_size", std::int64_t{1});
-  scheduler.insert("gamma", s.options.gamma);
-  scheduler.insert("base_lrs", detail::plain_list(std::vector<double>{s.base_lr}));
-  scheduler.insert("last_epoch", s.epoch);
-  scheduler.insert("_last_lr", detail::plain_list(std::vector<double>{s.optimizer->lr()}));
-
-  Dict rng = dict();
-  rng.insert("torch_cpu", s.torch_stream.clone());
-  rng.insert("dropout_seed", static_cast<std::int64_t>(s.dropout.seed));
-  rng.insert("dropout_offset", static_cast<std::int64_t>(s.dropout.offset));
-  if (s.device_stream.defined()) rng.insert("torch_device", s.device_stream.clone());
+  TrainingState state;
+  state.model.spec = s.spec;
+  state.model.classes = s.manifest.classes;
+  state.model.mean = s.manifest.mean;
+  state.model.std = s.manifest.std;
+  state.model.epoch = s.epoch;
+  state.model.state_dict = module_state_dict(*s.model);
+  state.model.calibration = s.calibration;
+  state.optimizer = s.optimizer->state_dict();
+  state.base_lr = s.base_lr;
+  state.gamma = s.options.gamma;
+  state.lr = s.optimizer->lr();
+  state.history = s.history;
+  state.torch_cpu_rng = s.torch_stream;
+  state.torch_device_rng = s.device_stream;
   {
     at::Generator shuffle = s.shuffle;
     std::lock_guard<std::mutex> lock(shuffle.mutex());
-    rng.insert("shuffle", shuffle.get_state());
+    state.shuffle_rng = shuffle.get_state();
   }
-
-  c10::impl::GenericList history(c10::AnyType::get());
-  for (const auto& m : s.history) history.push_back(metrics_to_ivalue(m));
-
-  Dict options = dict();
-  options.insert("lr", s.options.lr);
-  options.insert("train_batch_size", s.options.train_batch_size);
-  options.insert("test_batch_size", s.options.test_batch_size);
-  options.insert("seed", static_cast<std::int64_t>(s.options.seed));
-  options.insert("precision", std::string(s.options.precision == Precision::bf16 ? "bf16" : "fp32"));
-  options.insert("device", s.options.device);
-
-  Dict checkpoint = dict();
-  checkpoint.insert("format", std::string(kCheckpointFormat));
-  checkpoint.insert("format_version", static_cast<std::int64_t>(kCheckpointFormatVersion));
-  checkpoint.insert("kiln_version", std::string(KILN_VERSION));
-  checkpoint.insert("model", model);
-  checkpoint.insert("classes", detail::plain_list(s.manifest.classes));
-  checkpoint.insert("normalization", normalization);
-  checkpoint.insert("optimizer", s.optimizer->state_dict());
-  checkpoint.insert("scheduler", scheduler);
-  checkpoint.insert("epoch", s.epoch);
-  checkpoint.insert("history", history);
-  checkpoint.insert("rng", rng);
-  checkpoint.insert("options", options);
-  if (!s.calibration.activation_max.empty()) checkpoint.insert("int8_calibration", calibration_to_ivalue(s.calibration));
-  detail::save_ivalue(path, checkpoint);
+  state.dropout_seed = s.dropout.seed;
+  state.dropout_offset = s.dropout.offset;
+  state.options = s.options;
+  write_checkpoint(path, state);
 }
 
 void Trainer::load_checkpoint(const std::filesystem::path& path) {
   State& s = *state_;
-  const auto checkpoint = read_checkpoint(path);
-  const CheckpointModel saved = checkpoint_model(checkpoint, path);
-  if (saved.spec.name != s.spec.name || saved.spec.in_channels != s.spec.in_channels ||
-      saved.spec.num_classes != s.spec.num_classes || saved.spec.height != s.spec.height ||
-      saved.spec.width != s.spec.width) {
-    throw_data_error("checkpoint '" + path.string() + "' holds a " + saved.spec.name + " for " +
-                     std::to_string(saved.spec.num_classes) + " classes of " + std::to_string(saved.spec.height) + "x" +
-                     std::to_string(saved.spec.width) + "x" + std::to_string(saved.spec.in_channels) +
+  TrainingState saved = read_training_state(read_checkpoint(path), path);
+  const ModelSpec& spec = saved.model.spec;
+  if (spec.name != s.spec.name || spec.in_channels != s.spec.in_channels || spec.num_classes != s.spec.num_classes ||
+      spec.height != s.spec.height || spec.width != s.spec.width) {
+    throw_data_error("checkpoint '" + path.string() + "' holds a " + spec.name + " for " +
+                     std::to_string(spec.num_classes) + " classes of " + std::to_string(spec.height) + "x" +
+                     std::to_string(spec.width) + "x" + std::to_string(spec.in_channels) +
                      ", not the model this run trains (" + s.spec.name + " for " + std::to_string(s.spec.num_classes) +
                      " classes of " + to_string(s.manifest.image) + ")");
   }
-  if (saved.classes != s.manifest.classes) {
+  if (saved.model.classes != s.manifest.classes) {
     throw_data_error("checkpoint '" + path.string() + "' was trained on other classes than '" +
                      s.options.data_dir.string() + "' holds");
   }
   try {
-    load_module_state_dict(*s.model, saved.state_dict, "checkpoint '" + path.string() + "'");
-    s.optimizer->load_state_dict(checkpoint.at("optimizer"));
-    const auto scheduler = checkpoint.at("scheduler").toGenericDict();
-    s.base_lr = scheduler.at("base_lrs").toListRef().at(0).toDouble();
-    s.epoch = checkpoint.at("epoch").toInt();
-    s.history.clear();
-    for (const auto& item : checkpoint.at("history").toListRef()) s.history.push_back(metrics_from_ivalue(item));
-    s.calibration = saved.calibration;
-    const auto rng = checkpoint.at("rng").toGenericDict();
-    s.torch_stream = rng.at("torch_cpu").toTensor().clone();
-    s.dropout.seed = static_cast<std::uint64_t>(rng.at("dropout_seed").toInt());
-    s.dropout.offset = static_cast<std::uint64_t>(rng.at("dropout_offset").toInt());
-    if (s.device_stream.defined() && rng.contains("torch_device")) {
-      s.device_stream = rng.at("torch_device").toTensor().clone();
-    }
+    load_module_state_dict(*s.model, saved.model.state_dict, "checkpoint '" + path.string() + "'");
+    s.optimizer->load_state_dict(saved.optimizer);
     std::lock_guard<std::mutex> lock(s.shuffle.mutex());
-    s.shuffle.set_state(rng.at("shuffle").toTensor());
+    s.shuffle.set_state(saved.shuffle_rng);
   } catch (const c10::Error& error) {
     throw_data_error("checkpoint '" + path.string() + "' is incomplete: " + error.what_without_backtrace());
   }
+  s.base_lr = saved.base_lr;
+  s.epoch = saved.model.epoch;
+  s.history = std::move(saved.history);
+  s.calibration = saved.model.calibration;
+  s.torch_stream = saved.torch_cpu_rng.clone();
+  s.dropout.seed = saved.dropout_seed;
+  s.dropout.offset = saved.dropout_offset;
+  if (s.device_stream.defined() && saved.torch_device_rng.defined()) s.device_stream = saved.torch_device_rng.clone();
 }
 
 std::int64_t Trainer::epoch() const {

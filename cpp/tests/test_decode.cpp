@@ -36,29 +36,31 @@ TEST(decode, colour_png_becomes_rgb_planes) {
   }
 }
 
-TEST(decode, image_of_another_size_is_resized_and_reported) {
-  const ImageSpec spec{1, 28, 28};
-  std::vector<std::uint8_t> out(spec.bytes());
-  const DecodeResult result = decode_into(encode(pattern(56, 40, 1, 3)), spec, out.data());
+// An image that does not fit the dataset's layout, the layout, and what decoding says it did.
+struct Conversion {
+  const char* name;
+  cv::Mat image;
+  ImageSpec spec;
+  const char* reported;
+};
+
+class decode_converts : public ::testing::TestWithParam<Conversion> {};
+
+TEST_P(decode_converts, the_image_to_the_dataset_layout_and_reports_it) {
+  const Conversion& c = GetParam();
+  std::vector<std::uint8_t> out(c.spec.bytes());
+  const DecodeResult result = decode_into(encode(c.image), c.spec, out.data());
   ASSERT_TRUE(result.ok) << result.error;
-  EXPECT_EQ(result.conversion, "resized from 56x40 to 28x28");
+  EXPECT_EQ(result.conversion, c.reported);
 }
 
-TEST(decode, colour_image_in_grayscale_dataset_is_converted_and_reported) {
-  const ImageSpec spec{1, 8, 8};
-  std::vector<std::uint8_t> out(spec.bytes());
-  const DecodeResult result = decode_into(encode(pattern(8, 8, 3, 4)), spec, out.data());
-  ASSERT_TRUE(result.ok) << result.error;
-  EXPECT_EQ(result.conversion, "converted RGB to grayscale");
-}
-
-TEST(decode, alpha_channel_is_dropped_and_reported) {
-  const ImageSpec spec{3, 6, 6};
-  std::vector<std::uint8_t> out(spec.bytes());
-  const DecodeResult result = decode_into(encode(pattern(6, 6, 4, 5)), spec, out.data());
-  ASSERT_TRUE(result.ok) << result.error;
-  EXPECT_EQ(result.conversion, "dropped alpha channel");
-}
+INSTANTIATE_TEST_SUITE_P(
+    conversions, decode_converts,
+    ::testing::Values(Conversion{"image_of_another_size", pattern(56, 40, 1, 3), {1, 28, 28}, "resized from 56x40 to 28x28"},
+                      Conversion{"colour_image_in_grayscale_dataset", pattern(8, 8, 3, 4), {1, 8, 8},
+                                 "converted RGB to grayscale"},
+                      Conversion{"alpha_channel", pattern(6, 6, 4, 5), {3, 6, 6}, "dropped alpha channel"}),
+    [](const ::testing::TestParamInfo<Conversion>& info) { return std::string(info.param.name); });
 
 TEST(decode, sixteen_bit_png_is_reduced_to_eight_bit) {
   cv::Mat deep(3, 3, CV_16UC1, cv::Scalar(65535));

@@ -63,6 +63,17 @@ inline void write_bytes(const std::filesystem::path& path, const std::vector<std
       .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
+// What the `Error` that `call()` throws says; empty when it throws none (other exceptions go on).
+template <typename Error, typename Call>
+std::string error_message(Call&& call) {
+  try {
+    call();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return {};
+}
+
 inline void write_image(const std::filesystem::path& path, const cv::Mat& image) {
   write_bytes(path, encode(image, path.extension().string()));
 }

@@ -14,11 +14,13 @@
 #include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "kiln/model.hpp"
+#include "kiln/trainer.hpp"
 
 namespace kiln {
 
@@ -32,7 +34,6 @@ struct Int8Calibration {
   std::vector<double> activation_max;
   std::int64_t images = 0;
 };
-c10::IValue calibration_to_ivalue(const Int8Calibration& calibration);
 
 // What inference needs from a checkpoint.
 struct CheckpointModel {
@@ -45,9 +46,32 @@ struct CheckpointModel {
   Int8Calibration calibration;
 };
 
+// What a trainer saves to go on exactly where it stopped: the model and everything else in the file.
+struct TrainingState {
+  CheckpointModel model;  // its epoch: the epochs trained so far
+  c10::IValue optimizer;  // Adadelta::state_dict()
+  double base_lr = 0;     // StepLR's
+  double gamma = 0;
+  double lr = 0;  // the rate the next epoch trains with
+  std::vector<EpochMetrics> history;
+  at::Tensor torch_cpu_rng;     // generator states (uint8 tensors)
+  at::Tensor torch_device_rng;  // undefined when training on the CPU
+  at::Tensor shuffle_rng;
+  std::uint64_t dropout_seed = 0;
+  std::uint64_t dropout_offset = 0;
+  // Recorded for the reader's information (lr, batch sizes, seed, precision, device); a resumed
+  // run trains with its own options, so read_training_state leaves these at their defaults.
+  TrainerOptions options;
+};
+
+// Writes `state` atomically in the layout above.
+void write_checkpoint(const std::filesystem::path& path, const TrainingState& state);
+
 // Loads and validates a checkpoint file; throws kiln::NotFoundError / kiln::DataError naming it.
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path);
 CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
+// Everything but `options`; kiln::DataError naming the file if an entry is missing.
+TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
 
 // Parameters and buffers by their dotted names, as CPU tensors (torch's Module.state_dict()).
 c10::IValue module_state_dict(const torch::nn::Module& module);

@@ -11,13 +11,13 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <map>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "kiln/decode.hpp"
+#include "kiln/manifest.hpp"
 #include "kiln/progress.hpp"
 
 namespace kiln {
@@ -33,38 +33,6 @@ struct PrepareOptions {
   int num_workers = 0;
 };
 
-struct FileNote {
-  std::string path;  // relative to the raw dir
-  std::string reason;
-  bool operator==(const FileNote&) const = default;
-};
-
-struct SplitInfo {
-  std::string name;
-  std::string file;  // relative to the processed dir
-  std::int64_t count = 0;
-  std::int64_t bytes = 0;  // size of `file`, checked when loading
-  std::map<std::string, std::int64_t> class_counts;
-};
-
-struct Manifest {
-  static constexpr int kFormatVersion = 1;
-  int format_version = kFormatVersion;
-  std::string kiln_version;
-  std::string source_dir;
-  std::vector<std::string> classes;
-  ImageSpec image;
-  std::vector<double> mean;  // per channel, on the [0, 1] scale
-  std::vector<double> std;
-  std::string normalization_split;  // the split mean/std were computed on
-  std::vector<SplitInfo> splits;
-  std::vector<FileNote> skipped;
-  std::vector<FileNote> converted;
-  std::vector<std::string> warnings;
-
-  const SplitInfo& split(const std::string& name) const;
-};
-
 struct SplitData {
   at::Tensor images;  // uint8 [N, C, H, W]
   at::Tensor labels;  // int64 [N]
@@ -74,9 +42,6 @@ struct SplitData {
 // to out_dir. Unusable files are skipped and listed in the manifest; a missing raw dir or one with no
 // images throws. Same input and options give byte-identical output.
 Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress = {});
-
-Manifest read_manifest(const std::filesystem::path& processed_dir);
-void write_manifest(const Manifest& manifest, const std::filesystem::path& path);
 
 // Loads one split, checking it against the manifest; a missing or incomplete file throws.
 SplitData load_split(const std::filesystem::path& processed_dir, const std::string& split);

@@ -12,6 +12,7 @@
 
 #include "kiln/decode.hpp"
 #include "kiln/model.hpp"
+#include "kiln/precision.hpp"
 
 namespace kiln {
 
@@ -29,24 +30,16 @@ struct DecodedBatch {
 };
 DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec);
 
-enum class InferencePrecision {
-  fp32,
-  bf16,  // bfloat16 autocast, as training's bf16 precision: several times faster on CPUs with native bf16
-  int8,  // static int8 on the CPU (kiln/int8.hpp): about twice bf16's speed again
-};
-std::string to_string(InferencePrecision precision);
-// "fp32", "bf16" or "int8"; anything else: kiln::DataError.
-InferencePrecision parse_inference_precision(const std::string& name);
-
 class Predictor {
  public:
   // Loads `checkpoint` (a kiln checkpoint file; no code is unpickled) onto `device`, to predict in
-  // `precision`. When int8 cannot run for this checkpoint and machine (int8_unavailable_reason; also
+  // `precision`: bf16 is several times faster than fp32 on CPUs with native bf16, int8 (CPU only,
+  // kiln/int8.hpp) about twice bf16's speed again. When int8 cannot run for this checkpoint and machine (int8_unavailable_reason; also
   // on a GPU), it predicts in `int8_fallback` if one is given (the reason is then in
   // int8_unavailable()), else throws kiln::DataError naming the reason.
   explicit Predictor(const std::filesystem::path& checkpoint, const std::string& device = "cpu",
-                     InferencePrecision precision = InferencePrecision::fp32,
-                     std::optional<InferencePrecision> int8_fallback = std::nullopt);
+                     Precision precision = Precision::fp32,
+                     std::optional<Precision> int8_fallback = std::nullopt);
   ~Predictor();
   Predictor(const Predictor&) = delete;
   Predictor& operator=(const Predictor&) = delete;
@@ -68,7 +61,7 @@ class Predictor {
   ImageSpec image_spec() const;
   const ModelSpec& model_spec() const;
   std::int64_t epoch() const;
-  InferencePrecision precision() const;
+  Precision precision() const;
   // Why int8 was asked for but a fallback precision runs instead; empty otherwise.
   const std::string& int8_unavailable() const;
 

@@ -6,21 +6,16 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kiln/dataset.hpp"
 #include "kiln/model.hpp"
+#include "kiln/precision.hpp"
 #include "kiln/progress.hpp"
 
 namespace kiln {
-
-enum class Precision {
-  fp32,
-  bf16,  // autocast to bfloat16 for convolutions and matmuls, losses and updates in float32
-};
 
 struct TrainerOptions {
   std::filesystem::path data_dir;
@@ -31,7 +26,7 @@ struct TrainerOptions {
   std::int64_t test_batch_size = 100;
   std::uint64_t seed = 1;
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
-  Precision precision = Precision::fp32;
+  Precision precision = Precision::fp32;  // fp32 or bf16; int8 is inference only
   bool channels_last = true;
   std::string train_split = "train";
   std::string test_split = "test";
@@ -52,6 +47,7 @@ struct EpochMetrics {
 
 class Trainer {
  public:
+  // Throws kiln::DataError for unusable options or data.
   explicit Trainer(TrainerOptions options);
   ~Trainer();
   Trainer(const Trainer&) = delete;
@@ -83,6 +79,13 @@ class Trainer {
 
  private:
   struct State;
+  // run_epoch's steps, in pytorch/examples cpp/mnist's shape. One pass over the shuffled training
+  // split: sets metrics' train_loss and train_accuracy.
+  void train_epoch(EpochMetrics& metrics, const ProgressFn& progress);
+  // The test split without gradients, in eval mode: sets test_loss and test_accuracy, the confusion
+  // matrix and the int8 calibration.
+  void evaluate(EpochMetrics& metrics);
+
   std::unique_ptr<State> state_;
 };
 

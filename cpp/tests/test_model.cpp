@@ -1,0 +1,77 @@
+#include "kiln/model.hpp"
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kiln/detail/mnist_cnn.hpp"
+#include "kiln/detail/relu_max_pool.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln {
+namespace {
+
+class model_architecture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(model_architecture, produces_class_logits_for_any_image_size_and_channel_count) {
+  const auto model = make_model({GetParam(), 3, 5, 20, 16});
+  EXPECT_EQ(model->forward(at::randn({2, 3, 20, 16})).sizes(), (std::vector<std::int64_t>{2, 5}));
+}
+
+INSTANTIATE_TEST_SUITE_P(all, model_architecture, ::testing::ValuesIn(model_names()),
+                         [](const auto& info) { return info.param; });
+
+TEST(model, unknown_names_and_too_small_inputs_are_data_errors) {
+  EXPECT_THROW(make_model({"mnist_cnn", 1, 10, 4, 4}), DataError);
+  EXPECT_THROW(make_model({"no_such_model", 1, 10, 28, 28}), DataError);
+  EXPECT_THROW(make_model({"resnet8", 1, 1, 28, 28}), DataError);  // one class
+}
+
+TEST(mnist_cnn, reordered_fc1_reads_channels_last_activations_as_fc1_reads_flattened_ones) {
+  // The one reordering the float model's channels-last inference and int8's fc1 both use.
+  at::manual_seed(4);
+  const detail::mnist_cnn::PooledSize pooled = detail::mnist_cnn::pooled_size(12, 10);
+  ASSERT_EQ(pooled.height, 4);
+  ASSERT_EQ(pooled.width, 3);
+  const std::int64_t channels = detail::mnist_cnn::kConv2Channels;
+  const at::Tensor activations = at::randn({2, channels, pooled.height, pooled.width});
+  const at::Tensor weight = at::randn({5, channels * pooled.height * pooled.width});
+  const at::Tensor expected = at::matmul(activations.flatten(1), weight.t());
+  const at::Tensor hwc = activations.permute({0, 2, 3, 1}).flatten(1);
+  const at::Tensor actual = at::matmul(hwc, detail::mnist_cnn::fc1_weight_for_channels_last(weight, pooled).t());
+  EXPECT_TRUE(at::allclose(actual, expected, 1e-5, 1e-5));
+}
+
+// (dtype, activation shape): ties, odd sizes, and both dtypes the training runs in.
+class relu_max_pool : public ::testing::TestWithParam<std::tuple<at::ScalarType, std::vector<std::int64_t>>> {};
+
+TEST_P(relu_max_pool, matches_torch_forward_and_backward) {
+  const auto& [dtype, size] = GetParam();
+  at::manual_seed(2);
+  // Rounded values make ties (between positives and among negatives) common.
+  const at::Tensor values = (at::randn(size) * 3).round().to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor ours = values.clone().set_requires_grad(true);
+  at::Tensor theirs = values.clone().set_requires_grad(true);
+  const at::Tensor out = detail::relu_max_pool2x2(ours);
+  const at::Tensor expected = at::max_pool2d(at::relu(theirs), {2, 2});
+  ASSERT_TRUE(at::equal(out, expected));
+  const at::Tensor grad = at::randn(expected.sizes()).to(dtype);
+  out.backward(grad);
+  expected.backward(grad);
+  EXPECT_TRUE(at::equal(ours.grad(), theirs.grad()));
+  c10::NoGradGuard no_grad;  // evaluation takes the no-record path: same values
+  EXPECT_TRUE(at::equal(detail::relu_max_pool2x2(values), expected.detach()));
+}
+
+INSTANTIATE_TEST_SUITE_P(dtypes_and_shapes, relu_max_pool,
+                         ::testing::Combine(::testing::Values(at::kFloat, at::kBFloat16),
+                                            ::testing::Values(std::vector<std::int64_t>{3, 16, 8, 8},
+                                                              std::vector<std::int64_t>{2, 8, 7, 9})));
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,57 @@
+#include "kiln/optimizer.hpp"
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+namespace kiln {
+namespace {
+
+TEST(adadelta, fused_cpu_step_matches_the_tensor_op_update) {
+  at::manual_seed(0);
+  at::Tensor fused = at::randn({1000}).set_requires_grad(true);
+  at::Tensor reference = fused.detach().clone().to(at::kDouble).set_requires_grad(true);  // takes the op path
+  Adadelta fused_optimizer({fused}, {1.3, 0.9, 1e-6, 0.01});
+  Adadelta reference_optimizer({reference}, {1.3, 0.9, 1e-6, 0.01});
+  for (int step = 0; step < 20; ++step) {
+    const at::Tensor grad = at::randn({1000});
+    fused.mutable_grad() = grad.clone();
+    reference.mutable_grad() = grad.to(at::kDouble);
+    fused_optimizer.step();
+    reference_optimizer.step();
+  }
+  EXPECT_TRUE(at::allclose(fused.detach().to(at::kDouble), reference.detach(), 1e-5, 1e-6));
+  const auto state = fused_optimizer.state_dict().toGenericDict().at("state").toGenericDict();
+  EXPECT_EQ(state.at(0).toGenericDict().at("step").toTensor().item<double>(), 20.0);
+}
+
+TEST(adadelta, bf16_working_copy_is_the_float32_update_rounded) {
+  // Mixed precision as the trainer sets it up: the parameter's data swapped for a bf16 copy, its
+  // float32 storage kept as the master. The master takes exactly the float32 update of the (bf16)
+  // gradient, in the fused kernel, and the bf16 tensor is what casting the master gives.
+  at::manual_seed(1);
+  const at::Tensor initial = at::randn({64, 300}).t();  // transposed strides, as fc1 stores its weight
+  at::Tensor plain = initial.clone().set_requires_grad(true);
+  at::Tensor working = initial.clone().set_requires_grad(true);
+  Adadelta plain_optimizer({plain}, {1.3});
+  Adadelta mixed_optimizer({working}, {1.3});
+  const at::Tensor master = working.detach();
+  working.set_data(master.to(at::kBFloat16));
+  mixed_optimizer.set_master(0, master);
+  ASSERT_EQ(working.strides(), master.strides());
+  for (int step = 0; step < 10; ++step) {
+    const at::Tensor grad = at::randn({64, 300}).t().to(at::kBFloat16);  // the layout backward gives
+    plain.mutable_grad() = grad.to(at::kFloat);
+    working.mutable_grad() = grad;
+    plain_optimizer.step();
+    mixed_optimizer.step();
+  }
+  EXPECT_TRUE(at::equal(master, plain.detach())) << (master - plain.detach()).abs().max().item<float>();
+  EXPECT_TRUE(at::equal(working.detach(), plain.detach().to(at::kBFloat16)));
+  mixed_optimizer.set_master(0, at::Tensor());
+  working.set_data(master);  // as the trainer ends an epoch
+  EXPECT_EQ(working.scalar_type(), at::kFloat);
+}
+
+}  // namespace
+}  // namespace kiln

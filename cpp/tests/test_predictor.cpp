@@ -1,0 +1,84 @@
+#include "kiln/predictor.hpp"
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include "fixtures.hpp"
+#include "kiln/dataset.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::CheckpointedDataset;
+using testing::read_bytes;
+
+TEST(predictor, gives_the_trained_model_s_predictions) {
+  testing::TempDir dir;
+  const fs::path data = testing::write_halves_dataset(dir.path(), 32);
+  Trainer trainer(testing::small_options(data));
+  trainer.run_epoch();
+  const EpochMetrics metrics = trainer.run_epoch();
+  trainer.save_checkpoint(dir.path() / "model.pt");
+
+  const Predictor predictor(dir.path() / "model.pt");
+  EXPECT_EQ(predictor.classes(), (std::vector<std::string>{"down", "up"}));
+  const SplitData test = load_split(data, "test");
+  const at::Tensor probabilities = predictor.predict(test.images);
+  ASSERT_EQ(probabilities.sizes(), (std::vector<std::int64_t>{64, 2}));
+  EXPECT_TRUE(at::allclose(probabilities.sum(1), at::ones({64})));
+  const double accuracy = probabilities.argmax(1).eq(test.labels).to(at::kDouble).mean().item<double>();
+  EXPECT_DOUBLE_EQ(accuracy, metrics.test_accuracy);
+  EXPECT_THROW(predictor.predict(at::zeros({2, 3, 12, 12}, at::kByte)), DataError);
+  EXPECT_THROW(predictor.predict(at::zeros({2, 1, 12, 12}, at::kFloat)), DataError);
+}
+
+TEST(predictor, serving_decodes_files_to_the_pixels_training_saw) {
+  CheckpointedDataset f;
+  const SplitData train = load_split(f.processed, "train");
+  std::vector<std::vector<std::uint8_t>> bytes;
+  for (const auto& file : f.train_files) bytes.push_back(read_bytes(file));
+  const std::vector<EncodedImage> encoded(bytes.begin(), bytes.end());
+
+  const DecodedBatch batch = decode_batch(encoded, {1, 12, 12});
+  EXPECT_EQ(batch.decoded(), 12);
+  EXPECT_TRUE(at::equal(batch.images, train.images));
+
+  const Predictor predictor(f.checkpoint);
+  const auto served = predictor.predict_encoded(encoded);
+  EXPECT_TRUE(at::equal(served.probabilities, predictor.predict(train.images)));
+  EXPECT_NE(served.conversions[1], "");  // the RGB file was converted as preparation converted it
+}
+
+TEST(predictor, in_bf16_agrees_with_fp32) {
+  // The bf16 path casts the weights once, computes channels-last and reorders fc1's weights to the
+  // activations' memory order: the same function up to bf16 rounding.
+  CheckpointedDataset f;
+  const SplitData train = load_split(f.processed, "train");
+  const at::Tensor fp32 = Predictor(f.checkpoint).predict(train.images);
+  const at::Tensor bf16 = Predictor(f.checkpoint, "cpu", Precision::bf16).predict(train.images);
+  EXPECT_TRUE(at::allclose(bf16, fp32, 0.0, 2e-2)) << (bf16 - fp32).abs().max().item<float>();
+}
+
+TEST(predictor, undecodable_images_get_an_error_and_the_rest_a_prediction) {
+  CheckpointedDataset f;
+  const Predictor predictor(f.checkpoint);
+  const std::vector<std::uint8_t> good = read_bytes(f.train_files[0]);
+  const std::vector<std::uint8_t> truncated(good.begin(), good.begin() + good.size() / 2);
+  const std::string text = "not an image";
+  const std::vector<EncodedImage> encoded = {
+      good, truncated, EncodedImage(reinterpret_cast<const std::uint8_t*>(text.data()), text.size()), {}};
+  const auto result = predictor.predict_encoded(encoded);
+  EXPECT_EQ(result.errors[0], "");
+  EXPECT_NE(result.errors[1], "");
+  EXPECT_NE(result.errors[2], "");
+  EXPECT_NE(result.errors[3], "");
+  EXPECT_NEAR(result.probabilities[0].sum().item<float>(), 1.0f, 1e-5);
+  EXPECT_EQ(result.probabilities.slice(0, 1).abs().sum().item<float>(), 0.0f);
+  EXPECT_TRUE(at::equal(result.probabilities[0], predictor.predict_encoded({good}).probabilities[0]));
+}
+
+}  // namespace
+}  // namespace kiln
