@@ -1,5 +1,5 @@
 """kiln.precision: the one device and precision rule of training, batch inference, serving and the
-MLflow pyfunc model."""
+MLflow pyfunc model (tests/test_train_model.py checks that the pyfunc model answers as serving)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import kiln
 from kiln import precision
 from kiln.precision import load_predictor
 
@@ -34,19 +33,3 @@ def test_training_refuses_other_precisions_naming_the_choices(name: str) -> None
 def test_inference_refuses_other_precisions_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, int8, got 'fp16'"):
         load_predictor(Path("never-read.pt"), no_cuda=True, precision="fp16")
-
-
-def test_the_pyfunc_model_predicts_as_serving_does(trained_checkpoint: Path, processed_sample: Path) -> None:
-    from mlflow.pyfunc import PythonModelContext
-
-    from kiln.mlflow_model import KilnImageClassifier
-
-    model = KilnImageClassifier()
-    model.load_context(PythonModelContext(artifacts={"checkpoint": str(trained_checkpoint)}, model_config=None))
-    served = load_predictor(trained_checkpoint, no_cuda=True)  # kiln_fastapi's defaults: NO_CUDA, PRECISION=auto
-    assert model.predictor.precision == served.precision
-    images, _ = kiln.load_split(processed_sample, "test")
-    out = model.predict(None, images[:64].numpy())
-    expected = served.predict(images[:64])
-    assert torch.equal(torch.tensor(list(out["probabilities"]), dtype=torch.float32), expected)
-    assert list(out["prediction"]) == [served.classes[int(i)] for i in expected.argmax(1)]
