@@ -49,15 +49,15 @@ c10::IValue calibration_to_ivalue(const Int8Calibration& calibration) {
 
 }  // namespace
 
-void write_checkpoint(const std::filesystem::path& path, const TrainingState& state) {
-  const CheckpointModel& saved = state.model;
+void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
+  CheckpointModel& saved = state.model;
   Dict model = string_dict();
   model.insert("name", saved.spec.name);
   model.insert("in_channels", static_cast<std::int64_t>(saved.spec.in_channels));
   model.insert("num_classes", static_cast<std::int64_t>(saved.spec.num_classes));
   model.insert("height", static_cast<std::int64_t>(saved.spec.height));
   model.insert("width", static_cast<std::int64_t>(saved.spec.width));
-  model.insert("state_dict", saved.state_dict);
+  model.insert("state_dict", std::move(saved.state_dict));
 
   Dict normalization = string_dict();
   normalization.insert("mean", detail::plain_list(saved.mean));
@@ -72,11 +72,11 @@ void write_checkpoint(const std::filesystem::path& path, const TrainingState& st
   scheduler.insert("_last_lr", detail::plain_list(std::vector<double>{state.lr}));
 
   Dict rng = string_dict();
-  rng.insert("torch_cpu", state.torch_cpu_rng);
+  rng.insert("torch_cpu", std::move(state.torch_cpu_rng));
   rng.insert("dropout_seed", static_cast<std::int64_t>(state.dropout_seed));
   rng.insert("dropout_offset", static_cast<std::int64_t>(state.dropout_offset));
-  if (state.torch_device_rng.defined()) rng.insert("torch_device", state.torch_device_rng);
-  rng.insert("shuffle", state.shuffle_rng);
+  if (state.torch_device_rng.defined()) rng.insert("torch_device", std::move(state.torch_device_rng));
+  rng.insert("shuffle", std::move(state.shuffle_rng));
 
   c10::impl::GenericList history(c10::AnyType::get());
   for (const auto& m : state.history) history.push_back(metrics_to_ivalue(m));
@@ -97,7 +97,7 @@ void write_checkpoint(const std::filesystem::path& path, const TrainingState& st
   checkpoint.insert("model", model);
   checkpoint.insert("classes", detail::plain_list(saved.classes));
   checkpoint.insert("normalization", normalization);
-  checkpoint.insert("optimizer", state.optimizer);
+  checkpoint.insert("optimizer", std::move(state.optimizer));
   checkpoint.insert("scheduler", scheduler);
   checkpoint.insert("epoch", saved.epoch);
   checkpoint.insert("history", history);

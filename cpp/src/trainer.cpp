@@ -326,8 +326,9 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   state.gamma = s.options.gamma;
   state.lr = s.optimizer->lr();
   state.history = s.history;
-  state.torch_cpu_rng = s.torch_stream;
-  state.torch_device_rng = s.device_stream;
+  // Copies: the file must hold the only reference (write_checkpoint).
+  state.torch_cpu_rng = s.torch_stream.clone();
+  if (s.device_stream.defined()) state.torch_device_rng = s.device_stream.clone();
   {
     at::Generator shuffle = s.shuffle;
     std::lock_guard<std::mutex> lock(shuffle.mutex());
@@ -336,7 +337,7 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   state.dropout_seed = s.dropout.seed;
   state.dropout_offset = s.dropout.offset;
   state.options = s.options;
-  write_checkpoint(path, state);
+  write_checkpoint(path, std::move(state));
 }
 
 void Trainer::load_checkpoint(const std::filesystem::path& path) {

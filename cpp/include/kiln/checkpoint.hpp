@@ -64,8 +64,9 @@ struct TrainingState {
   TrainerOptions options;
 };
 
-// Writes `state` atomically in the layout above.
-void write_checkpoint(const std::filesystem::path& path, const TrainingState& state);
+// Writes `state` atomically in the layout above. Taken by value and moved into the file's dict: the
+// pickler memoizes any object referenced twice, which would change the file's bytes.
+void write_checkpoint(const std::filesystem::path& path, TrainingState state);
 
 // Loads and validates a checkpoint file; throws kiln::NotFoundError / kiln::DataError naming it.
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path);
