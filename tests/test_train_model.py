@@ -22,10 +22,6 @@ from conftest import run_app
 from kiln.cli import compose_config
 from kiln.training import train
 
-# Importing mlflow.pyfunc (when a tracked run in this process logs its pyfunc model) makes MLflow 3.17 warn
-# about its own agent schemas; the strict filter would raise that inside MLflow and the model would not be logged.
-pytestmark = pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning")
-
 # A small but real run: 600 training and 300 test images of the sample per epoch.
 QUICK = ("train_limit=600", "test_limit=300")
 
