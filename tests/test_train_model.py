@@ -84,6 +84,10 @@ def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # A normal run prints no advisory warnings: MLflow's "Add type hints to the `predict` method" came
+    # twice per run before the pyfunc model's predict was type-hinted.
+    output = result.stdout + result.stderr
+    assert "Add type hints" not in output and "Warning:" not in output, output
     client = client_for(mlflow_server)
     run = only_run(client, experiment)
     assert re.fullmatch(r"train-model-\d+", run.info.run_name)
@@ -117,6 +121,8 @@ def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
         from kiln.precision import load_predictor
         mlflow.set_tracking_uri({mlflow_server!r})
         model = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/model")
+        (spec,) = model.metadata.get_input_schema().inputs  # kiln's explicit signature
+        assert (str(spec.type), spec.shape) == ("uint8", (-1, 1, 28, 28)), (spec.type, spec.shape)
         images, labels = kiln.load_split({str(processed_sample)!r}, "test")
         out = model.predict(images[:200].numpy())
         classes = kiln.read_manifest({str(processed_sample)!r}).classes

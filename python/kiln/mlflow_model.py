@@ -10,19 +10,26 @@ checkpoint artifact, read by the C++ predictor in the precision serving picks wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
 class KilnImageClassifier(PythonModel):
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from kiln.precision import load_predictor
 
         self.predictor = load_predictor(context.artifacts["checkpoint"], no_cuda=True, precision="auto")
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The hints are MLflow's: np.ndarray is a type hint it accepts without inferring a schema from it
+    # (the logged model carries kiln's explicit uint8 [N, C, H, W] TensorSpec signature) and without
+    # wrapping predict in its data validation, so inputs reach predict as before.
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         import torch
 
         images = np.ascontiguousarray(np.asarray(model_input))

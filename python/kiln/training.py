@@ -33,7 +33,7 @@ def _log_model(trainer: Trainer, checkpoint: Path) -> None:
 
     channels, height, width = trainer.image_shape
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width))]))
-    # kiln states the signature explicitly; MLflow still advises predict() type hints (a warning).
+    # The signature is explicit: MLflow infers none from predict()'s np.ndarray hint (kiln.mlflow_model).
     mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(kiln.__file__).with_name("mlflow_model.py")),
