@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import html
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,26 @@ DOCS = REPO / "docs"
 CHECKED_PREFIXES = ("docker/", "deploy/", "conf/", "src/")
 
 
+def pages_job() -> dict:
+    """The GitLab Pages job of .gitlab-ci.yml, the template's `pages` job."""
+    return yaml.safe_load((REPO / ".gitlab-ci.yml").read_text(encoding="utf-8"))["pages"]
+
+
+def pages_build_command() -> list[str]:
+    """The pages job's Sphinx command, as its script line reads."""
+    [line] = [line for line in pages_job()["script"] if "sphinx" in line]
+    return shlex.split(line)
+
+
 @pytest.fixture(scope="module")
 def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site as the GitLab Pages job builds it: its own command, writing to a temporary dir instead of public/."""
     out = tmp_path_factory.mktemp("docs-html")
+    command = pages_build_command()
+    assert command[0] == "python" and command[-1] == "public", command
     # -W: any warning (a failed autodoc import included) fails the build; -E: no cached environment.
     done = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-b", "html", str(DOCS), str(out)],
+        [sys.executable, *command[1:-1], "-E", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -127,3 +143,30 @@ def test_every_repo_path_the_docs_name_exists() -> None:
     assert len(mentions) >= 5, mentions  # the check itself still finds the docs' paths
     missing = {path: pages for path, pages in mentions.items() if not (REPO / path.rstrip("/")).exists()}
     assert not missing, f"paths named in docs/ that do not exist: {missing}"
+
+
+def test_gitlab_pages_job_publishes_the_site_from_the_default_branch() -> None:
+    """The template's `pages` job: the Sphinx site (API reference included) built into public/, which GitLab
+    Pages serves, on pushes to the default branch only; built_site runs the same command."""
+    config = yaml.safe_load((REPO / ".gitlab-ci.yml").read_text(encoding="utf-8"))
+    job = pages_job()
+    assert job["stage"] in config["stages"]
+    assert config["stages"].index(job["stage"]) > config["stages"].index(config["test"]["stage"])
+    # The site documents the installed package, compiled core included: kiln is set up before Sphinx runs.
+    assert job["script"][0] == "bash scripts/setup.sh"
+    command = pages_build_command()
+    assert command[:3] == ["python", "-m", "sphinx"] and "-W" in command
+    assert command[-3:] == ["html", "docs", "public"] and command[-4] == "-b"
+    assert job["artifacts"]["paths"] == ["public"]
+    assert job["rules"] == [{"if": "$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH"}]
+
+
+
+def test_license_file_is_the_apache_license_pyproject_declares() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["license"] == {"text": "Apache-2.0"}
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    # The Apache Software Foundation's text, whole: its title, its last section and its appendix.
+    assert re.search(r"^\s+Apache License\n\s+Version 2\.0, January 2004\n", text)
+    assert "9. Accepting Warranty or Additional Liability." in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
