@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import kiln
 from conftest import run_app
@@ -197,6 +198,51 @@ def test_untracked_training_writes_the_checkpoint_only(in_tmp_path: Path, proces
     assert not (in_tmp_path / "mlruns").exists()
     assert result["run_id"] is None and result["checkpoint"] == str(in_tmp_path / "models" / "checkpoint.pt")
     assert torch.load(in_tmp_path / "models" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def composed(tmp_path: Path, *overrides: str) -> dict:
+    """The config the real `python src/train_model.py <overrides>` runs with (`--cfg job`)."""
+    result = run_app("train_model.py", *overrides, "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "artifact_dir_path",
+        "train_model.artifact_dir_path",
+        "model_checkpoint_dir_path",
+        "train_model.model_checkpoint_dir_path",
+    ],
+)
+def test_checkpoint_dir_takes_kilns_and_the_run_ai_guides_spelling(tmp_path: Path, key: str) -> None:
+    config = composed(tmp_path, f"{key}={tmp_path / 'checkpoints'}")
+    assert config["artifact_dir_path"] == str(tmp_path / "checkpoints")
+    assert "model_checkpoint_dir_path" not in config  # one key in the composed and logged config
+
+
+def test_given_both_checkpoint_dir_spellings_the_later_one_wins(tmp_path: Path) -> None:
+    config = composed(tmp_path, "train_model.model_checkpoint_dir_path=/first", "artifact_dir_path=/second")
+    assert config["artifact_dir_path"] == "/second"
+    config = composed(tmp_path, "artifact_dir_path=/first", "model_checkpoint_dir_path=/second")
+    assert config["artifact_dir_path"] == "/second"
+
+
+def test_run_ai_guides_checkpoint_dir_override_trains_into_that_dir(tmp_path: Path, processed_sample: Path) -> None:
+    checkpoints = tmp_path / "guide-models"
+    result = run_app(
+        "train_model.py",
+        f"train_model.data_dir_path={processed_sample}",
+        "train_model.setup_mlflow=false",
+        f"train_model.model_checkpoint_dir_path={checkpoints}",
+        "train_model.epochs=1",
+        *QUICK,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert torch.load(checkpoints / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "models").exists()
 
 
 def test_diverging_loss_stops_the_run_with_a_clear_error(

@@ -34,23 +34,41 @@ def logging_config_path() -> Path:
 
 
 _PREFIXED_OVERRIDE = re.compile(r"^(?P<op>\+\+|\+|~)?(?P<app>[A-Za-z_]\w*)\.(?P<rest>.+)$")
+_KEY_OVERRIDE = re.compile(r"^(?P<op>\+\+|\+|~)?(?P<key>[A-Za-z_]\w*)(?P<tail>=.*)?$", re.DOTALL)
+
+# The template's names for kiln's keys, per app: the guides' spelling is accepted on the command line and
+# becomes kiln's key before Hydra sees it, so the composed (and logged) config holds kiln's key only.
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    # The Run:ai guide's `train_model.model_checkpoint_dir_path=...`: where checkpoints go.
+    "train_model": {"model_checkpoint_dir_path": "artifact_dir_path"},
+}
 
 
 def accept_app_prefixed_overrides(app_name: str, argv: list[str] | None = None) -> None:
-    """Accept ``<app_name>.<key>=value`` overrides as ``<key>=value``.
+    """Accept the template guides' spellings of overrides.
 
-    The template's Run:ai and Polyaxon guides write overrides such as
-    ``process_data.raw_data_dir_path=…`` and ``train_model.epochs=3`` while the apps' YAML keys are
-    top-level; both spellings work in kiln. Rewrites ``sys.argv`` (or ``argv``) in place before
-    Hydra parses it.
+    - ``<app_name>.<key>=value`` as ``<key>=value``: the template's Run:ai and Polyaxon guides write
+      ``process_data.raw_data_dir_path=…`` and ``train_model.epochs=3`` while the apps' YAML keys are
+      top-level;
+    - the template's key names in :data:`KEY_ALIASES` as kiln's (``model_checkpoint_dir_path=…`` is
+      ``artifact_dir_path=…``), with or without the prefix. Given both, the later one on the command
+      line wins, as with any key Hydra is given twice.
+
+    Both spellings work in kiln. Rewrites ``sys.argv`` (or ``argv``) in place before Hydra parses it.
     """
     args = sys.argv if argv is None else argv
+    aliases = KEY_ALIASES.get(app_name, {})
     for index, arg in enumerate(args[1:], start=1):
         if arg.startswith("-"):
             continue
         match = _PREFIXED_OVERRIDE.match(arg)
         if match and match["app"] == app_name:
-            args[index] = (match["op"] or "") + match["rest"]
+            arg = args[index] = (match["op"] or "") + match["rest"]
+        match = _KEY_OVERRIDE.match(arg)
+        if match and match["key"] in aliases:
+            # "+alias=..." sets the key kiln already has: without the "+", which Hydra would refuse.
+            op = "" if match["op"] == "+" else (match["op"] or "")
+            args[index] = op + aliases[match["key"]] + (match["tail"] or "")
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
