@@ -459,6 +459,122 @@ def test_argo_run_submits_the_workflow_to_the_argo_server_api():
     assert workflow_parameters(request["body"]["workflow"])["epochs"] == "3"
 
 
+# The template guide's own form: `workflow.py --server abacus --run workflow/crisplitdemo.yaml --params '{...}'`.
+GUIDE_STYLE_WORKFLOW = """\
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata:
+  generateName: crisplitdemo-
+spec:
+  entrypoint: train
+  arguments:
+    parameters:
+      - name: batch_size
+        value: "8"
+      - name: debug
+        value: "false"
+  templates:
+    - name: train
+      container:
+        image: registry.example.com/kiln/model-training-gpu:0.1.0
+        command: [python, src/train_model.py]
+        args: ["train_bs={{workflow.parameters.batch_size}}"]
+        resources:
+          requests: {ephemeral-storage: 40Gi, nvidia.com/gpu: "1"}
+          limits: {ephemeral-storage: 40Gi, nvidia.com/gpu: "1"}
+      retryStrategy: {limit: "3", retryPolicy: Always}
+"""
+
+
+@pytest.fixture
+def argo_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ArgoServerStandIn)
+    server.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_argo_run_file_submits_the_given_workflow_with_its_params_set(tmp_path, argo_server):
+    path = tmp_path / "crisplitdemo.yaml"
+    path.write_text(GUIDE_STYLE_WORKFLOW)
+    url = f"http://127.0.0.1:{argo_server.server_address[1]}"
+    params = '{"batch_size": 2, "debug": "true"}'
+    result = run_workflow_py("--server", url, "--run", str(path), "--params", params, env={"ARGO_TOKEN": "s3cr3t"})
+    assert result.returncode == 0, result.stderr
+    assert f"Submitted workflow kiln-pipeline-x7k2p ({path}): {url}/workflows/kiln/kiln-pipeline-x7k2p" in result.stdout
+    [request] = argo_server.received
+    assert request["path"] == "/api/v1/workflows/kiln"
+    assert request["headers"]["Authorization"] == "Bearer s3cr3t"
+    expected = yaml.safe_load(GUIDE_STYLE_WORKFLOW)
+    expected["metadata"]["namespace"] = "kiln"
+    expected["spec"]["arguments"]["parameters"] = [
+        {"name": "batch_size", "value": "2"},
+        {"name": "debug", "value": "true"},
+    ]
+    assert request["body"]["workflow"] == expected  # the file as written, nothing dropped, only the params set
+    assert argo_schema_problems(request["body"]["workflow"]) == []
+
+
+def test_argo_run_file_goes_to_the_files_namespace_unless_one_is_given(tmp_path, argo_server):
+    manifest = yaml.safe_load(GUIDE_STYLE_WORKFLOW)
+    manifest["metadata"]["namespace"] = "team-a"
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    url = f"http://127.0.0.1:{argo_server.server_address[1]}"
+    assert run_workflow_py("--server", url, "--run", str(path)).returncode == 0
+    assert run_workflow_py("--server", url, "--run", str(path), "--namespace", "team-b").returncode == 0
+    paths = [request["path"] for request in argo_server.received]
+    assert paths == ["/api/v1/workflows/team-a", "/api/v1/workflows/team-b"]
+    assert [request["body"]["workflow"]["metadata"]["namespace"] for request in argo_server.received] == [
+        "team-a",
+        "team-b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file; --run FILE takes the path of a Workflow YAML file"),
+        ("spec: [\n", "is not valid YAML"),
+        (GUIDE_STYLE_WORKFLOW + "---\n" + GUIDE_STYLE_WORKFLOW, "must hold one Workflow (a YAML mapping), found 2"),
+        (
+            GUIDE_STYLE_WORKFLOW.replace("kind: Workflow", "kind: CronWorkflow"),
+            "kind 'CronWorkflow'; --run submits a Workflow (apiVersion: argoproj.io/v1alpha1, kind: Workflow)",
+        ),
+        (
+            GUIDE_STYLE_WORKFLOW.replace("retryPolicy", "retryPolcy"),
+            "Argo Workflows has no field(s) ['spec.templates[0].retryStrategy.retryPolcy']",
+        ),
+        (GUIDE_STYLE_WORKFLOW.replace('limit: "3"', "limit: [3]"), "is not a valid Argo Workflow"),
+    ],
+    ids=["missing", "not-yaml", "two-documents", "not-a-workflow", "unknown-field", "wrong-type"],
+)
+def test_argo_run_file_checks_the_file_before_submitting(tmp_path, argo_server, content, message):
+    path = tmp_path / "wf.yaml"
+    if content is not None:
+        path.write_text(content)
+    url = f"http://127.0.0.1:{argo_server.server_address[1]}"
+    result = run_workflow_py("--server", url, "--run", str(path))
+    assert result.returncode == 2
+    assert f"error: {path}" in result.stderr and message in result.stderr
+    assert argo_server.received == []
+
+
+def test_argo_run_file_rejects_params_and_options_the_file_does_not_take(tmp_path, argo_server):
+    path = tmp_path / "wf.yaml"
+    path.write_text(GUIDE_STYLE_WORKFLOW)
+    url = f"http://127.0.0.1:{argo_server.server_address[1]}"
+    result = run_workflow_py("--server", url, "--run", str(path), "--params", '{"epochs": 3}')
+    assert result.returncode == 2
+    assert "declares no parameter(s) ['epochs']; it declares: ['batch_size', 'debug']" in result.stderr
+    result = run_workflow_py("--server", url, "--run", str(path), "--gpus", "2")
+    assert result.returncode == 2 and "--gpus only shape(s) kiln's pipeline" in result.stderr
+    assert argo_server.received == []
+
+
 def test_argo_run_reports_an_unreachable_server():
     result = run_workflow_py("--server", "http://127.0.0.1:9", "--run")
     assert result.returncode == 1

@@ -11,6 +11,13 @@ and the MLflow server (http://mlflow-server-svc:5000) come from there.
     ARGO_TOKEN=... python deploy/argo/workflow.py --server https://argo.example.com --run \\
         --params '{"epochs": 3, "image_tag": "0.1.1"}'              # submit over Argo's REST API
     python deploy/argo/workflow.py --server ... --run --debug       # training waits for a debugger
+    python deploy/argo/workflow.py --server https://argo.example.com --run my-workflow.yaml \
+        --params '{"batch_size": 2}'                                # submit your own Workflow file instead
+
+--run FILE (the template guide's form) submits the Workflow in FILE instead of kiln's pipeline: it must be
+one YAML document of kind Workflow (apiVersion argoproj.io/v1alpha1) that Argo's API models accept, every
+field known to them; --params then sets the values of the parameters the file declares in
+spec.arguments.parameters. It goes to --namespace if given, else to the file's metadata.namespace, else kiln.
 
 --params sets the defaults of the Workflow's parameters (list them with --list-params); they stay
 Workflow parameters, so `argo submit -p epochs=3` works on the printed manifest too. What changes the
@@ -23,8 +30,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
+import yaml
 from hera.workflows import Container, Parameter, RetryStrategy, SecretEnv, Steps, Workflow, WorkflowsService
 from hera.workflows import models as m
 
@@ -297,24 +306,84 @@ def _parse_params(text: str | None) -> tuple[dict[str, object], bool]:
     return params, debug
 
 
+def _unknown_fields(given: object, known: object, path: str) -> Iterator[str]:
+    """Keys of `given` that `known` (the same manifest after Argo's API models read it) no longer has."""
+    if isinstance(given, dict) and isinstance(known, dict):
+        for key, value in given.items():
+            if key not in known:
+                yield f"{path}.{key}"
+            else:
+                yield from _unknown_fields(value, known[key], f"{path}.{key}")
+    elif isinstance(given, list) and isinstance(known, list):
+        for index, (value, known_value) in enumerate(zip(given, known, strict=True)):
+            yield from _unknown_fields(value, known_value, f"{path}[{index}]")
+
+
+def load_workflow_file(path: Path) -> m.Workflow:
+    """The Workflow in a YAML file, checked against Argo's API models (hera's); ValueError says what is wrong."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; --run FILE takes the path of a Workflow YAML file")
+    try:
+        documents = [document for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise ValueError(f"{path} must hold one Workflow (a YAML mapping), found {len(documents)} document(s)")
+    manifest = documents[0]
+    kind = (manifest.get("apiVersion"), manifest.get("kind"))
+    if kind != ("argoproj.io/v1alpha1", "Workflow"):
+        raise ValueError(
+            f"{path} is apiVersion {kind[0]!r}, kind {kind[1]!r}; --run submits a Workflow "
+            "(apiVersion: argoproj.io/v1alpha1, kind: Workflow)"
+        )
+    try:
+        workflow = m.Workflow.model_validate(manifest)
+    except ValueError as error:  # pydantic's ValidationError
+        raise ValueError(f"{path} is not a valid Argo Workflow: {error}") from None
+    # Argo's models ignore fields they do not have: a misspelt field would be dropped without a word.
+    unknown = list(_unknown_fields(manifest, workflow.model_dump(mode="json", by_alias=True, exclude_unset=True), ""))
+    if unknown:
+        raise ValueError(f"{path}: Argo Workflows has no field(s) {[field.lstrip('.') for field in unknown]}")
+    return workflow
+
+
+def set_file_parameters(workflow: m.Workflow, params: Mapping[str, object], path: Path) -> None:
+    """Sets the values of parameters the file declares (spec.arguments.parameters), as `argo submit -p` does."""
+    declared = {
+        parameter.name: parameter
+        for parameter in (workflow.spec.arguments and workflow.spec.arguments.parameters) or []
+    }
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ValueError(f"{path} declares no parameter(s) {unknown}; it declares: {sorted(declared)}")
+    for name, value in params.items():
+        declared[name].value = str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="kiln's pipeline (prepare -> train -> sweep -> batch inference) on Argo Workflows."
     )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--dry-run", action="store_true", help="print the Workflow manifest as YAML (the default)")
-    action.add_argument("--run", action="store_true", help="submit the Workflow to --server")
+    action.add_argument(
+        "--run",
+        nargs="?",
+        const=True,
+        metavar="FILE",
+        help="submit kiln's pipeline to --server, or the Workflow in the YAML file FILE",
+    )
     action.add_argument("--list-params", action="store_true", help="print the parameters and their defaults")
     parser.add_argument("--server", help="Argo server URL, e.g. https://argo.example.com:2746 (https:// if omitted)")
     parser.add_argument(
         "--namespace",
-        default="kiln",
-        help="namespace to run in, the one of deploy/k8s/ (its volume, Secrets and MLflow server); default: kiln",
+        help="namespace to run in, the one of deploy/k8s/ (its volume, Secrets and MLflow server); default: kiln "
+        "(for --run FILE: the file's metadata.namespace if it has one)",
     )
     parser.add_argument("--params", help='JSON object of parameter values, e.g. \'{"epochs": 3, "lr": 1.0}\'')
     parser.add_argument("--debug", action="store_true", help="start training under debugpy, waiting for a client")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per training/sweep pod (default: 1)")
-    parser.add_argument("--pvc", default=VOLUME_NAME, help=f"PersistentVolumeClaim mounted at {DATA_ROOT}")
+    parser.add_argument("--gpus", type=int, help="GPUs per training/sweep pod (default: 1)")
+    parser.add_argument("--pvc", help=f"PersistentVolumeClaim mounted at {DATA_ROOT} (default: {VOLUME_NAME})")
     parser.add_argument("--service-account", help="service account of the workflow's pods (default: the namespace's)")
     parser.add_argument(
         "--token-env", default="ARGO_TOKEN", help="environment variable holding the Argo token (default: ARGO_TOKEN)"
@@ -326,14 +395,30 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in PARAMETERS.items():
             print(f"{name}: {value!r}")
         return 0
+    if isinstance(args.run, str):
+        shaping = [
+            option
+            for option, value in (
+                ("--debug", args.debug),
+                ("--gpus", args.gpus),
+                ("--pvc", args.pvc),
+                ("--service-account", args.service_account),
+            )
+            if value
+        ]
+        if shaping:
+            parser.error(f"{', '.join(shaping)} only shape(s) kiln's pipeline; with --run FILE, set that in the file")
+        return _submit_file(parser, args)
+
     params, debug_param = _parse_params(args.params)
     debug = args.debug or debug_param
+    args.namespace = args.namespace or "kiln"
     try:
         workflow = build_workflow(
             params,
             debug=debug,
-            gpus=args.gpus,
-            pvc=args.pvc,
+            gpus=1 if args.gpus is None else args.gpus,
+            pvc=args.pvc or VOLUME_NAME,
             namespace=args.namespace,
             service_account=args.service_account,
         )
@@ -346,15 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             print(debug_instructions(args.namespace), file=sys.stderr)
         return 0
 
-    if not args.server:
-        parser.error("--run needs --server, the Argo server's URL")
-    server = _server_url(args.server)
-    workflow.workflows_service = WorkflowsService(
-        host=server,
-        token=os.environ.get(args.token_env) or None,
-        namespace=args.namespace,
-        verify_ssl=not args.insecure,
-    )
+    server = _server_url(_need_server(parser, args))
+    workflow.workflows_service = _service(server, args)
     try:
         created = workflow.create()
     except Exception as error:  # hera raises its own exception types per HTTP status
@@ -364,6 +442,52 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Submitted workflow {name}: {server.rstrip('/')}/workflows/{args.namespace}/{name}")
     if debug:
         print(debug_instructions(args.namespace, name))
+    return 0
+
+
+def _need_server(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    if not args.server:
+        parser.error("--run needs --server, the Argo server's URL")
+    return args.server
+
+
+def _service(server: str, args: argparse.Namespace) -> WorkflowsService:
+    return WorkflowsService(
+        host=server,
+        token=os.environ.get(args.token_env) or None,
+        namespace=args.namespace,
+        verify_ssl=not args.insecure,
+    )
+
+
+def _submit_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--run FILE: the given Workflow, checked, with --params set, submitted as it is otherwise."""
+    path = Path(args.run)
+    params = {}
+    if args.params:
+        try:
+            params = json.loads(args.params)
+        except json.JSONDecodeError as error:
+            parser.error(f"--params must be a JSON object, e.g. '{{\"epochs\": 3}}': {error}")
+        if not isinstance(params, dict):
+            parser.error(f"--params must be a JSON object, e.g. '{{\"epochs\": 3}}', got {args.params!r}")
+    try:
+        workflow = load_workflow_file(path)
+        set_file_parameters(workflow, params, path)
+    except ValueError as error:
+        parser.error(str(error))
+    server = _server_url(_need_server(parser, args))
+    args.namespace = args.namespace or workflow.metadata.namespace or "kiln"
+    workflow.metadata.namespace = args.namespace
+    try:
+        created = _service(server, args).create_workflow(
+            m.WorkflowCreateRequest(workflow=workflow, namespace=args.namespace)
+        )
+    except Exception as error:  # hera raises its own exception types per HTTP status
+        print(f"Submitting {path} to {server} (namespace {args.namespace}) failed: {error}", file=sys.stderr)
+        return 1
+    name = created.metadata.name
+    print(f"Submitted workflow {name} ({path}): {server.rstrip('/')}/workflows/{args.namespace}/{name}")
     return 0
 
 
