@@ -17,7 +17,13 @@ from kiln.training import train
 logger = logging.getLogger(__name__)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_model.yaml")
+# kiln.tracking.RecordSweepStart is the one target conf/train_model.yaml instantiates (hydra.callbacks).
+@hydra.main(
+    version_base=None,
+    config_path="../conf",
+    config_name="train_model.yaml",
+    execution_whitelist=["kiln.tracking.RecordSweepStart"],
+)
 def main(args: DictConfig) -> tuple[float, float]:
     cli.setup_app_logging(args["log_dir"])
     if cli.in_multirun():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,15 @@ from conftest import run_app
 QUICK = ("epochs=1", "train_limit=200", "test_limit=100")
 
 
-def sweep(processed: Path, tmp_path: Path, uri: str, experiment: str, *overrides: str, name: str = "multirun"):
+def sweep(
+    processed: Path,
+    tmp_path: Path,
+    uri: str,
+    experiment: str,
+    *overrides: str,
+    name: str = "multirun",
+    env: dict[str, str] | None = None,
+):
     return run_app(
         "train_model.py",
         "--multirun",
@@ -25,7 +34,18 @@ def sweep(processed: Path, tmp_path: Path, uri: str, experiment: str, *overrides
         *overrides,
         cwd=tmp_path,
         timeout=600,
+        env=env,
     )
+
+
+def assert_grouped_by_the_sweeps_start(runs, sweep_dir: Path, started: int, ended: int) -> None:
+    """One hptuning_tag for the sweep's runs: the epoch seconds of the sweep's start, as the template's
+    guides describe it, recorded in the sweep's dir; the dir itself is tag hptuning_dir."""
+    (tag,) = {run.data.tags["hptuning_tag"] for run in runs}
+    assert tag.isdigit() and started <= int(tag) <= ended, (tag, started, ended)
+    assert int(tag) <= min(run.info.start_time for run in runs) // 1000  # fixed before any trial started
+    assert (sweep_dir / "hptuning_tag").read_text().strip() == tag
+    assert {run.data.tags["hptuning_dir"] for run in runs} == {str(sweep_dir)}
 
 
 def test_seed_sweep_gives_three_grouped_runs_and_a_pareto_front(
@@ -33,13 +53,14 @@ def test_seed_sweep_gives_three_grouped_runs_and_a_pareto_front(
 ) -> None:
     import mlflow
 
+    started = int(time.time())
     result = sweep(processed_sample, tmp_path, mlflow_server, "sweep")
     assert result.returncode == 0, result.stdout + result.stderr
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert len(runs) == 3
     assert all(run.info.run_name.startswith("train-model-hp-") for run in runs)
-    assert {run.data.tags["hptuning_tag"] for run in runs} == {str(tmp_path / "multirun")}
+    assert_grouped_by_the_sweeps_start(runs, tmp_path / "multirun", started, int(time.time()))
     assert sorted(run.data.tags["trial_number"] for run in runs) == ["0", "1", "2"]
     assert {run.data.tags["study_name"] for run in runs} == {"base-template"}
     for run in runs:
@@ -67,6 +88,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(
         "hydra.sweeper.n_trials=3",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=failures",
+        env={"MLFLOW_HPTUNING_TAG": "1641159546"},  # the guides' `-P MLFLOW_HPTUNING_TAG="$(date +%s)"`
     )
     assert result.returncode == 0, result.stdout + result.stderr
     trials = optuna.load_study(study_name="failures", storage=storage).trials
@@ -77,6 +99,8 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep-failures").experiment_id])
     assert sorted(run.info.status for run in runs) == sorted(["FAILED"] * len(failed) + ["FINISHED"] * len(complete))
+    # The user's MLFLOW_HPTUNING_TAG wins over the sweep's start time.
+    assert {run.data.tags["hptuning_tag"] for run in runs} == {"1641159546"}
 
 
 def test_a_sqlite_study_continues_across_invocations(
@@ -104,6 +128,7 @@ def test_parallel_trials_in_separate_processes(tmp_path: Path, processed_sample:
     import mlflow
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    started = int(time.time())
     result = sweep(
         processed_sample,
         tmp_path,
@@ -122,5 +147,5 @@ def test_parallel_trials_in_separate_processes(tmp_path: Path, processed_sample:
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep-parallel").experiment_id])
     assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}, result.stdout + result.stderr
-    # Separate processes, one sweep: the same group tag in both.
-    assert {run.data.tags["hptuning_tag"] for run in runs} == {str(tmp_path / "multirun")}
+    # Separate processes, one sweep: the same group tag in both, fixed before either trial started.
+    assert_grouped_by_the_sweeps_start(runs, tmp_path / "multirun", started, int(time.time()))

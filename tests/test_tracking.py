@@ -286,18 +286,40 @@ def test_a_failed_job_ends_its_run_with_the_status_and_the_error(
     tracking.end_failed(tracking.UNTRACKED, error)  # nothing to end
 
 
-def test_a_sweep_trial_is_grouped_by_the_sweep_dir_unless_the_user_set_a_tag(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_sweep_trial_is_grouped_by_the_start_time_its_sweep_recorded_unless_the_user_set_a_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A relative sweep dir, as Hydra's default multirun/<date>/<time>: relative to where the command ran.
     hydra_config = OmegaConf.create(
-        {"sweep": {"dir": "/work/multirun/2024-06-01"}, "job": {"num": 2}, "sweeper": {"study_name": "base-template"}}
+        {
+            "sweep": {"dir": "multirun/2024-06-01"},
+            "runtime": {"cwd": str(tmp_path)},
+            "job": {"num": 2},
+            "sweeper": {"study_name": "base-template"},
+        }
     )
+    monkeypatch.chdir(tmp_path)
+    started = int(time.time())
+    tracking.RecordSweepStart().on_multirun_start(OmegaConf.create({"hydra": hydra_config}))
+    recorded = (tmp_path / "multirun" / "2024-06-01" / "hptuning_tag").read_text().strip()
+    assert started <= int(recorded) <= time.time()
+    assert os.listdir(tmp_path / "multirun" / "2024-06-01") == ["hptuning_tag"]  # no partial file left
+
+    monkeypatch.chdir(tmp_path / "multirun")  # a trial's working dir may be its own (hydra.job.chdir)
     trial = SweepTrial.from_hydra(hydra_config)
-    assert trial == SweepTrial(hptuning_tag="/work/multirun/2024-06-01", number=2, study_name="base-template")
-    assert trial.tags == {"trial_number": "2", "study_name": "base-template"}
+    assert trial == SweepTrial(
+        hptuning_tag=recorded, number=2, study_name="base-template", sweep_dir="multirun/2024-06-01"
+    )
+    assert trial.tags == {"trial_number": "2", "study_name": "base-template", "hptuning_dir": "multirun/2024-06-01"}
     assert "MLFLOW_HPTUNING_TAG" not in os.environ
 
     monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "the-user's-group")
     assert SweepTrial.from_hydra(hydra_config).hptuning_tag == "the-user's-group"
-    no_study = OmegaConf.create({"sweep": {"dir": "/d"}, "job": {"num": 0}, "sweeper": {}})
-    assert SweepTrial.from_hydra(no_study).tags == {"trial_number": "0"}
+    monkeypatch.delenv("MLFLOW_HPTUNING_TAG")
+
+    # Without the callback's record (taken out of hydra.callbacks), the sweep dir groups, with a warning.
+    no_record = OmegaConf.create({"sweep": {"dir": str(tmp_path / "other")}, "job": {"num": 0}, "sweeper": {}})
+    with caplog.at_level(logging.WARNING, logger="kiln.tracking"):
+        fallback = SweepTrial.from_hydra(no_record)
+    assert fallback.hptuning_tag == str(tmp_path / "other") and "RecordSweepStart" in caplog.text
+    assert fallback.tags == {"trial_number": "0", "hptuning_dir": str(tmp_path / "other")}

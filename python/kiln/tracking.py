@@ -9,12 +9,13 @@ Everything kiln does with MLflow around a training run lives here:
   (:func:`latest_run_named`, :func:`last_logged_step`), its checkpoint, local or downloaded from the
   run (:func:`find_checkpoint`), the epochs a killed job checkpointed but did not log
   (:func:`log_missed_epochs`), and a new run when that run left no checkpoint (:func:`restart_run`);
-- a sweep trial's grouping tag and tags (:class:`SweepTrial`).
+- a sweep trial's grouping tag and tags (:class:`SweepTrial`), the tag fixed at the sweep's start by
+  the Hydra callback :class:`RecordSweepStart`.
 
 The environment variables ``MLFLOW_HPTUNING_TAG``, ``JOB_UUID``, ``JOB_NAME`` and ``MLFLOW_RUN_ID``
 are the user's input: kiln reads them and never writes them; what kiln hands over itself (a sweep's
-group tag) is an argument. :mod:`kiln.general_utils` keeps the template's ``mlflow_init`` and
-``mlflow_log`` on top of this module.
+group tag) is an argument, or a file in the sweep's dir. :mod:`kiln.general_utils` keeps the
+template's ``mlflow_init`` and ``mlflow_log`` on top of this module.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from hydra.experimental.callback import Callback
 
 if TYPE_CHECKING:
     import mlflow
@@ -79,6 +82,42 @@ class Tracking:
 UNTRACKED = Tracking(tracked=False)
 
 
+# The file in a sweep's dir that holds its hptuning_tag, written by RecordSweepStart before any trial runs.
+HPTUNING_TAG_FILE = "hptuning_tag"
+
+
+def _sweep_dir(hydra_config: DictConfig) -> Path:
+    """The sweep's output dir as an absolute path: a relative ``hydra.sweep.dir`` is relative to the
+    dir the command ran in (``hydra.runtime.cwd``), wherever a trial's own working dir is."""
+    from omegaconf import OmegaConf
+
+    directory = Path(str(hydra_config.sweep.dir))
+    cwd = OmegaConf.select(hydra_config, "runtime.cwd", default=None)
+    return directory if directory.is_absolute() else Path(cwd or os.getcwd()) / directory
+
+
+class RecordSweepStart(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/train_model.yaml) that fixes a sweep's ``hptuning_tag``
+    before any trial runs: ``$MLFLOW_HPTUNING_TAG`` when the user set it, else the sweep's start in epoch
+    seconds (as the template's guides describe the tag), written to ``<sweep dir>/hptuning_tag``.
+
+    Trials read it back from there (:meth:`SweepTrial.from_hydra`): Hydra runs this in the process that
+    launches the sweep, and every trial, in that process or in a joblib worker process, is given the
+    same sweep dir; Hydra composes each trial's config afresh, so a value set in the launching
+    process's config would not reach them. Each ``--multirun`` invocation is a new sweep and writes a
+    new tag.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        directory = _sweep_dir(config.hydra)
+        directory.mkdir(parents=True, exist_ok=True)
+        tag = os.environ.get("MLFLOW_HPTUNING_TAG") or str(int(time.time()))
+        partial = directory / f".{HPTUNING_TAG_FILE}.{os.getpid()}"
+        partial.write_text(tag + "\n")
+        os.replace(partial, directory / HPTUNING_TAG_FILE)  # a trial never reads half a tag
+        logger.info("Sweep's hptuning_tag: %s (in %s)", tag, directory / HPTUNING_TAG_FILE)
+
+
 @dataclass(frozen=True)
 class SweepTrial:
     """One trial of a ``--multirun`` sweep, as its MLflow run is grouped and tagged."""
@@ -86,27 +125,48 @@ class SweepTrial:
     hptuning_tag: str  # groups the sweep's runs (tag hptuning_tag, -hp in the run name)
     number: int
     study_name: str | None = None
+    sweep_dir: str | None = None  # the sweep's output dir (tag hptuning_dir)
 
     @classmethod
     def from_hydra(cls, hydra_config: DictConfig) -> SweepTrial:
         """The trial Hydra is running (``HydraConfig.get()``). Its group is ``$MLFLOW_HPTUNING_TAG``
-        when the user set it, else the sweep's output dir: named after the sweep's start time, the
-        same for every trial, also in parallel worker processes."""
+        when the user set it, else the sweep's start in epoch seconds, fixed by
+        :class:`RecordSweepStart` in ``<sweep dir>/hptuning_tag``: the same for every trial, also in
+        parallel worker processes. Without that file (the callback left out of the config) the sweep's
+        dir groups the trials instead, with a warning."""
         from omegaconf import OmegaConf
 
         study_name = OmegaConf.select(hydra_config, "sweeper.study_name")
+        sweep_dir = str(hydra_config.sweep.dir)
+        tag = os.environ.get("MLFLOW_HPTUNING_TAG")
+        if not tag:
+            recorded = _sweep_dir(hydra_config) / HPTUNING_TAG_FILE
+            try:
+                tag = recorded.read_text().strip()
+            except OSError:
+                logger.warning(
+                    "%s not found (kiln.tracking.RecordSweepStart is not among hydra.callbacks); "
+                    "the sweep's runs are grouped by its dir %s instead",
+                    recorded,
+                    sweep_dir,
+                )
+                tag = sweep_dir
         return cls(
-            hptuning_tag=os.environ.get("MLFLOW_HPTUNING_TAG", str(hydra_config.sweep.dir)),
+            hptuning_tag=tag,
             number=int(hydra_config.job.num),
             study_name=str(study_name) if study_name else None,
+            sweep_dir=sweep_dir,
         )
 
     @property
     def tags(self) -> dict[str, str]:
-        """The trial's own tags: ``trial_number`` and, when the sweep has one, ``study_name``."""
+        """The trial's own tags: ``trial_number`` and, when known, ``study_name`` and ``hptuning_dir``
+        (the sweep's output dir)."""
         tags = {"trial_number": str(self.number)}
         if self.study_name:
             tags["study_name"] = self.study_name
+        if self.sweep_dir:
+            tags["hptuning_dir"] = self.sweep_dir
         return tags
 
 
