@@ -165,29 +165,77 @@ def test_polyaxon_training_runs_train_model_on_a_gpu_with_the_given_params():
     }
 
 
-def test_polyaxon_sweep_creates_the_study_then_runs_the_optuna_sweep():
-    storage = "postgresql://kiln:pw@kiln-postgres:5432/optuna"
+def run_with_recording_shims(script: str, tmp_path: Path, programs: list[str], env: dict[str, str]) -> list[list[str]]:
+    """Runs a spec's bash script with stand-ins for `programs` first on PATH; each records its argv and
+    MLFLOW_HPTUNING_TAG and exits 0. Returns the calls in order: [program, *args, tag]."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    for program in programs:
+        shim = shims / program
+        shim.write_text(
+            f"#!{sys.executable}\nimport json, os, sys\n"
+            f"with open({str(calls)!r}, 'a') as out:\n"
+            "    out.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:], "
+            "os.environ.get('MLFLOW_HPTUNING_TAG')]) + '\\n')\n"
+        )
+        shim.chmod(0o755)
+    done = subprocess.run(
+        ["/bin/bash", "-c", script],
+        env={**os.environ, **env, "PATH": f"{shims}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def test_polyaxon_sweep_defaults_to_the_guides_in_memory_study_tagged_with_the_start_time(tmp_path):
+    compiled = render_polyaxonfile(POLYAXON / "train-model-gpu-hptuning.yml", {"N_TRIALS": 10})
+    container = compiled.run.container
+    assert container.command == ["/bin/bash", "-c"]
+    inputs = {io.name: io for io in compiled.inputs}
+    assert inputs["OPTUNA_STORAGE"].value == "" and inputs["MLFLOW_HPTUNING_TAG"].value == ""
+    before = int(time.time())
+    # Polyaxon sets each toEnv input's value in the environment, the empty defaults included.
+    calls = run_with_recording_shims(
+        container.args[0], tmp_path, ["python", "optuna"], {"OPTUNA_STORAGE": "", "MLFLOW_HPTUNING_TAG": ""}
+    )
+    [(program, *command, tag)] = calls  # no `optuna create-study`: nothing shared to create
+    assert program == "python" and command[:2] == ["src/train_model.py", "--multirun"]
+    assert before <= int(tag) <= time.time()  # the guide's MLFLOW_HPTUNING_TAG="$(date +%s)"
+    config = hydra_config(command)
+    assert config.hydra.sweeper.storage is None
+    assert (config.hydra.sweeper.study_name, config.hydra.sweeper.n_trials) == ("base-template", 10)
+    assert config.hydra.sweeper.direction == ["minimize", "maximize"]
+    assert config.hydra.sweep.dir == "/polyaxon-v1-data/multirun/5e1f00d"
+    assert container.resources["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_polyaxon_sweep_with_shared_storage_creates_the_study_then_joins_it(tmp_path):
+    storage = "postgresql://kiln:p@ss=w0rd@kiln-postgres:5432/optuna"
     compiled = render_polyaxonfile(
         POLYAXON / "train-model-gpu-hptuning.yml",
         {"N_TRIALS": 10, "STUDY_NAME": "ana-study", "OPTUNA_STORAGE": storage, "MLFLOW_HPTUNING_TAG": "1641159546"},
     )
-    container = compiled.run.container
-    assert container.command == ["/bin/bash", "-c"]
-    create_study, sweep = container.args[0].split(" && ")
-    assert shlex.split(create_study.replace("$OPTUNA_STORAGE", storage)) == [
-        "optuna", "create-study", "--skip-if-exists", "--storage", storage,
-        "--study-name", "ana-study", "--directions", "minimize", "maximize",
-    ]  # fmt: skip
-    command = python_command(sweep, {"OPTUNA_STORAGE": storage})
-    assert "--multirun" in command
-    config = hydra_config(command)
-    assert config.hydra.sweeper.storage == storage
-    assert (config.hydra.sweeper.study_name, config.hydra.sweeper.n_trials) == ("ana-study", 10)
-    assert config.hydra.sweeper.direction == ["minimize", "maximize"]
-    assert config.hydra.sweep.dir == "/polyaxon-v1-data/multirun/5e1f00d"
-    assert container.resources["limits"]["nvidia.com/gpu"] == 1
     to_env = {io.name: io.to_env for io in compiled.inputs if io.to_env}
     assert to_env["MLFLOW_HPTUNING_TAG"] == "MLFLOW_HPTUNING_TAG" and to_env["OPTUNA_STORAGE"] == "OPTUNA_STORAGE"
+    calls = run_with_recording_shims(
+        compiled.run.container.args[0],
+        tmp_path,
+        ["python", "optuna"],
+        {"OPTUNA_STORAGE": storage, "MLFLOW_HPTUNING_TAG": "1641159546"},
+    )
+    create_study, sweep = calls
+    assert create_study == [
+        "optuna", "create-study", "--skip-if-exists", "--storage", storage,
+        "--study-name", "ana-study", "--directions", "minimize", "maximize", "1641159546",
+    ]  # fmt: skip
+    config = hydra_config(sweep[1:-1])
+    assert sweep[-1] == "1641159546"
+    assert config.hydra.sweeper.storage == storage
+    assert (config.hydra.sweeper.study_name, config.hydra.sweeper.n_trials) == ("ana-study", 10)
 
 
 def test_polyaxon_workspaces_serve_on_their_service_port():
@@ -203,6 +251,32 @@ def test_polyaxon_workspaces_serve_on_their_service_port():
     assert {"--ip=0.0.0.0", "--port=8888", "--ServerApp.base_url=/services/v1/kiln/5e1f00d"} <= set(
         jupyter.run.container.args
     )
+
+
+@pytest.mark.parametrize("name", ["vscode-service.yml", "jupyter-service.yml"])
+def test_polyaxon_workspaces_set_up_permissions_and_keep_the_environment_on_the_volume(name, tmp_path):
+    workspace = tmp_path / "polyaxon-v1-data" / "workspaces" / "ana"
+    compiled = render_polyaxonfile(POLYAXON / name, {"WORKING_DIR": str(workspace)})
+    security = compiled.run.environment.security_context
+    assert (security.run_as_user, security.run_as_group) == (2222, 2222)
+    [init] = compiled.run.init
+    assert init.container.security_context["runAsUser"] == 0
+    assert init.container.volume_mounts == compiled.run.container.volume_mounts
+    # The guide's by-hand `sudo mkdir -p .../workspaces/<YOUR_NAME>; sudo chown 2222:2222`, run for real.
+    if os.geteuid() != 0:
+        pytest.skip("chown to uid 2222 needs root, as in the init container")
+    done = subprocess.run([*init.container.command, *init.container.args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    for path in (workspace, workspace / "conda_envs", workspace / ".workspace"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (2222, 2222), path
+
+    env = {item["name"]: item["value"] for item in compiled.run.container.env}
+    assert env["CONDA_ENVS_PATH"] == f"{workspace}/conda_envs"  # the guide's conda_envs/, found by name
+    for variable in ("CONDA_PKGS_DIRS", "PYTHONUSERBASE", "PIP_CACHE_DIR"):
+        assert env[variable].startswith(f"{workspace}/.workspace/"), variable
+    editor = {"vscode-service.yml": ["XDG_DATA_HOME"], "jupyter-service.yml": ["JUPYTER_CONFIG_DIR", "IPYTHONDIR"]}
+    for variable in editor[name]:
+        assert env[variable].startswith(f"{workspace}/.workspace/"), variable
 
 
 # ---------------------------------------------------------------------------------------------------------
