@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -299,6 +301,48 @@ def test_server_downloads_the_model_of_pred_model_uuid(tmp_path: Path, mlflow_se
         assert call(f"{running.url}/api/v1/model/predict", json_batch(IMAGES[:1]))[0] == 200
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("download", ["kiln.models download", "mlflow artifacts download"])
+def test_server_finds_the_run_from_the_guides_pred_model_path(
+    tmp_path: Path, mlflow_server: str, tracked_run: str, download: str
+) -> None:
+    """The guide's `export PRED_MODEL_PATH="$PWD/models/$PRED_MODEL_UUID/artifacts/model/data/model"`
+    after downloading the run: kiln's way (models/<run id>/checkpoint/...) or a copy of the run's
+    artifact-store folder, as the guide's `gsutil cp -r` makes (models/<run id>/artifacts/checkpoint/...)."""
+    models = tmp_path / "models"
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    if download == "kiln.models download":
+        command = ["-m", "kiln.models", "download", tracked_run, "--dst", str(models)]
+    else:
+        command = ["-m", "mlflow", "artifacts", "download", "--run-id", tracked_run]
+        command += ["--dst-path", str(models / tracked_run / "artifacts")]
+    done = subprocess.run([sys.executable, *command], env={**os.environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    guide_path = models / tracked_run / "artifacts" / "model" / "data" / "model"
+    running = ModelServer(tmp_path, {"PRED_MODEL_UUID": tracked_run, "PRED_MODEL_PATH": str(guide_path)}, workers=1)
+    try:
+        running.wait_ready()
+        status, body = call(f"{running.url}/api/v1/model/version")
+        assert status == 200 and body["data"]["model_uuid"] == tracked_run
+        status, body = call(f"{running.url}/api/v1/model/predict", json_batch(IMAGES[:2]))
+        assert status == 200 and len(body["data"]) == 2
+        assert "is inside a run's download" in running.log()
+    finally:
+        running.stop()
+
+
+def test_a_guide_style_pred_model_path_with_no_run_above_it_is_refused_naming_it(tmp_path: Path) -> None:
+    guide_path = tmp_path / "models" / "0123456789abcdef" / "artifacts" / "model" / "data" / "model"
+    (tmp_path / "models").mkdir()
+    running = ModelServer(tmp_path, {"PRED_MODEL_PATH": str(guide_path), "PRED_MODEL_UUID": ""}, workers=1)
+    try:
+        returncode = running.process.wait(timeout=90)
+    finally:
+        running.stop()
+    assert returncode != 0
+    log = running.log_path.read_text()
+    assert "kiln server not started" in log and str(guide_path) in log and "checkpoint/checkpoint.pt" in log
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,12 @@ A model is named the ways the template's users name it:
 - a kiln checkpoint file (``models/<run id>/checkpoint.pt``, what training writes to ``artifact_dir_path``);
 - a folder holding one: a run's downloaded artifacts (``models/<run id>`` after ``python -m kiln.models
   download <run id> --dst models``) or a pyfunc model folder (``mlflow.pyfunc`` layout);
+- a path inside a downloaded run, as the template's guide writes ``PRED_MODEL_PATH``
+  (``models/<run id>/artifacts/model/data/model``): the run's checkpoint is found in the nearest
+  folder above it that holds one, at most :data:`WALK_UP_LEVELS` folders up — the run's download
+  (``models/<run id>/checkpoint/checkpoint.pt``), a copy of the run's artifact-store folder
+  (``models/<run id>/artifacts/checkpoint/checkpoint.pt``, the guide's ``gsutil cp -r``) or a pyfunc
+  model folder (``.../model/artifacts/checkpoint.pt``);
 - an MLflow URI: ``runs:/<run id>/model`` (or ``runs:/<run id>``) and ``models:/<name>/<version>``.
 
 Checkpoints are read by the C++ predictor, which never unpickles code.
@@ -35,17 +41,51 @@ _CHECKPOINT_PLACES = (
 )
 
 
+# How far above a path kiln looks for a run's checkpoint: the guide's artifacts/model/data/model is 4
+# folders below the run's.
+WALK_UP_LEVELS = 4
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The model path or URI does not lead to a kiln checkpoint."""
 
 
-def _checkpoint_in(folder: Path) -> Path:
+def _find_checkpoint_in(folder: Path) -> Path | None:
     for place in _CHECKPOINT_PLACES:
         if (folder / place).is_file():
             return folder / place
+    return None
+
+
+def _places() -> str:
+    return ", ".join(str(place) for place in _CHECKPOINT_PLACES)
+
+
+def _checkpoint_above(path: Path) -> Path:
+    """The checkpoint of the run ``path`` lies in: in ``path`` (a folder) or the nearest of the
+    :data:`WALK_UP_LEVELS` folders above it that holds one."""
+    for folder in (path, *list(path.parents)[:WALK_UP_LEVELS]):
+        found = _find_checkpoint_in(folder) if folder.is_dir() else None
+        if found is not None:
+            if folder != path:
+                logger.info("Model path %s is inside a run's download; using its checkpoint %s", path, found)
+            return found
+    state = "is a folder with no kiln checkpoint" if path.is_dir() else "does not exist"
+    raise ModelNotFoundError(
+        f"model '{path}' {state}, and none of the {WALK_UP_LEVELS} folders above it holds one: looked for "
+        + _places()
+        + "; point at the checkpoint file, a run's downloaded artifacts (python -m kiln.models download "
+        "<run id> --dst models, then models/<run id>) or an MLflow URI (runs:/<run id>/model)"
+    )
+
+
+def _checkpoint_in(folder: Path) -> Path:
+    found = _find_checkpoint_in(folder)
+    if found is not None:
+        return found
     raise ModelNotFoundError(
         f"no kiln checkpoint in '{folder}': looked for "
-        + ", ".join(str(place) for place in _CHECKPOINT_PLACES)
+        + _places()
         + "; point at the checkpoint file, a run's downloaded artifacts or an MLflow URI (runs:/<run id>/model)"
     )
 
@@ -58,7 +98,9 @@ def _run_id_of(uri: str) -> str:
 
 
 def resolve_checkpoint(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The local kiln checkpoint file for ``model`` (a path or an MLflow URI; see the module doc).
+    """The local kiln checkpoint file for ``model`` (a path or an MLflow URI; see the module doc). A
+    path that is not a checkpoint file leads to the checkpoint in it or, for a path inside a
+    downloaded run, in the nearest folder above it that holds one.
 
     MLflow URIs are downloaded from the tracking server (``MLFLOW_TRACKING_URI``) into ``cache_dir``
     (a fresh temp dir by default). Raises :class:`ModelNotFoundError` naming what was looked for.
@@ -79,12 +121,7 @@ def resolve_checkpoint(model: str | os.PathLike[str], cache_dir: str | os.PathLi
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    if path.is_dir():
-        return _checkpoint_in(path)
-    raise ModelNotFoundError(
-        f"model '{text}' does not exist; expected a kiln checkpoint file, a folder holding one, "
-        "or an MLflow URI (runs:/<run id>/model, models:/<name>/<version>)"
-    )
+    return _checkpoint_above(path)
 
 
 def download(run_id: str, dst: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:

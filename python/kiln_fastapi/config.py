@@ -1,8 +1,9 @@
 """The server's settings, read from the environment (pydantic-settings), as in the template.
 
 ``PRED_MODEL_PATH`` names the model to serve: a kiln checkpoint, a folder holding one (a run
-downloaded with ``python -m kiln.models download <run id> --dst models``) or an MLflow URI
-(``runs:/<run id>/model``). When it is unset, ``PRED_MODEL_UUID`` (an MLflow run id) is downloaded
+downloaded with ``python -m kiln.models download <run id> --dst models``), a path inside a downloaded
+run as the template's guide writes it (``models/<run id>/artifacts/model/data/model``), or an MLflow
+URI (``runs:/<run id>/model``). When it is unset, ``PRED_MODEL_UUID`` (an MLflow run id) is downloaded
 from ``MLFLOW_TRACKING_URI`` into ``MODELS_DIR`` at start-up.
 """
 
