@@ -47,7 +47,7 @@ def baseline(checkpoint: Path, input_dir: Path, output: Path) -> float:
             probability, label = probabilities.max(0)
             line = {
                 "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "image_filepath": str(path.resolve()),
+                "filepath": str(path.resolve()),
                 "prediction": classes[int(label)],
                 "probability": float(probability),
             }
@@ -110,7 +110,7 @@ def main() -> None:
         base_loop = json.loads(base.stdout.strip().splitlines()[-1])["loop_seconds"]
 
         def predictions(path: Path) -> dict[str, str]:
-            return {(d := json.loads(line))["image_filepath"]: d["prediction"] for line in path.open()}
+            return {(d := json.loads(line))["filepath"]: d["prediction"] for line in path.open()}
 
         ours, theirs = predictions(scratch / "kiln-out" / "batch-infer-res.jsonl"), predictions(scratch / "base.jsonl")
         agree = sum(ours[path] == theirs.get(path) for path in ours) / len(ours)

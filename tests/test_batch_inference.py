@@ -71,7 +71,7 @@ def test_batch_inference_classifies_every_image_and_reports_bad_files(
     assert f"Batch inference results are saved to {output}" in caplog.text
     lines = read_lines(output)
     assert len(lines) == len(files) + 2
-    by_name = {Path(line["image_filepath"]).name: line for line in lines}
+    by_name = {Path(line["filepath"]).name: line for line in lines}
     assert set(by_name) == {file.name for file in files} | {"truncated.png", "notes.png"}
     for name in ("truncated.png", "notes.png"):
         assert by_name[name]["prediction"] is None and by_name[name]["error"]
@@ -80,8 +80,10 @@ def test_batch_inference_classifies_every_image_and_reports_bad_files(
     probabilities = predictor.predict(rows)
     for file, row in zip(files, probabilities, strict=True):
         line = by_name[file.name]
-        assert list(line) == ["time", "image_filepath", "prediction", "probability"]
-        assert Path(line["image_filepath"]) == (images / file.name).resolve()
+        # The template guide's field, "filepath", then kiln's earlier name for it, which keeps its readers working.
+        assert list(line) == ["time", "filepath", "image_filepath", "prediction", "probability"]
+        assert Path(line["filepath"]) == (images / file.name).resolve()
+        assert line["image_filepath"] == line["filepath"]
         assert line["prediction"] == predictor.classes[int(row.argmax())]
         # Equal up to rounding: oneDNN sums in another order for another batch size.
         assert line["probability"] == pytest.approx(float(row.max()), abs=2e-3)

@@ -100,7 +100,8 @@ void register_inference(py::module_& m) {
       py::arg("batch_size") = 256, py::arg("progress") = py::none(),
       R"doc(Classify every file under input_dir matching glob and write one JSON line per file to output_path.
 
-Lines: {"time", "image_filepath", "prediction", "probability"}; a file that cannot be read or decoded
+Lines: {"time", "filepath", "image_filepath", "prediction", "probability"} ("filepath" is the template
+guide's name, "image_filepath" kiln's earlier one, with the same value); a file that cannot be read or decoded
 gets null prediction/probability and an "error". The file appears only once complete. Returns
 {"files", "classified", "failed"}. Raises FileNotFoundError for a missing input_dir and ValueError
 when no file matches glob.)doc");

@@ -151,7 +151,9 @@ BatchInferenceSummary classify_directory(const Predictor& predictor, const Batch
     const std::string time = json_string(utc_now());
     lines.clear();
     for (std::int64_t i = 0; i < count; ++i) {
-      lines += "{\"time\": " + time + ", \"image_filepath\": " + json_string(files[begin + i].string());
+      // "filepath" is the template guide's field; "image_filepath" is kiln's earlier name, kept for its readers.
+      const std::string path = json_string(files[begin + i].string());
+      lines += "{\"time\": " + time + ", \"filepath\": " + path + ", \"image_filepath\": " + path;
       const std::string& error = !read_errors[i].empty() ? read_errors[i] : predictions.errors[i];
       if (error.empty()) {
         lines += ", \"prediction\": " + json_string(classes[top_label[i]]) +

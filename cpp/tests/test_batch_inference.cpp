@@ -56,7 +56,8 @@ TEST(batch_inference, writes_one_line_per_file_and_errors_for_bad_ones) {
   const auto lines = read_lines(options.output_path);
   ASSERT_EQ(lines.size(), 10u);
   for (const auto& line : lines) {
-    const std::string path = line["image_filepath"];
+    const std::string path = line["filepath"];
+    EXPECT_EQ(line["image_filepath"], path);  // kiln's earlier name for the guide's "filepath", same value
     EXPECT_TRUE(fs::path(path).is_absolute());
     EXPECT_EQ(line["time"].get<std::string>().size(), 24u);  // 2026-11-25T19:40:27+0000
     const bool bad = path.ends_with("truncated.png") || path.ends_with("notes.png") || path.ends_with("broken.png");
@@ -72,7 +73,7 @@ TEST(batch_inference, writes_one_line_per_file_and_errors_for_bad_ones) {
   // and a batch of one go through differently blocked GEMMs, which can differ in the last bit.
   for (const auto& line : lines) {
     if (line.contains("error")) continue;
-    const auto direct = predictor.predict_encoded({read_bytes(line["image_filepath"].get<std::string>())});
+    const auto direct = predictor.predict_encoded({read_bytes(line["filepath"].get<std::string>())});
     EXPECT_FLOAT_EQ(line["probability"].get<double>(), direct.probabilities[0].max().item<float>());
   }
 }

@@ -27,8 +27,9 @@ struct BatchInferenceSummary {
 
 // Classifies every file under options.input_dir matching options.glob (in path order) and writes one
 // JSON line per file to options.output_path:
-//   {"time": "2026-11-25T19:40:27+0000", "image_filepath": "/abs/dir/a.png", "prediction": "Sneaker",
-//    "probability": 0.98}
+//   {"time": "2026-11-25T19:40:27+0000", "filepath": "/abs/dir/a.png", "image_filepath": "/abs/dir/a.png",
+//    "prediction": "Sneaker", "probability": 0.98}
+// "filepath" is the template guide's field; "image_filepath", kiln's earlier name, carries the same value.
 // A file that cannot be read or decoded gets "prediction": null, "probability": null and an "error"
 // saying why; the rest are classified. Memory stays bounded by batch_size images whatever the file
 // count. The output appears only once complete (an interrupted run leaves no partial file).
