@@ -8,15 +8,16 @@
 #     --build-arg PRED_MODEL_UUID="$PRED_MODEL_UUID" \
 #     -f docker/kiln-batch-inferencing.Dockerfile \
 #     --platform linux/amd64 .
-# Run: the model is downloaded from MLflow at start-up (or give a local one with PRED_MODEL_PATH);
-# INPUT_DATA_DIR is the folder of images inside the container:
+# Run, as in the template's guide: the run's model is taken from the folder mounted at /home/aisg/from-gcs
+# when it is there (models/<PRED_MODEL_UUID>), else downloaded into it from MLflow at start-up (or give
+# one with PRED_MODEL_PATH); INPUT_DATA_DIR is the folder of images inside the container:
 #   chgrp -R 2222 models outputs && chmod -R g+w models outputs
 #   docker run --rm \
 #     -e MLFLOW_TRACKING_URI=http://<MLFLOW_HOST>:5000 -e MLFLOW_TRACKING_USERNAME -e MLFLOW_TRACKING_PASSWORD \
-#     -e INPUT_DATA_DIR=/home/kiln/kiln/data \
-#     -v "$PWD/models:/home/kiln/models" \
-#     -v "$PWD/outputs:/home/kiln/kiln/outputs" \
-#     -v <PATH_TO_DIR_OF_IMAGES>:/home/kiln/kiln/data \
+#     -e INPUT_DATA_DIR=/home/aisg/kiln/data \
+#     -v "$PWD/models:/home/aisg/from-gcs" \
+#     -v "$PWD/outputs:/home/aisg/kiln/outputs" \
+#     -v <PATH_TO_DIR_OF_IMAGES>:/home/aisg/kiln/data \
 #     $KILN_REGISTRY/batch-inference:0.1.0
 # Extra Hydra overrides go after the image name: ... batch-inference:0.1.0 kiln-batch-inferencing <key>=<value>
 #
@@ -51,8 +52,10 @@ RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels .
 # ---- runtime: what the Debian-based job, serving and notebook images start from: the shared libraries
 # kiln._core links against and the template's user; no compiler, no headers ----
 FROM python:3.11-slim-bookworm AS runtime
+# /opt/kiln/bin holds `activate` (docker/entrypoints/activate), ahead of the venv's own bin/activate.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    KILN_ENV_PREFIX=/opt/venv \
+    PATH=/opt/kiln/bin:/opt/venv/bin:$PATH
 # Only the shared libraries kiln._core links against (OpenCV's core/imgproc/imgcodecs, libdeflate).
 # Unpinned for the reason given in the builder stage.
 # hadolint ignore=DL3008
@@ -61,9 +64,16 @@ RUN apt-get update \
         libopencv-core406 libopencv-imgcodecs406 libopencv-imgproc406 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
 # uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
+# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
+# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
+# models/) stay as links for manifests written for kiln's earlier layout.
 RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
+    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
+    && ln -s /home/aisg /home/kiln \
+    && ln -s from-gcs /home/aisg/models
+# `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
+COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 
 # ---- app: the runtime with torch and kiln's wheel in a root-owned venv (read-only to the app), the
 # start of the job and serving images ----
@@ -71,7 +81,7 @@ FROM runtime AS app
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/venv \
+    python -m venv --prompt kiln /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir /wheels/kiln_mlops-*.whl
 
@@ -79,13 +89,14 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 FROM app AS kiln-batch-inferencing
 ARG PRED_MODEL_UUID=""
 ENV PRED_MODEL_UUID=${PRED_MODEL_UUID} \
-    MODELS_DIR=/home/kiln/models \
-    INPUT_DATA_DIR=/home/kiln/kiln/data
-# kiln-fetch-model: with PRED_MODEL_UUID and MLFLOW_TRACKING_URI set and no PRED_MODEL_PATH, downloads
-# that run's model into $MODELS_DIR and exports PRED_MODEL_PATH before running the command.
+    MODELS_DIR=/home/aisg/from-gcs \
+    INPUT_DATA_DIR=/home/aisg/kiln/data
+# kiln-fetch-model: with PRED_MODEL_UUID set and no PRED_MODEL_PATH, takes that run's model from
+# $MODELS_DIR (the guide's mount point) or downloads it there from MLFLOW_TRACKING_URI, and exports
+# PRED_MODEL_PATH before running the command.
 COPY --chmod=0755 docker/entrypoints/kiln-fetch-model.sh /usr/local/bin/kiln-fetch-model
 COPY --chmod=0755 docker/entrypoints/kiln-batch-inferencing.sh /usr/local/bin/kiln-batch-inferencing
-WORKDIR /home/kiln/kiln
+WORKDIR /home/aisg/kiln
 # The code is root-owned (read-only to the app); the working dir is kiln's, for outputs/, logs/, mlruns/.
 COPY conf conf
 COPY src src

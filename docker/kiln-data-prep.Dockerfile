@@ -9,7 +9,7 @@
 #   docker push $KILN_REGISTRY/data-prep:0.1.0
 # Run locally on ./data (the image runs as uid/gid 2222, so give that group write access first):
 #   chgrp -R 2222 data && chmod -R g+w data
-#   docker run --rm -v "$PWD/data:/home/kiln/kiln/data" $KILN_REGISTRY/data-prep:0.1.0 \
+#   docker run --rm -v "$PWD/data:/home/aisg/kiln/data" $KILN_REGISTRY/data-prep:0.1.0 \
 #     python src/process_data.py raw_data_dir_path=./data/raw processed_data_dir_path=./data/processed
 # On Run:ai: deploy/runai/submit-data-prep.sh
 #
@@ -44,8 +44,10 @@ RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels .
 # ---- runtime: what the Debian-based job, serving and notebook images start from: the shared libraries
 # kiln._core links against and the template's user; no compiler, no headers ----
 FROM python:3.11-slim-bookworm AS runtime
+# /opt/kiln/bin holds `activate` (docker/entrypoints/activate), ahead of the venv's own bin/activate.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    KILN_ENV_PREFIX=/opt/venv \
+    PATH=/opt/kiln/bin:/opt/venv/bin:$PATH
 # Only the shared libraries kiln._core links against (OpenCV's core/imgproc/imgcodecs, libdeflate).
 # Unpinned for the reason given in the builder stage.
 # hadolint ignore=DL3008
@@ -54,9 +56,16 @@ RUN apt-get update \
         libopencv-core406 libopencv-imgcodecs406 libopencv-imgproc406 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
 # uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
+# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
+# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
+# models/) stay as links for manifests written for kiln's earlier layout.
 RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
+    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
+    && ln -s /home/aisg /home/kiln \
+    && ln -s from-gcs /home/aisg/models
+# `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
+COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 
 # ---- app: the runtime with torch and kiln's wheel in a root-owned venv (read-only to the app), the
 # start of the job and serving images ----
@@ -64,13 +73,13 @@ FROM runtime AS app
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/venv \
+    python -m venv --prompt kiln /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir /wheels/kiln_mlops-*.whl
 
 # ---- kiln-data-prep: the image (its build and run commands are at the top) ----
 FROM app AS kiln-data-prep
-WORKDIR /home/kiln/kiln
+WORKDIR /home/aisg/kiln
 # The code is root-owned (read-only to the app); the working dir is kiln's, for outputs/, logs/, mlruns/.
 COPY conf conf
 COPY src src

@@ -8,12 +8,13 @@
 #     --build-arg PRED_MODEL_UUID="$PRED_MODEL_UUID" \
 #     -f docker/kiln-fastapi.Dockerfile \
 #     --platform linux/amd64 .
-# Run: the model is downloaded from MLflow once at start-up, before the workers fork, into the mounted
-# ./models (or serve a local one: -e PRED_MODEL_PATH=/home/kiln/models/<...>):
+# Run, as in the template's guide: the run's model is taken from ./models mounted at /home/aisg/from-gcs
+# when it is there (models/<PRED_MODEL_UUID>), else downloaded into it from MLflow once at start-up,
+# before the workers fork (or serve another: -e PRED_MODEL_PATH=/home/aisg/from-gcs/<...>):
 #   sudo chgrp -R 2222 models && sudo chmod -R g+w models
 #   docker run --rm -p 8080:8080 \
 #     -e MLFLOW_TRACKING_URI=http://<MLFLOW_HOST>:5000 -e MLFLOW_TRACKING_USERNAME -e MLFLOW_TRACKING_PASSWORD \
-#     -v "$PWD/models:/home/kiln/models" \
+#     -v "$PWD/models:/home/aisg/from-gcs" \
 #     $KILN_REGISTRY/fastapi-server:0.1.0
 #   curl localhost:8080/api/v1/model/version
 #   docker push $KILN_REGISTRY/fastapi-server:0.1.0
@@ -49,8 +50,10 @@ RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels .
 # ---- runtime: what the Debian-based job, serving and notebook images start from: the shared libraries
 # kiln._core links against and the template's user; no compiler, no headers ----
 FROM python:3.11-slim-bookworm AS runtime
+# /opt/kiln/bin holds `activate` (docker/entrypoints/activate), ahead of the venv's own bin/activate.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    KILN_ENV_PREFIX=/opt/venv \
+    PATH=/opt/kiln/bin:/opt/venv/bin:$PATH
 # Only the shared libraries kiln._core links against (OpenCV's core/imgproc/imgcodecs, libdeflate).
 # Unpinned for the reason given in the builder stage.
 # hadolint ignore=DL3008
@@ -59,9 +62,16 @@ RUN apt-get update \
         libopencv-core406 libopencv-imgcodecs406 libopencv-imgproc406 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
 # uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
+# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
+# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
+# models/) stay as links for manifests written for kiln's earlier layout.
 RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
+    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
+    && ln -s /home/aisg /home/kiln \
+    && ln -s from-gcs /home/aisg/models
+# `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
+COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 
 # ---- app: the runtime with torch and kiln's wheel in a root-owned venv (read-only to the app), the
 # start of the job and serving images ----
@@ -69,7 +79,7 @@ FROM runtime AS app
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/venv \
+    python -m venv --prompt kiln /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir /wheels/kiln_mlops-*.whl
 
@@ -77,17 +87,18 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 FROM app AS kiln-fastapi
 ARG PRED_MODEL_UUID=""
 ENV PRED_MODEL_UUID=${PRED_MODEL_UUID} \
-    MODELS_DIR=/home/kiln/models \
-    LOGGER_CONFIG_PATH=/home/kiln/kiln/conf/logging.yaml
-# kiln-fetch-model: with PRED_MODEL_UUID and MLFLOW_TRACKING_URI set and no PRED_MODEL_PATH, downloads
-# that run's model into $MODELS_DIR and exports PRED_MODEL_PATH before running the command.
+    MODELS_DIR=/home/aisg/from-gcs \
+    LOGGER_CONFIG_PATH=/home/aisg/kiln/conf/logging.yaml
+# kiln-fetch-model: with PRED_MODEL_UUID set and no PRED_MODEL_PATH, takes that run's model from
+# $MODELS_DIR (the guide's mount point) or downloads it there from MLFLOW_TRACKING_URI, and exports
+# PRED_MODEL_PATH before running the command.
 COPY --chmod=0755 docker/entrypoints/kiln-fetch-model.sh /usr/local/bin/kiln-fetch-model
-WORKDIR /home/kiln/kiln
+WORKDIR /home/aisg/kiln
 # The code is root-owned (read-only to the app); the working dir is kiln's, for outputs/, logs/, mlruns/.
 COPY conf conf
 COPY src src
 # gunicorn runs in src/ (--chdir src), where conf/logging.yaml's ./logs/*.log files go.
-RUN install -d -o kiln -g kiln /home/kiln/kiln/src/logs
+RUN install -d -o kiln -g kiln /home/aisg/kiln/src/logs
 USER 2222:2222
 EXPOSE 8080
 ENTRYPOINT ["kiln-fetch-model"]

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Jupyter Lab workspace for kiln: kiln, torch (CPU), MLflow and the notebooks' tools, the repo's
-# src/ and conf/ under /home/kiln/kiln; notebooks/ is mounted or cloned there.
+# src/ and conf/ under /home/aisg/kiln; notebooks/ is mounted or cloned there.
 #
 # Build, from the repo root (as in the template's guide):
 #   docker build \
@@ -11,7 +11,7 @@
 # Run locally (the login token is printed in the log; the image runs as uid/gid 2222):
 #   chgrp -R 2222 notebooks data && chmod -R g+w notebooks data
 #   docker run --rm -p 8888:8888 \
-#     -v "$PWD/notebooks:/home/kiln/kiln/notebooks" -v "$PWD/data:/home/kiln/kiln/data" \
+#     -v "$PWD/notebooks:/home/aisg/kiln/notebooks" -v "$PWD/data:/home/aisg/kiln/data" \
 #     $KILN_REGISTRY/jupyter:0.1.0
 # On a cluster, point Jupyter at the persistent volume instead: ... jupyter lab --ServerApp.root_dir=/<PVC>/workspaces/<YOUR_NAME>
 #
@@ -46,8 +46,10 @@ RUN pip wheel --no-build-isolation --no-deps --wheel-dir /wheels .
 # ---- runtime: what the Debian-based job, serving and notebook images start from: the shared libraries
 # kiln._core links against and the template's user; no compiler, no headers ----
 FROM python:3.11-slim-bookworm AS runtime
+# /opt/kiln/bin holds `activate` (docker/entrypoints/activate), ahead of the venv's own bin/activate.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    KILN_ENV_PREFIX=/opt/venv \
+    PATH=/opt/kiln/bin:/opt/venv/bin:$PATH
 # Only the shared libraries kiln._core links against (OpenCV's core/imgproc/imgcodecs, libdeflate).
 # Unpinned for the reason given in the builder stage.
 # hadolint ignore=DL3008
@@ -56,9 +58,16 @@ RUN apt-get update \
         libopencv-core406 libopencv-imgcodecs406 libopencv-imgproc406 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
 # uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
+# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
+# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
+# models/) stay as links for manifests written for kiln's earlier layout.
 RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
+    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
+    && ln -s /home/aisg /home/kiln \
+    && ln -s from-gcs /home/aisg/models
+# `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
+COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 
 # ---- kiln-jupyter: the image (its build and run commands are at the top) ----
 FROM runtime AS kiln-jupyter
@@ -68,11 +77,11 @@ ARG TORCH_INDEX_URL
 RUN install -d -o kiln -g kiln /opt/venv
 USER 2222:2222
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/venv \
+    python -m venv --prompt kiln /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir /wheels/kiln_mlops-*.whl "jupyterlab==4.6.6" "ipykernel==7.4.0" "ipywidgets==8.1.9"
-WORKDIR /home/kiln/kiln
+WORKDIR /home/aisg/kiln
 COPY --chown=2222:2222 conf conf
 COPY --chown=2222:2222 src src
 EXPOSE 8888
-CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser", "--ServerApp.root_dir=/home/kiln/kiln"]
+CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser", "--ServerApp.root_dir=/home/aisg/kiln"]

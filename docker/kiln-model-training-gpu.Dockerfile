@@ -13,7 +13,7 @@
 # Run locally (needs the NVIDIA Container Toolkit):
 #   chgrp -R 2222 data models && chmod -R g+w models
 #   docker run --rm --gpus all \
-#     -v "$PWD/data:/home/kiln/kiln/data" -v "$PWD/models:/home/kiln/kiln/models" \
+#     -v "$PWD/data:/home/aisg/kiln/data" -v "$PWD/models:/home/aisg/kiln/models" \
 #     -e MLFLOW_TRACKING_USERNAME -e MLFLOW_TRACKING_PASSWORD \
 #     $KILN_REGISTRY/model-training-gpu:0.1.0 \
 #     python src/train_model.py no_cuda=false mlflow_tracking_uri=http://<MLFLOW_HOST>:5000 epochs=3
@@ -60,8 +60,10 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS kiln-model-t
 # would only add a second copy.
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# /opt/kiln/bin holds `activate` (docker/entrypoints/activate), ahead of the venv's own bin/activate.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/venv/bin:$PATH
+    KILN_ENV_PREFIX=/opt/venv \
+    PATH=/opt/kiln/bin:/opt/venv/bin:$PATH
 # Python and the shared libraries kiln._core links against (Ubuntu 24.04's names for OpenCV 4.6's
 # core/imgproc/imgcodecs, libdeflate); no compiler, no headers. Unpinned for the reason above.
 # hadolint ignore=DL3008
@@ -71,17 +73,24 @@ RUN apt-get update \
         libopencv-core406t64 libopencv-imgcodecs406t64 libopencv-imgproc406t64 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
 # uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
+# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
+# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
+# models/) stay as links for manifests written for kiln's earlier layout.
 RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/kiln --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/kiln/kiln /home/kiln/models
+    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
+    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
+    && ln -s /home/aisg /home/kiln \
+    && ln -s from-gcs /home/aisg/models
+# `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
+COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 # debugpy: the Argo workflow's --debug starts training under it; boto3: the MLflow server of
 # deploy/k8s/mlflow runs from this image and stores artifacts in S3.
 RUN --mount=type=bind,from=builder-gpu,source=/wheels,target=/wheels \
-    python3 -m venv /opt/venv \
+    python3 -m venv --prompt kiln /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir /wheels/kiln_mlops-*.whl \
     && pip install --no-cache-dir "debugpy==1.8.22" "boto3==1.44.8"
-WORKDIR /home/kiln/kiln
+WORKDIR /home/aisg/kiln
 # The code is root-owned (read-only to the app); the working dir is kiln's, for outputs/, logs/, mlruns/.
 COPY conf conf
 COPY src src

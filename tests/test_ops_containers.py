@@ -53,6 +53,12 @@ GUNICORN_CMD = [
     "--chdir",
     "src",
 ]
+# The template's layout, as its guides write it (seeds 000 and 003): `--working-dir /home/aisg/<repo>`,
+# `-v $PWD/models:/home/aisg/from-gcs`, `source activate <repo>`.
+GUIDE_HOME = "/home/aisg"
+GUIDE_WORKDIR = "/home/aisg/kiln"
+GUIDE_MODELS_DIR = "/home/aisg/from-gcs"
+ACTIVATE = DOCKER / "entrypoints" / "activate"
 # The stage that compiles kiln's C++ core into the wheel each image installs.
 WHEEL_BUILDER = {**{name: "builder" for name in DEBIAN_IMAGES}, GPU_IMAGE: "builder-gpu"}
 PIP_WHEEL = "pip wheel --no-build-isolation --no-deps --wheel-dir /wheels ."
@@ -301,13 +307,18 @@ def test_dockerfile_opens_with_its_build_and_run_commands(name):
 
 
 @pytest.mark.parametrize("name", ALL_IMAGES)
-def test_image_runs_as_the_templates_non_root_user(name):
+def test_image_runs_as_the_templates_non_root_user_in_the_guides_layout(name):
+    """uid/gid 2222 as in the template, and its paths, which the guides' commands and mounts name: the repo
+    at /home/aisg/<repo> (the working dir), models mounted at /home/aisg/from-gcs, both the user's."""
     final = image(name)
     assert final.last("USER") == "2222:2222"  # numeric, so Kubernetes' runAsNonRoot can verify it
     user_setup = " ".join(final.all("RUN"))
     assert "groupadd --gid 2222 kiln" in user_setup
-    assert "--uid 2222 --gid 2222" in user_setup and "--home-dir /home/kiln" in user_setup
-    assert final.last("WORKDIR") == "/home/kiln/kiln"
+    assert "--uid 2222 --gid 2222" in user_setup and f"--home-dir {GUIDE_HOME}" in user_setup
+    assert f"install -d -o kiln -g kiln {GUIDE_WORKDIR} {GUIDE_MODELS_DIR}" in user_setup
+    # kiln's earlier paths (/home/kiln/kiln, /home/kiln/models) still lead there, for manifests that name them
+    assert f"ln -s {GUIDE_HOME} /home/kiln" in user_setup and "ln -s from-gcs /home/aisg/models" in user_setup
+    assert final.last("WORKDIR") == GUIDE_WORKDIR
 
 
 @pytest.mark.parametrize("name", sorted(set(ALL_IMAGES) - DEV_IMAGES))
@@ -409,20 +420,94 @@ def test_fastapi_image_fetches_the_model_then_runs_the_documented_gunicorn_comma
     assert 'PRED_MODEL_UUID=""' in final.all("ARG")
     env = " ".join(final.all("ENV"))
     assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in env  # the build arg persists into the container
-    assert "MODELS_DIR=/home/kiln/models" in env  # where the entrypoint and the server both look
+    assert f"MODELS_DIR={GUIDE_MODELS_DIR}" in env  # where the guide mounts models; the entrypoint and server look there
 
 
 def test_batch_inferencing_image_runs_batch_inferencing_on_the_fetched_model():
     final = image("kiln-batch-inferencing")
     assert json.loads(final.last("ENTRYPOINT")) == ["kiln-fetch-model"]
     assert json.loads(final.last("CMD")) == ["kiln-batch-inferencing"]
-    assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in " ".join(final.all("ENV"))
+    env = image_env(final)
+    assert env["PRED_MODEL_UUID"] == "${PRED_MODEL_UUID}"
+    # the guide's `-v $PWD/models:/home/aisg/from-gcs` and `--env INPUT_DATA_DIR=/home/aisg/<repo>/data`
+    assert env["MODELS_DIR"] == GUIDE_MODELS_DIR and env["INPUT_DATA_DIR"] == f"{GUIDE_WORKDIR}/data"
 
 
 @pytest.mark.parametrize("name", ["kiln-data-prep", "kiln-model-training"])
 def test_job_images_default_to_their_hydra_app(name):
     app = "process_data" if name == "kiln-data-prep" else "train_model"
     assert json.loads(image(name).last("CMD")) == ["python", f"src/{app}.py"]
+
+
+def image_env(stage: Stage) -> dict[str, str]:
+    """The stage's ENV variables as the image ends up with them (later ENV lines win; `$VAR` left as written)."""
+    env: dict[str, str] = {}
+    for line in stage.all("ENV"):
+        for word in shlex.split(line):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_image_has_the_conda_env_kiln_that_the_guides_source_activate(name):
+    """`source activate kiln` finds docker/entrypoints/activate first on PATH (before the venv's own
+    bin/activate), and that file activates the venv the image installed kiln into (KILN_ENV_PREFIX)."""
+    final = image(name)
+    env = image_env(final)
+    prefix = env["KILN_ENV_PREFIX"]
+    venvs = re.findall(r"-m venv --prompt kiln (\S+)", " ".join(final.all("RUN")))
+    assert venvs == [prefix], f"{name}: the venv kiln is installed in is not KILN_ENV_PREFIX"
+    copies = [c.split() for c in final.all("COPY") if "docker/entrypoints/activate" in c.split()]
+    assert len(copies) == 1, f"{name}: docker/entrypoints/activate is not copied into the image"
+    destination = copies[0][-1]
+    assert Path(destination).name == "activate" and "--chmod=0644" in copies[0]
+    path = env["PATH"].split(":")
+    assert path[:2] == [str(Path(destination).parent), f"{prefix}/bin"], f"{name}: PATH {env['PATH']}"
+
+
+@pytest.fixture(scope="module")
+def kiln_env(tmp_path_factory) -> Path:
+    """An image's venv stand-in: a real venv (seeing this Python's packages, kiln among them)."""
+    prefix = tmp_path_factory.mktemp("image") / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", "--prompt", "kiln", str(prefix)],
+        check=True,
+        timeout=120,
+    )
+    return prefix
+
+
+def in_image_shell(kiln_env: Path, command: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    """`/bin/bash -c <command>` with an image's PATH: the activate file's folder, then the venv's bin/."""
+    shim_dir = kiln_env.parent / "kiln-bin"
+    shim_dir.mkdir(exist_ok=True)
+    shutil.copy(ACTIVATE, shim_dir / "activate")
+    full_env = {"PATH": f"{shim_dir}:{kiln_env}/bin:/usr/bin:/bin", "KILN_ENV_PREFIX": str(kiln_env), **env}
+    return subprocess.run(["/bin/bash", "-c", command], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_source_activate_kiln_activates_the_images_environment(kiln_env):
+    probe = 'python -c "import sys, kiln; print(sys.prefix)"; echo "$CONDA_DEFAULT_ENV $CONDA_PREFIX $VIRTUAL_ENV"'
+    result = in_image_shell(kiln_env, f"source activate kiln && {probe}")
+    assert result.returncode == 0, result.stderr
+    prefix, names = result.stdout.splitlines()
+    assert Path(prefix) == kiln_env  # kiln imports from the env
+    assert names.split() == ["kiln", str(kiln_env), str(kiln_env)]
+    # what conda also accepts: the env's path, or no name in an image that has only this one
+    for spelling in (f"source activate {kiln_env}", "source activate"):
+        result = in_image_shell(kiln_env, f'{spelling} && echo "$CONDA_DEFAULT_ENV"')
+        assert result.returncode == 0 and result.stdout.strip() == "kiln", spelling
+    result = in_image_shell(kiln_env, 'source activate kiln && deactivate && echo "[$VIRTUAL_ENV]"')
+    assert result.stdout.strip() == "[]", result.stderr  # the venv's own deactivate
+
+
+def test_source_activate_another_env_fails_as_conda_does_and_runs_nothing_after_it(kiln_env):
+    result = in_image_shell(kiln_env, "source activate my-project && echo ran")
+    assert result.returncode == 1 and "ran" not in result.stdout
+    assert "Could not find conda environment: my-project" in result.stderr
+    result = in_image_shell(kiln_env, "source activate kiln && echo ran", KILN_ENV_PREFIX=str(kiln_env / "missing"))
+    assert result.returncode == 1 and "ran" not in result.stdout and "missing" in result.stderr
 
 
 def test_vscode_image_has_what_setup_sh_installs_so_tests_run_without_root():
@@ -547,6 +632,34 @@ def test_fetch_model_leaves_the_environment_alone_without_a_run_to_fetch(tmp_pat
     assert result.stdout.strip() == env.get("PRED_MODEL_PATH", "")
 
 
+def test_fetch_model_takes_a_run_already_in_the_mounted_models_dir_without_a_tracking_server(tmp_path):
+    """The guide's `docker run -v $PWD/models:/home/aisg/from-gcs ...` with the run's folder already in
+    models/: real `python -m kiln.models`, no MLflow server, the checkpoint in the run's artifacts."""
+    checkpoint = tmp_path / "models" / "abc123" / "checkpoint" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # only found, not read, here
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MODELS_DIR": str(tmp_path / "models"),
+        "PRED_MODEL_UUID": "abc123",
+    }
+    result = subprocess.run(
+        ["bash", str(FETCH), "printenv", "PRED_MODEL_PATH"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(checkpoint)
+    assert "using the model of MLflow run abc123" in result.stderr
+
+
+def test_fetch_model_downloads_into_the_guides_mount_point_by_default(tmp_path):
+    log = tmp_path / "python-calls"
+    fake_python(tmp_path / "bin", log, stdout="/home/aisg/from-gcs/abc/checkpoint/checkpoint.pt\n")
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PRED_MODEL_UUID": "abc", "MLFLOW_TRACKING_URI": "http://x"}
+    result = subprocess.run(["bash", str(FETCH), "true"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().split("\0")[:-1] == ["-m", "kiln.models", "download", "abc", "--dst", GUIDE_MODELS_DIR]
+
+
 def test_fetch_model_stops_when_the_download_fails(tmp_path):
     result, _ = run_entrypoint(
         FETCH, tmp_path, {"PRED_MODEL_UUID": "abc", "MLFLOW_TRACKING_URI": "http://x"}, "echo", "served", exit_code=1
@@ -563,13 +676,13 @@ def test_models_download_cli_takes_what_the_entrypoint_passes():
 
 
 def test_batch_command_runs_batch_inferencing_on_the_model_and_input_dir(tmp_path):
-    env = {"PRED_MODEL_PATH": "/home/kiln/models/abc/checkpoint.pt", "INPUT_DATA_DIR": "/data/in"}
+    env = {"PRED_MODEL_PATH": "/home/aisg/from-gcs/abc/checkpoint.pt", "INPUT_DATA_DIR": "/data/in"}
     result, calls = run_entrypoint(BATCH, tmp_path, env, "inference.batch_size=64")
     assert result.returncode == 0, result.stderr
     assert calls == [
         [
             "src/batch_inferencing.py",
-            "inference.model_path=/home/kiln/models/abc/checkpoint.pt",
+            "inference.model_path=/home/aisg/from-gcs/abc/checkpoint.pt",
             "inference.input_data_dir=/data/in",
             "inference.batch_size=64",
         ]
@@ -630,9 +743,22 @@ def flag_values(argv: list[str], flag: str) -> list[str]:
     return [head[i + 1] for i, word in enumerate(head) if word == flag]
 
 
-def submitted_command(argv: list[str]) -> list[str]:
+GUIDE_JOB_PREFIX = "source activate kiln && "
+
+
+def job_line(argv: list[str]) -> str:
+    """The job's command, which must have the Run:ai guide's shape: `--command -- /bin/bash -c "source
+    activate <repo> && python src/..."`; returns the string bash runs."""
     assert argv[argv.index("--command") + 1] == "--"
-    return argv[argv.index("--command") + 2 :]
+    job = argv[argv.index("--command") + 2 :]
+    assert job[:2] == ["/bin/bash", "-c"] and len(job) == 3, job
+    assert job[2].startswith(GUIDE_JOB_PREFIX), job[2]
+    return job[2]
+
+
+def submitted_command(argv: list[str]) -> list[str]:
+    """The words of the command the job runs once its environment is activated."""
+    return shlex.split(job_line(argv).removeprefix(GUIDE_JOB_PREFIX))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -644,7 +770,7 @@ def test_submit_script_submits_the_job_as_the_runai_guide_does(tmp_path, script)
     image = {"process_data": "data-prep"}.get(app, "model-training")
     assert flag_values(argv, "-i") == [f"registry.test/kiln/{image}:1.2.3"]
     assert flag_values(argv, "--pvc") == ["team-pvc:/team-pvc"]
-    assert flag_values(argv, "--working-dir") == ["/home/kiln/kiln"]
+    assert flag_values(argv, "--working-dir") == [GUIDE_WORKDIR]
     assert flag_values(argv, "--job-name-prefix")[0].startswith("alice-")
     assert flag_values(argv, "--cpu") and flag_values(argv, "--memory") and not flag_values(argv, "--gpu")
     command = submitted_command(argv)
@@ -671,19 +797,41 @@ def test_submit_script_submits_the_job_as_the_runai_guide_does(tmp_path, script)
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_the_same_command_and_submits_nothing(tmp_path, script):
-    _, submitted = submit(tmp_path, script)
+    # an override that needs quoting inside the job's bash -c string, and again around that string
+    tricky = f"{SCRIPTS[script]}.mlflow_exp_name=it's \"my\" $exp"
+    _, submitted = submit(tmp_path, script, tricky)
     (tmp_path / "runai-argv").unlink()
-    result, argv = submit(tmp_path, script, "--dry-run")
+    result, argv = submit(tmp_path, script, "--dry-run", tricky)
     assert result.returncode == 0, result.stderr
     assert argv == []
-    printed = shlex.split(result.stdout)
-    assert printed[:2] == ["runai", "submit"]
+    assert result.stdout.startswith("runai submit ")
     assert "s3cret" not in result.stdout  # the password is printed as a reference to the variable
-    expected = [
-        "MLFLOW_TRACKING_PASSWORD=$MLFLOW_TRACKING_PASSWORD" if w.startswith("MLFLOW_TRACKING_PASSWORD=") else w
-        for w in submitted
-    ]
-    assert printed[1:] == expected
+    # The guide's shape, as printed: --command -- /bin/bash -c "source activate kiln && python src/<app>.py ..."
+    assert f'--command -- /bin/bash -c "{GUIDE_JOB_PREFIX}python src/{SCRIPTS[script]}.py ' in result.stdout
+    # Pasted into bash (with the password in the environment), it submits exactly what the script submits.
+    pasted = subprocess.run(
+        ["bash", "-c", result.stdout],
+        env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "MLFLOW_TRACKING_PASSWORD": "s3cret pass"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    assert (tmp_path / "runai-argv").read_text().split("\0")[:-1] == submitted
+    assert submitted_command(submitted)[-1] == tricky
+
+
+def test_runai_doc_shows_what_the_dry_run_prints(tmp_path):
+    """docs/deployment/runai.md's example (`$ <settings> deploy/runai/<script> --dry-run`, then its output)."""
+    doc = (REPO / "docs" / "deployment" / "runai.md").read_text()
+    (command, shown), *_ = re.findall(r"^\$ (.+--dry-run)\n(runai submit .+)$", doc, re.M)
+    *settings, script, _ = shlex.split(command)
+    # config.env's own defaults for what the example does not set
+    defaults = {"KILN_REGISTRY": "registry.example.com/kiln", "KILN_IMAGE_TAG": "0.1.0", "MLFLOW_TRACKING_URI": ""}
+    env = {**defaults, **dict(s.split("=", 1) for s in settings)}
+    result, _ = submit(tmp_path, Path(script).name, "--dry-run", **env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == shown
 
 
 @pytest.mark.parametrize("script", ["submit-training.sh", "submit-sweep.sh"])
@@ -703,13 +851,13 @@ def test_training_submission_without_a_tracking_server_is_refused(tmp_path, scri
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_submitted_overrides_compose_in_kilns_app(tmp_path, script):
-    """The command a job runs is accepted by the real Hydra app (composed with --cfg, not run)."""
+def test_submitted_job_activates_kiln_and_its_overrides_compose_in_kilns_app(tmp_path, script, kiln_env):
+    """The job's own `/bin/bash -c "source activate kiln && python src/..."` string, run in a shell laid out
+    as the image's (activate, then the venv, on PATH) from a working dir holding src/ and conf/: the real
+    Hydra app accepts it (composed with --cfg, not run)."""
     _, argv = submit(tmp_path, script, KILN_OPTUNA_STORAGE="sqlite:///optuna.db")
-    command = [word for word in submitted_command(argv) if word != "--multirun"]
-    result = subprocess.run(
-        [sys.executable, *command[1:], "--cfg", "all"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    line = job_line(argv).replace(" --multirun ", " ")
+    result = in_image_shell(kiln_env, f"{line} --cfg all", cwd=REPO)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     if SCRIPTS[script] == "process_data":

@@ -96,11 +96,47 @@ training_job() {
   )
 }
 
-# Submits `runai submit <submit_flags> --command -- <command...>`, or prints it with --dry-run
-# (shell-quoted, ready to paste; the MLflow password as a reference to $MLFLOW_TRACKING_PASSWORD, not
-# its value).
+# The job's command as the template's Run:ai guide writes it: /bin/bash -c "source activate kiln && <command>",
+# the image's environment (the conda env `kiln`, docker/entrypoints/activate) activated first. A word of
+# the command that is not plain is single-quoted inside that string, so overrides with spaces or quotes
+# reach the app as given.
+job_command() {
+  local line="source activate kiln &&" word
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      line+=" $word"
+    else
+      line+=" '${word//\'/\'\\\'\'}'"
+    fi
+  done
+  job=(/bin/bash -c "$line")
+}
+
+# One word of the printed command, ready to paste: bare when it is plain, else in double quotes (as the
+# guide writes the job's command) with \ " $ ` escaped; printf %q when it holds a `!`, which an
+# interactive shell would expand even there.
+shown_word() {
+  local word="$1"
+  if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$word"
+  elif [[ "$word" == *!* ]]; then
+    printf '%q' "$word"
+  else
+    word="${word//\\/\\\\}"
+    word="${word//\"/\\\"}"
+    word="${word//\$/\\\$}"
+    word="${word//\`/\\\`}"
+    printf '"%s"' "$word"
+  fi
+}
+
+# Submits `runai submit <submit_flags> --command -- /bin/bash -c "source activate kiln && <command...>"`,
+# or prints it with --dry-run (shell-quoted, ready to paste; the MLflow password as a reference to
+# $MLFLOW_TRACKING_PASSWORD, not its value).
 submit() {
-  local argv=(runai submit "${submit_flags[@]}" --command -- "$@")
+  local job=()
+  job_command "$@"
+  local argv=(runai submit "${submit_flags[@]}" --command -- "${job[@]}")
   if [[ "$dry_run" == true ]]; then
     local shown=() arg
     for arg in "${argv[@]}"; do
@@ -108,7 +144,7 @@ submit() {
         # shellcheck disable=SC2016 # printed for the user's shell to expand
         shown+=('MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"')
       else
-        shown+=("$(printf '%q' "$arg")")
+        shown+=("$(shown_word "$arg")")
       fi
     done
     printf '%s\n' "${shown[*]}"
