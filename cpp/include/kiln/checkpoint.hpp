@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "kiln/model.hpp"
-#include "kiln/trainer.hpp"
+#include "kiln/trainer_options.hpp"
 
 namespace kiln {
 

@@ -12,38 +12,10 @@
 
 #include "kiln/dataset.hpp"
 #include "kiln/model.hpp"
-#include "kiln/precision.hpp"
 #include "kiln/progress.hpp"
+#include "kiln/trainer_options.hpp"
 
 namespace kiln {
-
-struct TrainerOptions {
-  std::filesystem::path data_dir;
-  std::string model = "mnist_cnn";
-  double lr = 1.3;
-  double gamma = 0.7;  // StepLR(step_size=1) after every epoch
-  std::int64_t train_batch_size = 32;
-  std::int64_t test_batch_size = 100;
-  std::uint64_t seed = 1;
-  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
-  Precision precision = Precision::fp32;  // fp32 or bf16; int8 is inference only
-  bool channels_last = true;
-  std::string train_split = "train";
-  std::string test_split = "test";
-  // Use only the first N images of each split in a seeded random order (0 = all): quick runs, tests.
-  std::int64_t train_limit = 0;
-  std::int64_t test_limit = 0;
-};
-
-struct EpochMetrics {
-  std::int64_t epoch = 0;  // 1-based, counting every epoch this model was trained (resumes included)
-  double train_loss = 0;   // mean cross-entropy over the epoch's training batches
-  double train_accuracy = 0;
-  double test_loss = 0;
-  double test_accuracy = 0;
-  double learning_rate = 0;  // the rate this epoch trained with
-  double seconds = 0;
-};
 
 class Trainer {
  public:
