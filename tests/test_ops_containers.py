@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -420,7 +421,7 @@ def test_fastapi_image_fetches_the_model_then_runs_the_documented_gunicorn_comma
     assert 'PRED_MODEL_UUID=""' in final.all("ARG")
     env = " ".join(final.all("ENV"))
     assert "PRED_MODEL_UUID=${PRED_MODEL_UUID}" in env  # the build arg persists into the container
-    assert f"MODELS_DIR={GUIDE_MODELS_DIR}" in env  # where the guide mounts models; the entrypoint and server look there
+    assert f"MODELS_DIR={GUIDE_MODELS_DIR}" in env  # the guide's models mount; the entrypoint and server look there
 
 
 def test_batch_inferencing_image_runs_batch_inferencing_on_the_fetched_model():
@@ -484,7 +485,9 @@ def in_image_shell(kiln_env: Path, command: str, cwd: Path = REPO, **env: str) -
     shim_dir.mkdir(exist_ok=True)
     shutil.copy(ACTIVATE, shim_dir / "activate")
     full_env = {"PATH": f"{shim_dir}:{kiln_env}/bin:/usr/bin:/bin", "KILN_ENV_PREFIX": str(kiln_env), **env}
-    return subprocess.run(["/bin/bash", "-c", command], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["/bin/bash", "-c", command], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_source_activate_kiln_activates_the_images_environment(kiln_env):
@@ -654,7 +657,11 @@ def test_fetch_model_takes_a_run_already_in_the_mounted_models_dir_without_a_tra
 def test_fetch_model_downloads_into_the_guides_mount_point_by_default(tmp_path):
     log = tmp_path / "python-calls"
     fake_python(tmp_path / "bin", log, stdout="/home/aisg/from-gcs/abc/checkpoint/checkpoint.pt\n")
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PRED_MODEL_UUID": "abc", "MLFLOW_TRACKING_URI": "http://x"}
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "PRED_MODEL_UUID": "abc",
+        "MLFLOW_TRACKING_URI": "http://x",
+    }
     result = subprocess.run(["bash", str(FETCH), "true"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert log.read_text().split("\0")[:-1] == ["-m", "kiln.models", "download", "abc", "--dst", GUIDE_MODELS_DIR]
@@ -798,7 +805,7 @@ def test_submit_script_submits_the_job_as_the_runai_guide_does(tmp_path, script)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_the_same_command_and_submits_nothing(tmp_path, script):
     # an override that needs quoting inside the job's bash -c string, and again around that string
-    tricky = f"{SCRIPTS[script]}.mlflow_exp_name=it's \"my\" $exp"
+    tricky = f'{SCRIPTS[script]}.mlflow_exp_name=it\'s "my" $exp'
     _, submitted = submit(tmp_path, script, tricky)
     (tmp_path / "runai-argv").unlink()
     result, argv = submit(tmp_path, script, "--dry-run", tricky)
@@ -871,6 +878,96 @@ def test_submitted_job_activates_kiln_and_its_overrides_compose_in_kilns_app(tmp
     if script == "submit-sweep.sh":
         assert config["hydra"]["sweeper"]["n_trials"] == 3
         assert config["hydra"]["sweeper"]["storage"] == "sqlite:///optuna.db"
+
+
+# --- conda environment ------------------------------------------------------------------------------
+
+CONDA_ENV = REPO / "kiln-conda-env.yml"
+# What CMakeLists.txt finds -> the conda-forge package (or pip requirement) in kiln-conda-env.yml that provides it.
+CMAKE_PROVIDERS = {
+    "Torch": "pip:torch",
+    "OpenCV": "libopencv",
+    "nlohmann_json": "nlohmann_json",
+    "PkgConfig": "pkg-config",
+    "libdeflate": "libdeflate",
+    "Python": "python",
+    "Python3": "python",
+    "pybind11": "pip:pybind11",
+    "GTest": "gtest",
+}
+
+
+def conda_env() -> tuple[list[str], list[str]]:
+    """(conda-forge specs, the pip: list) of kiln-conda-env.yml."""
+    config = yaml.safe_load(CONDA_ENV.read_text())
+    assert config["name"] == "kiln" and config["channels"] == ["conda-forge"]
+    conda = [d for d in config["dependencies"] if isinstance(d, str)]
+    (pip,) = [d["pip"] for d in config["dependencies"] if isinstance(d, dict)]
+    return conda, pip
+
+
+def pinned_torch(requirements: list[str]) -> list[str]:
+    return [r for r in requirements if re.match(r"torch\b", r)]
+
+
+def test_conda_env_installs_kiln_itself_against_the_pinned_torch():
+    """`conda env create -f kiln-conda-env.yml` does the whole set-up: conda runs pip once on the pip: list
+    (`pip install -U -r <list>`, from the file's folder), so kiln is on it, and its isolated build gets the
+    same torch from pyproject.toml's [build-system] (--no-build-isolation cannot be given in that list)."""
+    conda, pip = conda_env()
+    assert "pip" in conda and "python=3.11" in conda
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (torch_pin,) = pinned_torch(pyproject["project"]["dependencies"])
+    assert pinned_torch(pip) == [torch_pin]
+    assert pinned_torch(pyproject["build-system"]["requires"]) == [torch_pin]
+    assert pip[-1] == "-e .[dev]"  # kiln, editable, as scripts/setup.sh installs it
+    for requirement in ("scikit-build-core", "pybind11"):  # for later --no-build-isolation rebuilds in the env
+        assert any(r.startswith(requirement) for r in pip), requirement
+
+
+def test_conda_env_provides_what_cmakelists_finds():
+    conda, pip = conda_env()
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    found = {*re.findall(r"find_package\((\w+)", cmake), *re.findall(r"pkg_check_modules\(\w+ .*?(\w+)\)", cmake)}
+    unknown = found - CMAKE_PROVIDERS.keys()
+    assert not unknown, f"CMakeLists.txt finds {unknown}: add what provides it to kiln-conda-env.yml and here"
+    names = {re.split(r"[<>=]", spec)[0] for spec in conda} | {f"pip:{re.split(r'[<>=]', r)[0]}" for r in pip}
+    assert {CMAKE_PROVIDERS[name] for name in found} <= names
+    assert {"cmake>=3.25", "ninja", "cxx-compiler"} <= set(conda)  # the build tools
+
+
+def test_conda_envs_pip_list_is_valid_for_pip_install_r_and_names_this_repo(tmp_path):
+    """The pip: list as conda hands it to pip (a requirements file, pip run from the env file's folder),
+    resolved by pip itself (--dry-run; --no-build-isolation reads kiln's metadata without building)."""
+    _, pip = conda_env()
+    requirements = tmp_path / "condaenv.requirements.txt"
+    requirements.write_text("\n".join(pip))
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--report",
+            str(report),
+            "-r",
+            str(requirements),
+        ],  # fmt: skip
+        cwd=CONDA_ENV.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (kiln,) = [i for i in json.loads(report.read_text())["install"] if i["metadata"]["name"] == "kiln-mlops"]
+    assert kiln["download_info"]["url"] == REPO.as_uri()
+    assert kiln["download_info"]["dir_info"] == {"editable": True}
+    assert set(kiln["requested_extras"]) == {"dev"}
 
 
 # --- CI ---------------------------------------------------------------------------------------------
