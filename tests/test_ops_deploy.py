@@ -133,15 +133,27 @@ def test_polyaxon_parser_rejects_a_mistyped_spec(tmp_path):
         render_polyaxonfile(broken)
 
 
-def test_polyaxon_data_prep_runs_process_data_with_the_given_dirs():
+@pytest.mark.parametrize(
+    ("params", "raw"),
+    [
+        # The guide's form: -P RAW_DATA_DIRS='["..."]', a JSON list on the command line.
+        (
+            {"RAW_DATA_DIRS": '["/polyaxon-v1-data/workspaces/ana/data/set1", "/polyaxon-v1-data/workspaces/ana/s 2"]'},
+            ["/polyaxon-v1-data/workspaces/ana/data/set1", "/polyaxon-v1-data/workspaces/ana/s 2"],
+        ),
+        ({}, ["/polyaxon-v1-data/data/raw"]),
+        ({"RAW_DATA_DIR": "/polyaxon-v1-data/workspaces/ana/data/raw"}, "/polyaxon-v1-data/workspaces/ana/data/raw"),
+    ],
+    ids=["raw-data-dirs", "default", "raw-data-dir"],
+)
+def test_polyaxon_data_prep_runs_process_data_with_the_given_dirs(params, raw):
     compiled = render_polyaxonfile(
-        POLYAXON / "process-data.yml",
-        {"RAW_DATA_DIR": "/polyaxon-v1-data/workspaces/ana/data/raw", "PROCESSED_DATA_DIR": "/polyaxon-v1-data/p"},
+        POLYAXON / "process-data.yml", {**params, "PROCESSED_DATA_DIR": "/polyaxon-v1-data/p"}
     )
     container = compiled.run.container
     assert container.working_dir == "/home/kiln/kiln"
     config = hydra_config([*container.command, *container.args])
-    assert config.raw_data_dir_path == "/polyaxon-v1-data/workspaces/ana/data/raw"
+    assert config.raw_data_dir_path == raw
     assert config.processed_data_dir_path == "/polyaxon-v1-data/p"
 
 

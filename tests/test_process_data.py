@@ -25,7 +25,7 @@ from kiln.cli import compose_config
 from kiln.processing import process_data
 
 
-def prepare(raw: Path, processed: Path, *overrides: str) -> kiln.Manifest:
+def prepare(raw: Path | str, processed: Path, *overrides: str) -> kiln.Manifest:
     """What `python src/process_data.py raw_data_dir_path=<raw> processed_data_dir_path=<processed>`
     runs, in this process."""
     config = compose_config(
@@ -217,3 +217,42 @@ def test_core_api_reads_what_it_wrote(tmp_path: Path, small_raw: Path) -> None:
     os.truncate(tmp_path / "p" / "train.pt", 100)
     with pytest.raises(ValueError, match="incomplete"):
         kiln.load_split(tmp_path / "p", "train")
+
+
+def test_several_raw_dirs_combine_into_one_dataset(tmp_path: Path) -> None:
+    """The template guide's RAW_DATA_DIRS: `raw_data_dir_path=[a,b]` on the real command line."""
+    first = copy_sample(tmp_path / "set1", per_class=3, classes=2)
+    second = copy_sample(tmp_path / "set2", per_class=2, classes=3)  # the same file names, plus a third class
+    for raw in (first, second):
+        (raw / "train" / sorted(p.name for p in (raw / "train").iterdir())[0] / "bad.png").write_text("not an image")
+    processed = tmp_path / "processed"
+    result = run_app(
+        "process_data.py", f"raw_data_dir_path=[{first},{second}]", f"processed_data_dir_path={processed}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = kiln.read_manifest(processed)
+    classes = sorted(p.name for p in (second / "train").iterdir())
+    assert manifest.classes == classes
+    train = manifest.split("train")
+    assert train.count == 2 * 3 + 3 * 2  # nothing lost to the files of the same name
+    assert train.class_counts == {classes[0]: 5, classes[1]: 5, classes[2]: 2}
+    assert manifest.source_dir == f"{first.resolve()}:{second.resolve()}"
+    bad = f"train/{classes[0]}/bad.png"
+    assert [note.path for note in manifest.skipped] == [f"{first.resolve()}/{bad}", f"{second.resolve()}/{bad}"]
+    images, labels = kiln.load_split(processed, "train")
+    assert images.shape[0] == 12 and torch.bincount(labels).tolist() == [5, 5, 2]
+
+
+def test_a_list_of_one_raw_dir_gives_the_single_dir_dataset(tmp_path: Path, small_raw: Path) -> None:
+    prepare(small_raw, tmp_path / "single")
+    prepare(f"[{small_raw}]", tmp_path / "list")
+    for file in ("train.pt", "test.pt", "manifest.json"):
+        assert (tmp_path / "single" / file).read_bytes() == (tmp_path / "list" / file).read_bytes(), file
+
+
+def test_a_missing_dir_in_the_list_fails_naming_it(tmp_path: Path, small_raw: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    result = run_app("process_data.py", f"raw_data_dir_path=[{small_raw},{missing}]", cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"raw data dir '{missing}' does not exist" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

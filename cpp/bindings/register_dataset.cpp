@@ -1,6 +1,8 @@
 // Data preparation and processed-dataset access: kiln._core.prepare_dataset and friends.
 #include "bindings.hpp"
 
+#include <variant>
+
 #include "kiln/dataset.hpp"
 #include "kiln/error.hpp"
 
@@ -41,11 +43,16 @@ void register_dataset(py::module_& m) {
 
   m.def(
       "prepare_dataset",
-      [](const std::filesystem::path& raw_dir, const std::filesystem::path& out_dir,
+      [](const std::variant<std::filesystem::path, std::vector<std::filesystem::path>>& raw_dir,
+         const std::filesystem::path& out_dir,
          std::optional<std::pair<int, int>> image_size, std::optional<int> channels, int num_workers,
          py::object progress) {
         PrepareOptions options;
-        options.raw_dir = raw_dir;
+        if (const auto* one = std::get_if<std::filesystem::path>(&raw_dir)) {
+          options.raw_dir = *one;
+        } else {
+          options.raw_dirs = std::get<std::vector<std::filesystem::path>>(raw_dir);
+        }
         options.out_dir = out_dir;
         options.image_size = image_size;
         options.channels = channels;
@@ -56,6 +63,9 @@ void register_dataset(py::module_& m) {
       py::arg("raw_dir"), py::arg("out_dir"), py::kw_only(), py::arg("image_size") = py::none(),
       py::arg("channels") = py::none(), py::arg("num_workers") = 0, py::arg("progress") = py::none(),
       R"doc(Decode <raw_dir>/<split>/<class>/<image> on all cores and commit the processed dataset to out_dir.
+
+raw_dir: one tree, or a list of trees combined into one dataset (splits of the same name joined, classes
+merged by folder name; the manifest then lists files by absolute path and source_dir joins the trees with ':').
 
 image_size: (height, width) for every image; default the size of the first image.
 channels: 1 or 3; default the channel count of the first image.

@@ -74,28 +74,73 @@ struct Tree {
   fs::path path(const Candidate& file) const { return dirs[file.dir] / file.name(); }
 };
 
-Tree scan_tree(const fs::path& raw_dir) {
+void check_raw_dir(const fs::path& raw_dir) {
   if (!fs::exists(raw_dir)) throw NotFoundError("raw data dir '" + raw_dir.string() + "' does not exist");
   if (!fs::is_directory(raw_dir)) throw_data_error("raw data dir '" + raw_dir.string() + "' is not a directory");
+}
+
+std::vector<fs::path> raw_trees(const PrepareOptions& options) {
+  return options.raw_dirs.empty() ? std::vector<fs::path>{options.raw_dir} : options.raw_dirs;
+}
+
+std::string describe(const std::vector<fs::path>& raw_dirs) {
+  std::string text;
+  for (const auto& dir : raw_dirs) text += (text.empty() ? "'" : ", '") + dir.string() + "'";
+  return text;
+}
+
+// One tree: files are listed as <split>/<class>/<name>. Several: each under its tree's absolute path, so
+// that the same relative name in two trees stays two distinct entries.
+Tree scan_tree(const std::vector<fs::path>& raw_dirs) {
+  if (raw_dirs.empty()) throw_data_error("no raw data dir given");
+  for (const auto& raw_dir : raw_dirs) check_raw_dir(raw_dir);
+  std::vector<std::string> entry_prefixes;
+  for (const auto& raw_dir : raw_dirs) {
+    const std::string canonical = fs::weakly_canonical(raw_dir).string();
+    for (std::size_t d = 0; d < entry_prefixes.size(); ++d) {
+      if (entry_prefixes[d] == canonical + "/") {
+        throw_data_error("raw data dir '" + raw_dir.string() + "' is given twice (as '" + raw_dirs[d].string() +
+                         "'); each tree's images would be counted twice");
+      }
+    }
+    entry_prefixes.push_back(canonical + "/");
+  }
+  if (raw_dirs.size() == 1) entry_prefixes[0].clear();
 
   Tree tree;
-  for (const auto& split_entry : list_dir(raw_dir)) {
-    if (!split_entry.is_directory) continue;  // README, licence files and the like next to the splits
-    tree.splits.push_back(split_entry.name);
-    auto& classes = tree.split_classes.emplace_back();
-    for (const auto& class_entry : list_dir(raw_dir / split_entry.name)) {
-      if (!class_entry.is_directory) {
-        tree.skipped.push_back({split_entry.name + "/" + class_entry.name,
-                                "not inside a class folder (" + std::string(kLayoutHint) + ")"});
-        continue;
+  // split name -> for each raw dir, its class folders in that split (empty when it has no such split)
+  std::vector<std::vector<std::vector<std::string>>> classes_by_dir;
+  for (std::size_t d = 0; d < raw_dirs.size(); ++d) {
+    bool has_split = false;
+    for (const auto& split_entry : list_dir(raw_dirs[d])) {
+      if (!split_entry.is_directory) continue;  // README, licence files and the like next to the splits
+      has_split = true;
+      auto position = std::lower_bound(tree.splits.begin(), tree.splits.end(), split_entry.name);
+      const auto split = static_cast<std::size_t>(position - tree.splits.begin());
+      if (position == tree.splits.end() || *position != split_entry.name) {
+        tree.splits.insert(position, split_entry.name);
+        classes_by_dir.insert(classes_by_dir.begin() + static_cast<std::ptrdiff_t>(split),
+                              std::vector<std::vector<std::string>>(raw_dirs.size()));
       }
-      classes.push_back(class_entry.name);
+      auto& classes = classes_by_dir[split][d];
+      for (const auto& class_entry : list_dir(raw_dirs[d] / split_entry.name)) {
+        if (!class_entry.is_directory) {
+          tree.skipped.push_back({entry_prefixes[d] + split_entry.name + "/" + class_entry.name,
+                                  "not inside a class folder (" + std::string(kLayoutHint) + ")"});
+          continue;
+        }
+        classes.push_back(class_entry.name);
+      }
+    }
+    if (!has_split) {
+      throw_data_error("raw data dir '" + raw_dirs[d].string() + "' holds no split folders; " + kLayoutHint);
     }
   }
-  if (tree.splits.empty()) {
-    throw_data_error("raw data dir '" + raw_dir.string() + "' holds no split folders; " + kLayoutHint);
-  }
-  for (const auto& classes : tree.split_classes) {
+  for (const auto& by_dir : classes_by_dir) {
+    auto& classes = tree.split_classes.emplace_back();
+    for (const auto& dir_classes : by_dir) classes.insert(classes.end(), dir_classes.begin(), dir_classes.end());
+    std::sort(classes.begin(), classes.end());
+    classes.erase(std::unique(classes.begin(), classes.end()), classes.end());
     tree.classes.insert(tree.classes.end(), classes.begin(), classes.end());
   }
   std::sort(tree.classes.begin(), tree.classes.end());
@@ -104,24 +149,28 @@ Tree scan_tree(const fs::path& raw_dir) {
   for (std::size_t split = 0; split < tree.splits.size(); ++split) {
     for (const auto& class_name : tree.split_classes[split]) {
       const auto label = std::lower_bound(tree.classes.begin(), tree.classes.end(), class_name) - tree.classes.begin();
-      const std::string prefix = tree.splits[split] + "/" + class_name + "/";
-      const int dir = static_cast<int>(tree.dirs.size());
-      tree.dirs.push_back(raw_dir / tree.splits[split] / class_name);
-      for (const auto& file : list_dir(tree.dirs.back())) {
-        if (file.is_directory) {
-          tree.skipped.push_back({prefix + file.name, "folder inside a class folder (not read)"});
-        } else if (!has_image_extension(file.name)) {
-          tree.skipped.push_back(
-              {prefix + file.name, "unsupported file type '" + fs::path(file.name).extension().string() +
-                                       "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
-        } else {
-          tree.files.push_back({prefix + file.name, prefix.size(), dir, static_cast<int>(split), label});
+      for (std::size_t d = 0; d < raw_dirs.size(); ++d) {
+        const auto& dir_classes = classes_by_dir[split][d];
+        if (std::find(dir_classes.begin(), dir_classes.end(), class_name) == dir_classes.end()) continue;
+        const std::string prefix = entry_prefixes[d] + tree.splits[split] + "/" + class_name + "/";
+        const int dir = static_cast<int>(tree.dirs.size());
+        tree.dirs.push_back(raw_dirs[d] / tree.splits[split] / class_name);
+        for (const auto& file : list_dir(tree.dirs.back())) {
+          if (file.is_directory) {
+            tree.skipped.push_back({prefix + file.name, "folder inside a class folder (not read)"});
+          } else if (!has_image_extension(file.name)) {
+            tree.skipped.push_back(
+                {prefix + file.name, "unsupported file type '" + fs::path(file.name).extension().string() +
+                                         "' (expected .png, .jpg, .jpeg, .bmp, .tif, .webp, .pgm or .ppm)"});
+          } else {
+            tree.files.push_back({prefix + file.name, prefix.size(), dir, static_cast<int>(split), label});
+          }
         }
       }
     }
   }
   if (tree.files.empty()) {
-    throw_data_error("no images found under raw data dir '" + raw_dir.string() + "'; " + kLayoutHint);
+    throw_data_error("no images found under raw data dir " + describe(raw_dirs) + "; " + kLayoutHint);
   }
   return tree;
 }
@@ -339,14 +388,17 @@ void check_destination(const fs::path& raw_dir, const fs::path& out_dir) {
 }  // namespace
 
 Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress) {
-  check_destination(options.raw_dir, options.out_dir);
-  Tree tree = scan_tree(options.raw_dir);
+  const std::vector<fs::path> raw_dirs = raw_trees(options);
+  for (const auto& raw_dir : raw_dirs) check_destination(raw_dir, options.out_dir);
+  Tree tree = scan_tree(raw_dirs);
   const int stats_split = normalization_split(tree);
   const ImageSpec spec = choose_spec(tree, options, stats_split);
 
   Manifest manifest;
   manifest.kiln_version = KILN_VERSION;
-  manifest.source_dir = fs::weakly_canonical(options.raw_dir).string();
+  for (const auto& raw_dir : raw_dirs) {
+    manifest.source_dir += (manifest.source_dir.empty() ? "" : ":") + fs::weakly_canonical(raw_dir).string();
+  }
   manifest.classes = tree.classes;
   manifest.image = spec;
   manifest.normalization_split = tree.splits[stats_split];
@@ -390,7 +442,7 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
   std::sort(manifest.skipped.begin(), manifest.skipped.end(),
             [](const auto& a, const auto& b) { return a.path < b.path; });
   if (usable == 0) {
-    throw_data_error("no usable images under raw data dir '" + options.raw_dir.string() + "': all " +
+    throw_data_error("no usable images under raw data dir " + describe(raw_dirs) + ": all " +
                      std::to_string(tree.files.size()) + " image files were skipped (first: " +
                      manifest.skipped.front().path + ": " + manifest.skipped.front().reason + ")");
   }

@@ -151,6 +151,75 @@ TEST(dataset, same_input_gives_byte_identical_output) {
   EXPECT_EQ(a.std, b.std);
 }
 
+TEST(dataset, several_raw_dirs_combine_into_one_dataset_with_classes_merged) {
+  TempDir dir;
+  const fs::path first = dir.path() / "set1";
+  const fs::path second = dir.path() / "set2";
+  write_image(first / "train/cat/0.png", pattern(28, 28, 1, 1));
+  write_image(first / "train/dog/0.png", pattern(28, 28, 1, 2));
+  write_image(first / "test/cat/0.png", pattern(28, 28, 1, 3));
+  write_image(second / "train/cat/0.png", pattern(28, 28, 1, 4));  // same relative name as in set1
+  write_image(second / "train/bird/0.png", pattern(28, 28, 1, 5));
+  write_bytes(first / "train/cat/bad.png", {'x'});
+  write_bytes(second / "train/cat/bad.png", {'x'});
+
+  const Manifest manifest = prepare_dataset(options({}, dir.path() / "out", [&](PrepareOptions& o) {
+    o.raw_dirs = {first, second};
+  }));
+  EXPECT_EQ(manifest.classes, (std::vector<std::string>{"bird", "cat", "dog"}));
+  EXPECT_EQ(manifest.split("train").count, 4);
+  EXPECT_EQ(manifest.split("train").class_counts.at("cat"), 2);  // both 0.png, neither lost to the clash
+  EXPECT_EQ(manifest.split("test").count, 1);
+  EXPECT_EQ(manifest.source_dir, fs::canonical(first).string() + ":" + fs::canonical(second).string());
+  // Listed by absolute path: the same <split>/<class>/<name> in two trees stays two entries.
+  ASSERT_EQ(manifest.skipped.size(), 2u);
+  EXPECT_EQ(manifest.skipped[0].path, (fs::canonical(first) / "train/cat/bad.png").string());
+  EXPECT_EQ(manifest.skipped[1].path, (fs::canonical(second) / "train/cat/bad.png").string());
+
+  // Rows: class by class, each class's trees in the given order.
+  const SplitData train = load_split(dir.path() / "out", "train");
+  const std::vector<std::pair<int, std::int64_t>> rows = {{5, 0}, {1, 1}, {4, 1}, {2, 2}};  // seed, label
+  ASSERT_EQ(train.images.size(0), 4);
+  for (std::size_t row = 0; row < rows.size(); ++row) {
+    const cv::Mat expected = pattern(28, 28, 1, rows[row].first);
+    EXPECT_EQ(0, std::memcmp(train.images[row].data_ptr<std::uint8_t>(), expected.data, 28 * 28)) << row;
+    EXPECT_EQ(train.labels[row].item<std::int64_t>(), rows[row].second) << row;
+  }
+}
+
+TEST(dataset, one_raw_dir_in_a_list_gives_the_single_dir_output_byte_for_byte) {
+  TempDir dir;
+  write_clean_tree(dir.path() / "raw");
+  write_bytes(dir.path() / "raw/train/cat/bad.png", {'x'});
+  prepare_dataset(options(dir.path() / "raw", dir.path() / "single"));
+  prepare_dataset(options({}, dir.path() / "list", [&](PrepareOptions& o) { o.raw_dirs = {dir.path() / "raw"}; }));
+  for (const char* file : {"train.pt", "test.pt", "manifest.json"}) {
+    EXPECT_EQ(file_bytes(dir.path() / "single" / file), file_bytes(dir.path() / "list" / file)) << file;
+  }
+  EXPECT_EQ(read_manifest(dir.path() / "list").skipped[0].path, "train/cat/bad.png");
+}
+
+TEST(dataset, several_raw_dirs_refuse_a_missing_or_repeated_dir) {
+  TempDir dir;
+  write_clean_tree(dir.path() / "raw");
+  auto with_dirs = [&](std::vector<fs::path> dirs) {
+    return options({}, dir.path() / "out", [&](PrepareOptions& o) { o.raw_dirs = dirs; });
+  };
+  try {
+    prepare_dataset(with_dirs({dir.path() / "raw", dir.path() / "nope"}));
+    FAIL() << "expected NotFoundError";
+  } catch (const NotFoundError& error) {
+    EXPECT_NE(std::string(error.what()).find((dir.path() / "nope").string()), std::string::npos);
+  }
+  try {
+    prepare_dataset(with_dirs({dir.path() / "raw", dir.path() / "raw/../raw"}));
+    FAIL() << "expected DataError";
+  } catch (const DataError& error) {
+    EXPECT_NE(std::string(error.what()).find("is given twice"), std::string::npos);
+  }
+  EXPECT_FALSE(fs::exists(dir.path() / "out"));
+}
+
 TEST(dataset, options_set_size_and_channels) {
   TempDir dir;
   write_clean_tree(dir.path() / "raw");

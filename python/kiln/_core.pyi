@@ -63,7 +63,7 @@ class Manifest:
     def split(self, name: str) -> SplitInfo: ...
 
 def prepare_dataset(
-    raw_dir: str | PathLike[str],
+    raw_dir: str | PathLike[str] | Sequence[str | PathLike[str]],
     out_dir: str | PathLike[str],
     *,
     image_size: tuple[int, int] | None = None,

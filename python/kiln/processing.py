@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +49,44 @@ def _log_files(level: int, what: str, notes: list[Any]) -> None:
         )
 
 
+def _raw_dirs(value: Any) -> Path | list[Path]:
+    """One raw tree, or a list of them (the template guide's RAW_DATA_DIRS: `raw_data_dir_path=[a,b]`)."""
+    if isinstance(value, str | Path):
+        return Path(value)
+    if isinstance(value, Sequence):
+        dirs = [Path(item) for item in value]
+        if not dirs:
+            raise ValueError("raw_data_dir_path is an empty list; give one raw dir or a list of them")
+        return dirs
+    raise ValueError(f"raw_data_dir_path must be a path or a list of paths, got {value!r}")
+
+
 def process_data(cfg: Mapping[str, Any]):
     """Prepare ``cfg["raw_data_dir_path"]`` into ``cfg["processed_data_dir_path"]``.
 
+    ``raw_data_dir_path`` is one raw tree or a list of them, combined into one dataset: splits of the
+    same name joined, classes merged by folder name, files of several trees listed in the manifest by
+    absolute path (so the same relative name in two trees stays two entries).
     Returns the dataset's :class:`kiln.Manifest`. Raises ``FileNotFoundError`` for a missing raw
     dir and ``ValueError`` (``kiln.DataError``) when the tree holds nothing usable; a previous
     processed dataset is then left as it was.
     """
     import kiln
 
-    raw_dir = Path(cfg["raw_data_dir_path"])
+    raw_dir = _raw_dirs(cfg["raw_data_dir_path"])
     out_dir = Path(cfg["processed_data_dir_path"])
-    if not raw_dir.exists():
-        raise FileNotFoundError(
-            f"raw data dir '{raw_dir}' does not exist; point raw_data_dir_path at a "
-            "<raw>/<split>/<class>/<image> tree (kiln's embedded sample: "
-            "raw_data_dir_path=./data/sample)"
-        )
+    for path in raw_dir if isinstance(raw_dir, list) else [raw_dir]:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"raw data dir '{path}' does not exist; point raw_data_dir_path at a "
+                "<raw>/<split>/<class>/<image> tree, or a list of them (kiln's embedded sample: "
+                "raw_data_dir_path=./data/sample)"
+            )
     prepare_dataset = kiln.prepare_dataset  # loads the C++ core before the clock starts
     if not cfg["no_cuda"]:
         logger.info("Data preparation decodes on the CPU; no_cuda=false only matters for training.")
-    logger.info("Preparing images from %s into %s", raw_dir, out_dir)
+    sources = ", ".join(str(path) for path in raw_dir) if isinstance(raw_dir, list) else str(raw_dir)
+    logger.info("Preparing images from %s into %s", sources, out_dir)
 
     progress = ProgressBar("Decoding images", unit="img")
     started = time.perf_counter()

@@ -23,7 +23,13 @@
 namespace kiln {
 
 struct PrepareOptions {
+  // The raw tree <raw_dir>/<split>/<class>/<image>.
   std::filesystem::path raw_dir;
+  // Several raw trees combined into one dataset, used instead of raw_dir when not empty: splits of the same
+  // name are joined, classes merged by folder name. The manifest then lists files by absolute path, so the
+  // same <split>/<class>/<name> in two trees stays two entries, and its source_dir holds the trees'
+  // absolute paths joined by ':'.
+  std::vector<std::filesystem::path> raw_dirs;
   std::filesystem::path out_dir;
   // (height, width) every image is brought to; default: the size of the first image.
   std::optional<std::pair<int, int>> image_size;
@@ -38,9 +44,9 @@ struct SplitData {
   at::Tensor labels;  // int64 [N]
 };
 
-// Decodes the tree <raw_dir>/<split>/<class>/<image> on all cores and commits the processed dataset
-// to out_dir. Unusable files are skipped and listed in the manifest; a missing raw dir or one with no
-// images throws. Same input and options give byte-identical output.
+// Decodes the tree <raw_dir>/<split>/<class>/<image> (or the trees of raw_dirs) on all cores and commits
+// the processed dataset to out_dir. Unusable files are skipped and listed in the manifest; a missing raw
+// dir or one with no images throws. Same input and options give byte-identical output.
 Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress = {});
 
 // Loads one split, checking it against the manifest; a missing or incomplete file throws.
