@@ -151,7 +151,7 @@ def test_polyaxon_data_prep_runs_process_data_with_the_given_dirs(params, raw):
         POLYAXON / "process-data.yml", {**params, "PROCESSED_DATA_DIR": "/polyaxon-v1-data/p"}
     )
     container = compiled.run.container
-    assert container.working_dir == "/home/kiln/kiln"
+    assert container.working_dir == "/home/aisg/kiln"  # the guides' --working-dir /home/aisg/<repo>
     config = hydra_config([*container.command, *container.args])
     assert config.raw_data_dir_path == raw
     assert config.processed_data_dir_path == "/polyaxon-v1-data/p"
@@ -496,7 +496,7 @@ def test_argo_debug_starts_training_under_debugpy_and_says_how_to_attach():
     assert train["ports"] == [{"name": "debug", "containerPort": 5678}]
     assert by_name["sweep-worker"]["container"]["command"][:2] == ["python", "src/train_model.py"]
     assert "kubectl -n kiln port-forward pod/<train pod> 5678:5678" in result.stderr
-    assert '"remoteRoot": "/home/kiln/kiln"' in result.stderr
+    assert '"remoteRoot": "/home/aisg/kiln"' in result.stderr
     # The template guide's spelling, --params '{"debug": "true"}', does the same.
     seeded = yaml.safe_load(run_workflow_py("--dry-run", "--params", '{"debug": "true"}').stdout)
     assert templates(seeded)["train-model"]["container"]["command"][:3] == ["python", "-m", "debugpy"]
@@ -925,7 +925,7 @@ def test_mlflow_kubernetes_backend_submits_valid_jobs_running_kiln_commands(monk
         assert kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
         [container] = job["spec"]["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert container["workingDir"] == "/home/kiln/kiln"
+        assert container["workingDir"] == "/home/aisg/kiln"
         config = hydra_config(command)
         if entry_point == "train":
             assert (config.epochs, config.lr, config.mlflow_tracking_uri) == (3, 0.9, "http://mlflow-server-svc:5000")

@@ -44,7 +44,7 @@ DEBUG_PORT = 5678
 POSTGRES_SECRET = "kiln-postgres"
 OPTUNA_STORAGE_KEY = "optuna-storage-url"
 # The images' WORKDIR (docker/kiln-*.Dockerfile), where src/ and conf/ are; the debugger maps it.
-IMAGE_WORKDIR = "/home/kiln/kiln"
+IMAGE_WORKDIR = "/home/aisg/kiln"
 
 PARAMETERS: dict[str, str] = {
     "registry": "registry.example.com/kiln",
