@@ -1040,6 +1040,12 @@ def test_launch_configs_run_each_app_from_paths_that_exist():
     assert server["args"][server["args"].index("--app-dir") + 1] == "src"
     attach = [c for c in configs.values() if c["request"] == "attach"]
     assert attach and all(c["connect"] == {"host": "localhost", "port": 5678} for c in attach)
+    # Breakpoints bind only where the remote paths are those the images run the apps from.
+    mappings = [mapping for config in attach for mapping in config.get("pathMappings", [])]
+    assert mappings, "no attach configuration maps the container's paths"
+    for mapping in mappings:
+        local = workspace_path(mapping["localRoot"]).relative_to(REPO)
+        assert mapping["remoteRoot"] == f"{GUIDE_WORKDIR}/{local}", mapping
 
 
 def test_devcontainer_builds_the_vscode_image_as_its_user():
