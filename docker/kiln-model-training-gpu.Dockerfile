@@ -72,15 +72,8 @@ RUN apt-get update \
         python3 python3-venv \
         libopencv-core406t64 libopencv-imgcodecs406t64 libopencv-imgproc406t64 libdeflate0 \
     && rm -rf /var/lib/apt/lists/*
-# uid/gid 2222 as in the template: `chgrp -R 2222 models outputs` on the host opens a mounted dir to it.
-# The template's layout, which its guides' commands and mounts name: home /home/aisg, the repo in
-# /home/aisg/kiln (the working dir), models mounted at /home/aisg/from-gcs. /home/kiln (and its
-# models/) stay as links for manifests written for kiln's earlier layout.
-RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
-    && ln -s /home/aisg /home/kiln \
-    && ln -s from-gcs /home/aisg/models
+# uid/gid 2222 and the template's /home/aisg layout, as every kiln image has them.
+RUN --mount=type=bind,source=docker/setup/kiln-user.sh,target=/tmp/kiln-user.sh sh /tmp/kiln-user.sh
 # `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
 COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 # debugpy: the Argo workflow's --debug starts training under it; boto3: the MLflow server of

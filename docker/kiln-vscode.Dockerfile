@@ -65,14 +65,10 @@ RUN apt-get update \
         "https://github.com/coder/code-server/releases/download/v${CODE_SERVER_VERSION}/code-server_${CODE_SERVER_VERSION}_amd64.deb" \
     && apt-get install -y --no-install-recommends /tmp/code-server.deb \
     && rm -rf /tmp/code-server.deb /var/lib/apt/lists/*
-# uid/gid 2222 and the template's layout, as in the runtime stage. The venv lives in kiln's home so that
-# a dev container that remaps kiln's uid to the host user's (devcontainer.json's updateRemoteUserUID)
-# keeps it writable.
-RUN groupadd --gid 2222 kiln \
-    && useradd --no-log-init --create-home --home-dir /home/aisg --uid 2222 --gid 2222 --shell /bin/bash kiln \
-    && install -d -o kiln -g kiln /home/aisg/kiln /home/aisg/from-gcs \
-    && ln -s /home/aisg /home/kiln \
-    && ln -s from-gcs /home/aisg/models
+# uid/gid 2222 and the template's /home/aisg layout, as every kiln image has them. The venv lives in
+# kiln's home so that a dev container that remaps kiln's uid to the host user's (devcontainer.json's
+# updateRemoteUserUID) keeps it writable.
+RUN --mount=type=bind,source=docker/setup/kiln-user.sh,target=/tmp/kiln-user.sh sh /tmp/kiln-user.sh
 # `source activate kiln`, as the guides start every job: the venv, known as the conda env `kiln`.
 COPY --chmod=0644 docker/entrypoints/activate /opt/kiln/bin/activate
 USER 2222:2222

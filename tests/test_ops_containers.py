@@ -307,13 +307,29 @@ def test_dockerfile_opens_with_its_build_and_run_commands(name):
     assert "docker run" in header_text or "runai" in header_text
 
 
+MOUNTED_SCRIPT = re.compile(r"--mount=type=bind,source=(docker/setup/[\w.-]+\.sh),target=(\S+) sh (\S+)")
+
+
+def run_with_mounted_scripts(stage: Stage) -> list[str]:
+    """The stage's RUN commands, each docker/setup script that one binds and runs replaced by the
+    script's commands (the file the build context gives it)."""
+    commands = []
+    for run in stage.all("RUN"):
+        match = MOUNTED_SCRIPT.search(run)
+        if match:
+            assert match[2] == match[3], f"RUN runs {match[3]}, not the script it mounts at {match[2]}"
+            run = (REPO / match[1]).read_text()
+        commands.append(run)
+    return commands
+
+
 @pytest.mark.parametrize("name", ALL_IMAGES)
 def test_image_runs_as_the_templates_non_root_user_in_the_guides_layout(name):
     """uid/gid 2222 as in the template, and its paths, which the guides' commands and mounts name: the repo
     at /home/aisg/<repo> (the working dir), models mounted at /home/aisg/from-gcs, both the user's."""
     final = image(name)
     assert final.last("USER") == "2222:2222"  # numeric, so Kubernetes' runAsNonRoot can verify it
-    user_setup = " ".join(final.all("RUN"))
+    user_setup = " ".join(run_with_mounted_scripts(final))
     assert "groupadd --gid 2222 kiln" in user_setup
     assert "--uid 2222 --gid 2222" in user_setup and f"--home-dir {GUIDE_HOME}" in user_setup
     assert f"install -d -o kiln -g kiln {GUIDE_WORKDIR} {GUIDE_MODELS_DIR}" in user_setup
@@ -723,7 +739,12 @@ WORKSPACE = "/team-pvc/workspaces/alice"
 
 
 def test_shellcheck_passes_the_shell_scripts():
-    scripts = [*sorted(RUNAI.glob("*.sh")), RUNAI / "config.env", *sorted((DOCKER / "entrypoints").glob("*.sh"))]
+    scripts = [
+        *sorted(RUNAI.glob("*.sh")),
+        RUNAI / "config.env",
+        *sorted((DOCKER / "entrypoints").glob("*.sh")),
+        *sorted((DOCKER / "setup").glob("*.sh")),
+    ]
     result = subprocess.run(
         [tool("shellcheck"), "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True, timeout=60
     )
