@@ -5,6 +5,7 @@ codes, messages, environment, SIGKILL and resume); a real MLflow server and the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -100,6 +101,7 @@ def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
     assert params["model"] == "mnist_cnn" and params["device"] == "cpu" and params["seed"] == "1111"
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
         assert steps(client, run.info.run_id, key) == [1, 2], key
+    assert "batch_loss" not in run.data.metrics  # per-step metrics are autologging's (mlflow_autolog: true)
     assert run.data.tags["job_uuid"] == "job-123" and run.data.tags["job_name"] == "kiln-train"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"train_model_config.json", "checkpoint", "plots"} <= artifacts
@@ -347,11 +349,23 @@ def test_resume_without_an_earlier_run_starts_fresh_and_says_so(
     assert "has no run named train-model-<time>; starting a new run" in caplog.text
 
 
-def test_autolog_does_not_break_training(tmp_path: Path, processed_sample: Path) -> None:
-    result = run_app(
-        "train_model.py", *train_args(processed_sample, tmp_path, "mlflow_autolog=true", "epochs=1"), cwd=tmp_path
-    )
+def test_autolog_logs_step_metrics_from_the_training_loop(in_tmp_path: Path, processed_sample: Path) -> None:
+    tmp_path = in_tmp_path
+    overrides = ("mlflow_autolog=true", "log_every_n_steps=5", "epochs=2")
+    result = run_app("train_model.py", *train_args(processed_sample, tmp_path, *overrides), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    client = client_for(f"file://{tmp_path / 'mlruns'}")
+    run = only_run(client)
+    # 600 training images in batches of 32: 19 batches an epoch, so steps 5, 10, ... 35 over two epochs.
+    expected_steps = list(range(5, 2 * 19 + 1, 5))
+    for key in ("batch_loss", "learning_rate", "images_per_second"):
+        assert steps(client, run.info.run_id, key) == expected_steps, key
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")}
+    assert history[15] == pytest.approx(1.3) and history[20] == pytest.approx(1.3 * 0.7)  # epoch 2 starts at 20
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "batch_loss")]
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "images_per_second"))
+    assert steps(client, run.info.run_id, "train_loss") == [1, 2]  # the epoch metrics are as without autolog
 
 
 def test_kiln_adadelta_matches_torch_step_for_step() -> None:
@@ -422,6 +436,20 @@ def test_ctrl_c_stops_an_epoch_and_keeps_the_trainer_consistent(processed_sample
 
     with pytest.raises(KeyboardInterrupt):
         trainer.run_epoch(progress=interrupt)
+    assert trainer.epoch == 0 and trainer.history == []
+
+
+def test_an_error_in_the_step_callback_stops_the_epoch_and_is_raised_as_it_was(processed_sample: Path) -> None:
+    trainer = kiln.Trainer(processed_sample, train_limit=600, test_limit=100)
+    reports = []
+
+    def on_steps(metrics: dict[str, float]) -> None:
+        reports.append(metrics)
+        raise ValueError("cannot log this step")
+
+    with pytest.raises(ValueError, match="cannot log this step"):
+        trainer.run_epoch(on_steps=on_steps, every_n_steps=4)
+    assert [report["step"] for report in reports] == [4]
     assert trainer.epoch == 0 and trainer.history == []
 
 

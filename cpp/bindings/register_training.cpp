@@ -20,6 +20,15 @@ py::dict metrics_dict(const EpochMetrics& m) {
   return d;
 }
 
+py::dict step_dict(const StepMetrics& m) {
+  py::dict d;
+  d["step"] = m.step;
+  d["loss"] = m.loss;
+  d["learning_rate"] = m.learning_rate;
+  d["images_per_second"] = m.images_per_second;
+  return d;
+}
+
 // The plain values kiln's state dicts hold (dicts, lists, tensors, numbers, strings, None) as Python
 // objects; torch's general IValue converter lives in a much heavier header.
 py::object to_python(const c10::IValue& value) {
@@ -73,14 +82,41 @@ void register_training(py::module_& m) {
            py::arg("channels_last") = true, py::arg("train_limit") = 0, py::arg("test_limit") = 0)
       .def(
           "run_epoch",
-          [](Trainer& trainer, py::object progress) {
-            return metrics_dict(run_with_progress(std::move(progress),
-                                                  [&](const ProgressFn& report) { return trainer.run_epoch(report); }));
+          [](Trainer& trainer, py::object progress, py::object on_steps, std::int64_t every_n_steps) {
+            // A step report is one more Python call from the epoch's thread: it takes the GIL, and an
+            // exception it raises is stashed and re-raised once the epoch has unwound (kiln::Cancelled).
+            std::optional<py::error_already_set> step_error;
+            StepMetricsFn steps;
+            if (!on_steps.is_none()) {
+              steps = [&](const StepMetrics& m) {
+                py::gil_scoped_acquire gil;
+                try {
+                  on_steps(step_dict(m));
+                } catch (py::error_already_set& error) {
+                  step_error = std::move(error);
+                  throw Cancelled("training cancelled by an error in on_steps");
+                }
+              };
+            }
+            try {
+              return metrics_dict(run_with_progress(std::move(progress), [&](const ProgressFn& report) {
+                return trainer.run_epoch(report, steps, every_n_steps);
+              }));
+            } catch (const Cancelled&) {
+              if (!step_error) throw;
+              py::error_already_set error = std::move(*step_error);
+              step_error.reset();
+              throw error;
+            }
           },
-          py::arg("progress") = py::none(),
+          py::arg("progress") = py::none(), py::kw_only(), py::arg("on_steps") = py::none(),
+          py::arg("every_n_steps") = 50,
           "Train one epoch, evaluate, step the LR schedule; returns the epoch's metrics as a dict. "
           "progress(batches_done, batches_total) is called from this thread; raising in it (or Ctrl-C) stops the "
-          "epoch. Raises kiln.TrainingError when the loss becomes NaN/inf.")
+          "epoch. on_steps({step, loss, learning_rate, images_per_second}) is called after every "
+          "every_n_steps-th training batch (step counts this model's batches across epochs and resumes; loss "
+          "and images/s cover the batches since the last call). Raises kiln.TrainingError when the loss "
+          "becomes NaN/inf.")
       .def("save_checkpoint", &Trainer::save_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
       .def("load_checkpoint", &Trainer::load_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
       .def("confusion_matrix", &Trainer::confusion_matrix)

@@ -91,6 +91,45 @@ TrainingError divergence(const EpochMetrics& metrics, std::int64_t batch, std::i
                        "); lower lr or check the data");
 }
 
+// The training batches since the last step report (StepMetrics): their loss summed on the device, so
+// a report costs one sync every `every_n_steps` batches and none in between.
+class StepWindow {
+ public:
+  StepWindow(std::int64_t steps_before, double learning_rate, const torch::Device& device)
+      : step_(steps_before),
+        learning_rate_(learning_rate),
+        loss_sum_(at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device))),
+        started_(Clock::now()) {}
+
+  // One batch of `images` trained with mean `loss`; reports when its step is a multiple of `every`.
+  void add(const at::Tensor& loss, std::int64_t images, std::int64_t every, const StepMetricsFn& report) {
+    {
+      c10::NoGradGuard no_grad;
+      loss_sum_.add_(loss.detach() * static_cast<double>(images));
+    }
+    images_ += images;
+    if (++step_ % every != 0) return;
+    const auto now = Clock::now();
+    const double seconds = std::chrono::duration<double>(now - started_).count();
+    StepMetrics metrics;
+    metrics.step = step_;
+    metrics.loss = loss_sum_.item<double>() / static_cast<double>(images_);
+    metrics.learning_rate = learning_rate_;
+    metrics.images_per_second = seconds > 0 ? static_cast<double>(images_) / seconds : 0.0;
+    report(metrics);
+    loss_sum_.zero_();
+    images_ = 0;
+    started_ = Clock::now();  // the report's own time is not the next window's
+  }
+
+ private:
+  std::int64_t step_;
+  double learning_rate_;
+  at::Tensor loss_sum_;
+  std::int64_t images_ = 0;
+  Clock::time_point started_;
+};
+
 }  // namespace
 
 struct Trainer::State {
@@ -208,13 +247,16 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
 
 Trainer::~Trainer() = default;
 
-EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
+EpochMetrics Trainer::run_epoch(const ProgressFn& progress, const StepMetricsFn& on_steps, std::int64_t every_n_steps) {
   State& s = *state_;
   const auto started = Clock::now();
+  if (on_steps && every_n_steps < 1) {
+    throw_data_error("every_n_steps must be at least 1, got " + std::to_string(every_n_steps));
+  }
   EpochMetrics metrics;
   metrics.epoch = s.epoch + 1;
   metrics.learning_rate = s.optimizer->lr();
-  train_epoch(metrics, progress);
+  train_epoch(metrics, progress, on_steps, every_n_steps);
   evaluate(metrics);
   s.epoch += 1;
   s.optimizer->set_lr(s.base_lr * std::pow(s.options.gamma, static_cast<double>(s.epoch)));
@@ -223,7 +265,8 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress) {
   return metrics;
 }
 
-void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress) {
+void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, const StepMetricsFn& on_steps,
+                          std::int64_t every_n_steps) {
   State& s = *state_;
   const std::int64_t train_size = s.train_images.size(0);
   const std::int64_t batch_size = s.options.train_batch_size;
@@ -238,6 +281,7 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress) {
   at::Tensor correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(s.device));
   std::optional<Bf16WorkingWeights> working_weights;
   if (s.bf16() && s.device.is_cpu()) working_weights.emplace(s.model->parameters(), *s.optimizer);
+  StepWindow window(s.epoch * batches, s.optimizer->lr(), s.device);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
     const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
     const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
@@ -254,6 +298,7 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress) {
     }
     // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at the epoch's end.
     if (s.device.is_cpu() && !std::isfinite(loss.item<float>())) throw divergence(metrics, batch + 1, batches);
+    if (on_steps) window.add(loss, indices.size(0), every_n_steps, on_steps);
     if (progress) throttle.report(batch + 1, batches, /*force=*/batch + 1 == batches);
   }
   working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints

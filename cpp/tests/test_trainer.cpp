@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <vector>
+
 #include "fixtures.hpp"
 #include "kiln/error.hpp"
 #include "kiln/predictor.hpp"
@@ -65,6 +68,27 @@ TEST(trainer, resuming_from_a_checkpoint_continues_exactly) {
   EXPECT_EQ(actual.train_loss, expected.train_loss);
   EXPECT_EQ(actual.test_loss, expected.test_loss);
   EXPECT_DOUBLE_EQ(actual.learning_rate, expected.learning_rate);
+}
+
+TEST(trainer, step_metrics_cover_every_nth_batch_and_continue_across_epochs) {
+  TempDir dir;
+  Trainer trainer(small_options(write_halves_dataset(dir.path(), 48)));  // 6 batches of 16 per epoch
+  std::vector<StepMetrics> reports;
+  auto record = [&](const StepMetrics& m) { reports.push_back(m); };
+  const EpochMetrics first = trainer.run_epoch({}, record, 3);
+  trainer.run_epoch({}, record, 3);
+  ASSERT_EQ(reports.size(), 4u);
+  for (std::size_t i = 0; i < reports.size(); ++i) {
+    EXPECT_EQ(reports[i].step, static_cast<std::int64_t>(3 * (i + 1)));
+    EXPECT_TRUE(std::isfinite(reports[i].loss) && reports[i].loss > 0);
+    EXPECT_GT(reports[i].images_per_second, 0);
+  }
+  // Each epoch's two windows hold its six batches of 16: their mean is the epoch's training loss.
+  EXPECT_NEAR((reports[0].loss + reports[1].loss) / 2, first.train_loss, 1e-6);
+  EXPECT_DOUBLE_EQ(reports[1].learning_rate, 1.0);
+  EXPECT_DOUBLE_EQ(reports[2].learning_rate, 0.7);
+  EXPECT_THROW(trainer.run_epoch({}, record, 0), DataError);
+  EXPECT_EQ(trainer.epoch(), 2);
 }
 
 TEST(trainer, progress_returning_false_cancels_and_keeps_the_epoch_counter) {

@@ -390,6 +390,17 @@ def log_epoch(tracking: Tracking, epoch_metrics: Mapping[str, float]) -> None:
     tracking.log("log_metrics", metrics=metrics, step=epoch_metrics["epoch"])
 
 
+# What autologging (mlflow_autolog: true) adds to a run while an epoch trains, at step = the model's
+# batches so far: the mean training loss and throughput of the last log_every_n_steps batches.
+STEP_METRICS = {"loss": "batch_loss", "learning_rate": "learning_rate", "images_per_second": "images_per_second"}
+
+
+def log_steps(tracking: Tracking, step_metrics: Mapping[str, float]) -> None:
+    """Log one report of the C++ trainer's ``on_steps`` (``Trainer.run_epoch``) as :data:`STEP_METRICS`."""
+    metrics = {name: float(step_metrics[key]) for key, name in STEP_METRICS.items()}
+    tracking.log("log_metrics", metrics=metrics, step=int(step_metrics["step"]))
+
+
 def log_missed_epochs(tracking: Tracking, history: Iterable[Mapping[str, float]], checkpoint_epoch: int) -> None:
     """Log the epochs of a resumed checkpoint's ``history`` after the run's ``step_offset``: a job
     killed between writing its checkpoint and logging that epoch. Warns when the run logged more

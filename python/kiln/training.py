@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,11 +183,12 @@ def _train_epochs(
         cfg["train_bs"],
     )
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    on_steps = partial(tracking.log_steps, run) if run.tracked and cfg["mlflow_autolog"] else None
     epoch_metrics: dict[str, float] = {}
     for _ in range(int(cfg["epochs"])):
         bar = ProgressBar(f"Epoch {trainer.epoch + 1}", unit="batch")
         try:
-            epoch_metrics = trainer.run_epoch(progress=bar)
+            epoch_metrics = trainer.run_epoch(bar, on_steps=on_steps, every_n_steps=int(cfg["log_every_n_steps"]))
         finally:
             bar.close()
         # Checkpoint before logging: a job killed in between re-logs this epoch when resumed.

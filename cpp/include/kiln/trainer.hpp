@@ -30,7 +30,11 @@ class Trainer {
   // kiln::TrainingError on a NaN/inf loss (the model is then unusable: reload a checkpoint) and
   // kiln::Cancelled when `progress` returns false; after either, the epoch counter is
   // unchanged but the weights hold the partial epoch's updates: load the last checkpoint to go on exactly.
-  EpochMetrics run_epoch(const ProgressFn& progress = {});
+  //
+  // With `on_steps`, every `every_n_steps` training batches are also summarised as they finish (step
+  // metrics, what MLflow's autologging shows of a training loop): called from the calling thread.
+  EpochMetrics run_epoch(const ProgressFn& progress = {}, const StepMetricsFn& on_steps = {},
+                         std::int64_t every_n_steps = 50);
 
   // Confusion matrix [true class, predicted class] of the last evaluation (int64 [K, K]).
   at::Tensor confusion_matrix() const;
@@ -53,7 +57,8 @@ class Trainer {
   struct State;
   // run_epoch's steps, in pytorch/examples cpp/mnist's shape. One pass over the shuffled training
   // split: sets metrics' train_loss and train_accuracy.
-  void train_epoch(EpochMetrics& metrics, const ProgressFn& progress);
+  void train_epoch(EpochMetrics& metrics, const ProgressFn& progress, const StepMetricsFn& on_steps,
+                   std::int64_t every_n_steps);
   // The test split without gradients, in eval mode: sets test_loss and test_accuracy, the confusion
   // matrix and the int8 calibration.
   void evaluate(EpochMetrics& metrics);

@@ -1,11 +1,12 @@
-// What a training run is configured with (TrainerOptions) and what each of its epochs reports
-// (EpochMetrics): the trainer's inputs and outputs, which its checkpoint records too. Kept apart from
-// trainer.hpp so the checkpoint format (and inference, which reads checkpoints) does not depend on the
-// trainer.
+// What a training run is configured with (TrainerOptions) and what it reports, per epoch
+// (EpochMetrics) and per batches as they finish (StepMetrics): the trainer's inputs and outputs, which
+// its checkpoint records too. Kept apart from trainer.hpp so the checkpoint format (and inference,
+// which reads checkpoints) does not depend on the trainer.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "kiln/precision.hpp"
@@ -39,5 +40,15 @@ struct EpochMetrics {
   double learning_rate = 0;  // the rate this epoch trained with
   double seconds = 0;
 };
+
+// The training batches since the last report, summarised while an epoch trains.
+struct StepMetrics {
+  std::int64_t step = 0;  // batches this model has trained, resumes included: epoch e's batch b is
+                          // (e - 1) * batches per epoch + b, so steps continue across epochs and resumes
+  double loss = 0;        // mean cross-entropy over the images of those batches
+  double learning_rate = 0;
+  double images_per_second = 0;  // training throughput over those batches
+};
+using StepMetricsFn = std::function<void(const StepMetrics&)>;
 
 }  // namespace kiln
