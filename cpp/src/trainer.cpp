@@ -281,7 +281,8 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
   at::Tensor correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(s.device));
   std::optional<Bf16WorkingWeights> working_weights;
   if (s.bf16() && s.device.is_cpu()) working_weights.emplace(s.model->parameters(), *s.optimizer);
-  StepWindow window(s.epoch * batches, s.optimizer->lr(), s.device);
+  std::optional<StepWindow> window;
+  if (on_steps) window.emplace(s.epoch * batches, s.optimizer->lr(), s.device);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
     const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
     const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
@@ -298,7 +299,7 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
     }
     // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at the epoch's end.
     if (s.device.is_cpu() && !std::isfinite(loss.item<float>())) throw divergence(metrics, batch + 1, batches);
-    if (on_steps) window.add(loss, indices.size(0), every_n_steps, on_steps);
+    if (window) window->add(loss, indices.size(0), every_n_steps, on_steps);
     if (progress) throttle.report(batch + 1, batches, /*force=*/batch + 1 == batches);
   }
   working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints
