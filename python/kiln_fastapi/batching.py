@@ -5,6 +5,10 @@ Every request's images join a queue; one inference thread takes everything queue
 next round. An idle server predicts a lone request at once (no waiting window); a busy one predicts
 many requests per call, and only one prediction runs at a time per process, so gunicorn's workers
 don't fight over the cores with dozens of concurrent forward passes.
+
+One request's input never changes another's answer: a bad image is a per-image error of its own
+request, and should a shared call fail outright (an exception instead of per-image errors), the
+requests in it are predicted apart, so only the one whose images raise is answered with that error.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+# (probabilities [N, classes], per-image error or None), as Predictor.predict_encoded answers.
+Answer = tuple[np.ndarray, list[str | None]]
 
 
 class MicroBatcher:
@@ -25,7 +32,7 @@ class MicroBatcher:
         self._drain_task: asyncio.Task | None = None  # referenced, so the loop cannot drop it mid-run
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-predict")
 
-    async def predict_encoded(self, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    async def predict_encoded(self, images: list[bytes]) -> Answer:
         """(probabilities [N, classes], per-image error or None), as Predictor.predict_encoded."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((images, future))
@@ -43,25 +50,71 @@ class MicroBatcher:
                     images, future = self._pending.pop(0)
                     batch.append((images, future))
                     count += len(images)
-                flat = [image for images, _ in batch for image in images]
                 try:
-                    probabilities, errors = await loop.run_in_executor(
-                        self._executor, self._predictor.predict_encoded, flat
-                    )
-                except Exception as error:  # handed to the requests, which answer for it
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                probabilities = probabilities.numpy()
-                start = 0
-                for images, future in batch:
-                    end = start + len(images)
-                    if not future.done():  # the client may have gone away
-                        future.set_result((probabilities[start:end], errors[start:end]))
-                    start = end
+                    answers = await loop.run_in_executor(self._executor, self._predict, [images for images, _ in batch])
+                except Exception as error:
+                    answers = [error] * len(batch)
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if future.done():  # the client went away
+                        continue
+                    if isinstance(answer, BaseException):
+                        future.set_exception(answer)  # handed to the request, which answers for it
+                    else:
+                        future.set_result(answer)
         finally:
             self._draining = False
 
+    def _predict(self, requests: list[list[bytes]]) -> list[Answer | BaseException]:
+        """Each request's answer, from one call for all of them; apart if that call raises."""
+        flat = [image for images in requests for image in images]
+        try:
+            probabilities, errors = self._predictor.predict_encoded(flat)
+        except Exception as error:
+            if len(requests) == 1:
+                return [self._predict_apart(requests[0], error)]
+            return [self._predict_alone(images) for images in requests]
+        probabilities = probabilities.numpy()
+        answers: list[Answer | BaseException] = []
+        start = 0
+        for images in requests:
+            end = start + len(images)
+            answers.append((probabilities[start:end], errors[start:end]))
+            start = end
+        return answers
+
+    def _predict_alone(self, images: list[bytes]) -> Answer | BaseException:
+        try:
+            probabilities, errors = self._predictor.predict_encoded(images)
+        except Exception as error:
+            return self._predict_apart(images, error)
+        return probabilities.numpy(), list(errors)
+
+    def _predict_apart(self, images: list[bytes], failure: Exception) -> Answer | BaseException:
+        """A request whose call raised ``failure``, image by image: the images that raise a ValueError
+        (such as a decoder message that is not UTF-8) or a MemoryError become per-image errors, and the
+        rest are answered."""
+        no_answer = np.zeros(len(self._predictor.classes), dtype=np.float32)
+        if len(images) == 1:
+            if not isinstance(failure, (ValueError, MemoryError)):
+                return failure
+            return no_answer[None], [_image_error(failure)]
+        rows, errors = [], []
+        for image in images:
+            try:
+                probabilities, image_errors = self._predictor.predict_encoded([image])
+            except (ValueError, MemoryError) as error:
+                rows.append(no_answer)
+                errors.append(_image_error(error))
+                continue
+            except Exception:
+                return failure  # not this request's images: a fault of the server, reported as one
+            rows.append(probabilities.numpy()[0])
+            errors.append(image_errors[0])
+        return np.stack(rows), errors
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _image_error(error: BaseException) -> str:
+    return f"the decoder failed on it ({type(error).__name__}: {error})"

@@ -15,7 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
 
 from kiln import general_utils
 from kiln_fastapi.config import get_settings
@@ -53,10 +56,10 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await self._answer(send, 400, "Content-Length is not a number")
+                await self._answer(send, 400, "Content-Length is not a number", scope["path"])
                 return
             if int(declared) > self.max_bytes:
-                await self._answer(send, 413, self._too_large())
+                await self._answer(send, 413, self._too_large(), scope["path"])
                 return
         received = 0
         started = False
@@ -79,14 +82,14 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await self._answer(send, 413, self._too_large())
+                await self._answer(send, 413, self._too_large(), scope["path"])
 
     def _too_large(self) -> str:
         return f"request body larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)"
 
     @staticmethod
-    async def _answer(send: Any, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _answer(send: Any, status: int, detail: str, path: str = "") -> None:
+        body = error_body(path, detail)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -94,6 +97,43 @@ class BodySizeLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def error_body(path: str, detail: Any) -> bytes:
+    """An error answer: ``{"detail": ...}`` as FastAPI writes it, plus ``"error"``, the message as one string,
+    on the Open Inference Protocol routes (its error shape, which tritonclient shows). Non-ASCII is
+    escaped, so any text a client sent (lone surrogates included) still makes valid UTF-8 JSON."""
+    content: dict[str, Any] = {"detail": detail}
+    if path.startswith("/v2"):
+        if isinstance(detail, list):
+            content["error"] = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in detail
+            )
+        else:
+            content["error"] = str(detail)
+    return json.dumps(content, ensure_ascii=True, default=str).encode()
+
+
+def _error_response(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(request.scope["path"], detail), status, headers, media_type="application/json")
+
+
+async def http_error(request: Request, error: HTTPException) -> Response:
+    return _error_response(request, error.status_code, error.detail, error.headers)
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> Response:
+    """422 naming each field at fault, without echoing the client's input (FastAPI's default handler echoes
+    it, and answers 500 when that input is bytes that are not UTF-8)."""
+    detail = [
+        {
+            "loc": [part if isinstance(part, int) else str(part) for part in item["loc"]],
+            "msg": item["msg"],
+            "type": item["type"],
+        }
+        for item in error.errors()
+    ]
+    return _error_response(request, 422, detail)
 
 
 APP = FastAPI(
@@ -104,6 +144,8 @@ APP = FastAPI(
     lifespan=lifespan,
 )
 APP.add_middleware(BodySizeLimit, max_bytes=SETTINGS.MAX_REQUEST_BYTES)
+APP.add_exception_handler(HTTPException, http_error)
+APP.add_exception_handler(RequestValidationError, validation_error)
 
 API_ROUTER = APIRouter()
 API_ROUTER.include_router(model_routes.ROUTER, prefix="/model", tags=["model"])

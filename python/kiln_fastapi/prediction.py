@@ -22,15 +22,34 @@ def unprocessable(errors: list[dict[str, Any]]) -> HTTPException:
     return HTTPException(status_code=422, detail=errors)
 
 
+def too_many(count: int | str, limit: int) -> HTTPException:
+    return HTTPException(
+        status_code=413,
+        detail=f"{count} images in one request; the limit is {limit} (MAX_IMAGES_PER_REQUEST): split the batch",
+    )
+
+
 def check_count(count: int, settings: Settings, loc: Sequence[str | int]) -> None:
     if count == 0:
         raise unprocessable([{"loc": list(loc), "msg": "the request holds no image", "type": "too_short"}])
     if count > settings.MAX_IMAGES_PER_REQUEST:
-        raise HTTPException(
-            status_code=413,
-            detail=f"{count} images in one request; the limit is {settings.MAX_IMAGES_PER_REQUEST} "
-            "(MAX_IMAGES_PER_REQUEST): split the batch",
-        )
+        raise too_many(count, settings.MAX_IMAGES_PER_REQUEST)
+
+
+def inline_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs inlined, for a hand-written OpenAPI requestBody."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
 
 
 def decode_base64(text: str, loc: Sequence[str | int]) -> bytes:

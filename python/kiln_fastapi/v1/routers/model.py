@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from kiln_fastapi.config import get_settings
 from kiln_fastapi.deps import ServedModel, get_model
-from kiln_fastapi.prediction import check_count, classify, decode_base64, unprocessable
+from kiln_fastapi.prediction import check_count, classify, decode_base64, inline_schema, unprocessable
 
 ROUTER = APIRouter()
 
@@ -61,26 +61,10 @@ class VersionResponse(BaseModel):
     data: ModelVersion
 
 
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its $defs inlined, for a hand-written OpenAPI requestBody."""
-    definitions = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    return resolve(schema)
-
-
 _REQUEST_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": _inline(PredictRequest.model_json_schema())},
+        "application/json": {"schema": inline_schema(PredictRequest.model_json_schema())},
         "multipart/form-data": {
             "schema": {
                 "type": "object",
