@@ -17,6 +17,7 @@ py::dict metrics_dict(const EpochMetrics& m) {
   d["test_accuracy"] = m.test_accuracy;
   d["learning_rate"] = m.learning_rate;
   d["seconds"] = m.seconds;
+  d["communication_seconds"] = m.communication_seconds;
   return d;
 }
 
@@ -59,7 +60,7 @@ void register_training(py::module_& m) {
       .def(py::init([](const std::filesystem::path& data_dir, const std::string& model, double lr, double gamma,
                        std::int64_t train_batch_size, std::int64_t test_batch_size, std::uint64_t seed,
                        const std::string& device, const std::string& precision, bool channels_last,
-                       std::int64_t train_limit, std::int64_t test_limit) {
+                       std::int64_t train_limit, std::int64_t test_limit, const std::string& process_group) {
              TrainerOptions options;
              options.data_dir = data_dir;
              options.model = model;
@@ -73,13 +74,18 @@ void register_training(py::module_& m) {
              options.channels_last = channels_last;
              options.train_limit = train_limit;
              options.test_limit = test_limit;
+             options.process_group = process_group;
              py::gil_scoped_release release;
              return std::make_unique<Trainer>(options);
            }),
            py::arg("data_dir"), py::kw_only(), py::arg("model") = "mnist_cnn", py::arg("lr") = 1.3,
            py::arg("gamma") = 0.7, py::arg("train_batch_size") = 32, py::arg("test_batch_size") = 100,
            py::arg("seed") = 1, py::arg("device") = "cpu", py::arg("precision") = "fp32",
-           py::arg("channels_last") = true, py::arg("train_limit") = 0, py::arg("test_limit") = 0)
+           py::arg("channels_last") = true, py::arg("train_limit") = 0, py::arg("test_limit") = 0,
+           py::arg("process_group") = "",
+           "process_group: the group_name of a torch.distributed process group (torch.distributed.group.WORLD."
+           "group_name after init_process_group) to train data-parallel on; every rank builds the same Trainer. "
+           "Empty: one process.")
       .def(
           "run_epoch",
           [](Trainer& trainer, py::object progress, py::object on_steps, std::int64_t every_n_steps) {
@@ -136,7 +142,9 @@ void register_training(py::module_& m) {
                              })
       .def_property_readonly("device", &Trainer::device)
       .def_property_readonly("train_size", &Trainer::train_size)
-      .def_property_readonly("test_size", &Trainer::test_size);
+      .def_property_readonly("test_size", &Trainer::test_size)
+      .def_property_readonly("rank", &Trainer::rank)
+      .def_property_readonly("world_size", &Trainer::world_size);
 
   m.def("model_names", &model_names, "Names of the models Trainer(model=...) accepts.");
 

@@ -15,14 +15,31 @@ inline std::uint64_t mix(std::uint64_t seed, std::uint64_t index) {
 }
 
 template <typename T>
-void fill_mask(T* mask, std::int64_t size, std::uint64_t seed, std::uint64_t offset, double keep) {
+void fill_mask(T* mask, std::int64_t size, std::int64_t rows, const DropoutStream& stream, double keep) {
   // Compare 24-bit uniforms against an integer threshold: exact, and vectorisable.
   const auto threshold = static_cast<std::uint64_t>(keep * 16777216.0);
   const T kept = static_cast<T>(1.0 / keep);
   const T dropped = static_cast<T>(0.0);
-  at::parallel_for(0, size, 16384, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) {
-      mask[i] = (mix(seed, offset + static_cast<std::uint64_t>(i)) >> 40) < threshold ? kept : dropped;
+  const std::uint64_t seed = stream.seed;
+  const std::uint64_t offset = stream.offset;
+  if (stream.row_start == 0 && stream.row_stride == 1) {
+    at::parallel_for(0, size, 16384, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t i = begin; i < end; ++i) {
+        mask[i] = (mix(seed, offset + static_cast<std::uint64_t>(i)) >> 40) < threshold ? kept : dropped;
+      }
+    });
+    return;
+  }
+  // A rank's rows in the global batch (DropoutStream): row j is the global batch's row start + stride * j.
+  const auto row_size = static_cast<std::uint64_t>(size / rows);
+  at::parallel_for(0, rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t row = begin; row < end; ++row) {
+      const std::uint64_t base =
+          offset + (stream.row_start + stream.row_stride * static_cast<std::uint64_t>(row)) * row_size;
+      T* out = mask + static_cast<std::uint64_t>(row) * row_size;
+      for (std::uint64_t i = 0; i < row_size; ++i) {
+        out[i] = (mix(seed, base + i) >> 40) < threshold ? kept : dropped;
+      }
     }
   });
 }
@@ -38,12 +55,14 @@ at::Tensor dropout(const at::Tensor& input, double p, bool training, DropoutStre
   // The mask takes the input's memory format, so the product needs no layout conversion.
   at::Tensor mask = at::empty_like(input);
   const double keep = 1.0 - p;
+  // Rows are samples: contiguous in memory in both NCHW and channels-last layouts.
+  const std::int64_t rows = input.dim() > 0 && input.size(0) > 0 ? input.size(0) : 1;
   if (input.scalar_type() == at::kFloat) {
-    fill_mask(mask.data_ptr<float>(), mask.numel(), stream->seed, stream->offset, keep);
+    fill_mask(mask.data_ptr<float>(), mask.numel(), rows, *stream, keep);
   } else {
-    fill_mask(mask.data_ptr<at::BFloat16>(), mask.numel(), stream->seed, stream->offset, keep);
+    fill_mask(mask.data_ptr<at::BFloat16>(), mask.numel(), rows, *stream, keep);
   }
-  stream->offset += static_cast<std::uint64_t>(mask.numel());
+  stream->offset += static_cast<std::uint64_t>(mask.numel()) * stream->row_stride;
   return input * mask;
 }
 

@@ -14,6 +14,7 @@
 #include "kiln/detail/dropout.hpp"
 #include "kiln/detail/inference.hpp"
 #include "kiln/detail/random_stream.hpp"
+#include "kiln/distributed.hpp"
 #include "kiln/error.hpp"
 #include "kiln/normalize.hpp"
 #include "kiln/optimizer.hpp"
@@ -150,6 +151,35 @@ struct Trainer::State {
   std::vector<EpochMetrics> history;
   at::Tensor confusion;
   Int8Calibration calibration;  // of the weights as of the last evaluation
+  std::unique_ptr<detail::ProcessGroup> group;  // data-parallel; none in one process
+  double communication_seconds = 0;             // of the epoch running
+
+  int rank() const { return group ? group->rank() : 0; }
+  int world_size() const { return group ? group->world_size() : 1; }
+
+  // Rank 0's weights and buffers on every rank (DDP's start; batch-norm statistics before evaluating).
+  void broadcast_from_rank0(bool parameters) {
+    if (!group) return;
+    const auto started = Clock::now();
+    std::vector<at::Tensor> tensors = model->buffers();
+    if (parameters) {
+      for (const auto& param : model->parameters()) tensors.push_back(param.detach());
+    }
+    if (!tensors.empty()) group->broadcast(tensors, 0);
+    communication_seconds += std::chrono::duration<double>(Clock::now() - started).count();
+  }
+
+  // Sums (or maximums) over the ranks, in place; a no-op in one process.
+  void all_reduce(at::Tensor& tensor, bool max = false) {
+    if (!group) return;
+    const auto started = Clock::now();
+    if (max) {
+      group->all_reduce_max(tensor);
+    } else {
+      group->all_reduce_sum(tensor);
+    }
+    communication_seconds += std::chrono::duration<double>(Clock::now() - started).count();
+  }
 
   at::Tensor normalise(const at::Tensor& pixels) const {
     at::Tensor x = normalizer(pixels);
@@ -243,6 +273,15 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   s.optimizer = std::make_unique<Adadelta>(s.model->parameters(), AdadeltaOptions{o.lr});
   const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
   s.confusion = at::zeros({classes, classes}, at::kLong);
+  if (!o.process_group.empty()) {
+    if (o.bucket_bytes < 1 || o.first_bucket_bytes < 1) {
+      throw_data_error("gradient bucket sizes must be positive, got " + std::to_string(o.bucket_bytes) + " and " +
+                       std::to_string(o.first_bucket_bytes) + " bytes");
+    }
+    s.group = std::make_unique<detail::ProcessGroup>(o.process_group);
+    // Identical initial weights on every rank, as DDP's constructor makes them.
+    s.broadcast_from_rank0(/*parameters=*/true);
+  }
 }
 
 Trainer::~Trainer() = default;
@@ -256,8 +295,10 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress, const StepMetricsFn&
   EpochMetrics metrics;
   metrics.epoch = s.epoch + 1;
   metrics.learning_rate = s.optimizer->lr();
+  s.communication_seconds = 0;
   train_epoch(metrics, progress, on_steps, every_n_steps);
   evaluate(metrics);
+  metrics.communication_seconds = s.communication_seconds;
   s.epoch += 1;
   s.optimizer->set_lr(s.base_lr * std::pow(s.options.gamma, static_cast<double>(s.epoch)));
   metrics.seconds = std::chrono::duration<double>(Clock::now() - started).count();
@@ -268,19 +309,37 @@ EpochMetrics Trainer::run_epoch(const ProgressFn& progress, const StepMetricsFn&
 void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, const StepMetricsFn& on_steps,
                           std::int64_t every_n_steps) {
   State& s = *state_;
-  const std::int64_t train_size = s.train_images.size(0);
   const std::int64_t batch_size = s.options.train_batch_size;
-  const std::int64_t batches = (train_size + batch_size - 1) / batch_size;
   ProgressThrottle throttle(progress);
   RandomStreamScope stream(s.torch_stream, torch::kCPU);
   std::optional<RandomStreamScope> device_stream;
   if (s.device.is_cuda()) device_stream.emplace(s.device_stream, s.device);
   s.model->train();
-  const at::Tensor order = at::randperm(train_size, s.shuffle, at::TensorOptions().dtype(at::kLong)).to(s.device);
+  // Every rank draws the same permutation; with W ranks, DistributedSampler's rule: padded to a
+  // multiple of W by repeating it from the start, rank r takes positions r, r + W, r + 2W, ...
+  at::Tensor order = at::randperm(s.train_images.size(0), s.shuffle, at::TensorOptions().dtype(at::kLong));
+  const std::int64_t world = s.world_size();
+  if (world > 1) {
+    const std::int64_t padded = (order.size(0) + world - 1) / world * world;
+    if (padded > order.size(0)) {
+      const std::int64_t repeats = (padded + order.size(0) - 1) / order.size(0);
+      order = order.repeat({repeats}).slice(0, 0, padded);
+    }
+    order = order.slice(0, s.rank(), padded, world);
+  }
+  order = order.to(s.device);
+  const std::int64_t train_size = order.size(0);  // this rank's share of the epoch
+  const std::int64_t batches = (train_size + batch_size - 1) / batch_size;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
   at::Tensor correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(s.device));
   std::optional<Bf16WorkingWeights> working_weights;
   if (s.bf16() && s.device.is_cpu()) working_weights.emplace(s.model->parameters(), *s.optimizer);
+  // Gradient averaging hooks on the parameters as this epoch trains them (bf16 working copies included).
+  std::optional<detail::GradientReducer> reducer;
+  if (s.group) reducer.emplace(*s.group, s.model->parameters(), s.options.bucket_bytes, s.options.first_bucket_bytes);
+  // Dropout masks as one process would draw them for the global batch (DropoutStream).
+  s.dropout.row_start = static_cast<std::uint64_t>(s.rank());
+  s.dropout.row_stride = static_cast<std::uint64_t>(world);
   std::optional<StepWindow> window;
   if (on_steps) window.emplace(s.epoch * batches, s.optimizer->lr(), s.device);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
@@ -291,6 +350,7 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
     const at::Tensor logits = s.forward(x);
     const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
     loss.backward();
+    if (reducer) reducer->finish();
     s.optimizer->step();
     {
       c10::NoGradGuard no_grad;
@@ -302,16 +362,28 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
     if (window) window->add(loss, indices.size(0), every_n_steps, on_steps);
     if (progress) throttle.report(batch + 1, batches, /*force=*/batch + 1 == batches);
   }
+  if (reducer) s.communication_seconds += reducer->wait_seconds();
+  reducer.reset();
+  s.dropout.row_start = 0;
+  s.dropout.row_stride = 1;
   working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints
-  const double total_loss = loss_sum.item<double>();
+  // Over every rank's images (padding repeats included, as DistributedSampler's epoch has them).
+  at::Tensor totals = at::stack({loss_sum, correct.to(at::kDouble),
+                                 at::full({}, static_cast<double>(train_size), loss_sum.options())});
+  s.all_reduce(totals);
+  totals = totals.cpu();
+  const double total_loss = totals[0].item<double>();
+  const double images = totals[2].item<double>();
   if (!std::isfinite(total_loss)) throw divergence(metrics, batches, batches);
-  metrics.train_loss = total_loss / static_cast<double>(train_size);
-  metrics.train_accuracy = static_cast<double>(correct.item<std::int64_t>()) / static_cast<double>(train_size);
+  metrics.train_loss = total_loss / images;
+  metrics.train_accuracy = totals[1].item<double>() / images;
 }
 
 void Trainer::evaluate(EpochMetrics& metrics) {
   State& s = *state_;
   c10::NoGradGuard no_grad;
+  // Rank 0's batch-norm statistics everywhere, as DDP's per-forward buffer broadcast leaves them.
+  s.broadcast_from_rank0(/*parameters=*/false);
   // bf16 evaluation runs on an inference copy laid out as Predictor's (weights cast once, no layout
   // copies on the way): the same function, ~1.8x faster than autocast re-casting every batch.
   const std::shared_ptr<Classifier> evaluated =
@@ -334,8 +406,11 @@ void Trainer::evaluate(EpochMetrics& metrics) {
   const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
   at::Tensor test_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
   at::Tensor pairs = at::zeros({classes * classes}, at::TensorOptions().dtype(at::kLong).device(s.device));
-  for (std::int64_t begin = 0; begin < test_size; begin += s.options.test_batch_size) {
-    const std::int64_t end = std::min(test_size, begin + s.options.test_batch_size);
+  // Each rank evaluates its contiguous share of the test split; the sums are reduced below.
+  const std::int64_t shard_begin = test_size * s.rank() / s.world_size();
+  const std::int64_t shard_end = test_size * (s.rank() + 1) / s.world_size();
+  for (std::int64_t begin = shard_begin; begin < shard_end; begin += s.options.test_batch_size) {
+    const std::int64_t end = std::min(shard_end, begin + s.options.test_batch_size);
     const at::Tensor x = s.normalise(s.test_images.slice(0, begin, end));
     const at::Tensor y = s.test_labels.slice(0, begin, end);
     const at::Tensor logits = s.evaluation_logits(*evaluated, x);
@@ -343,6 +418,22 @@ void Trainer::evaluate(EpochMetrics& metrics) {
     pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
   }
   s.calibration = {observer.maxima(), observer.images()};
+  if (s.group) {
+    // Counts below 2^53 are exact in double: one all-reduce for the loss and the confusion matrix.
+    at::Tensor sums = at::cat({test_loss.view({1}), pairs.to(at::kDouble)});
+    s.all_reduce(sums);
+    test_loss = sums[0];
+    pairs = sums.slice(0, 1).round().to(at::kLong);
+    // int8 calibration over the whole split: the largest activation any rank saw.
+    const auto on_device = at::TensorOptions().dtype(at::kDouble).device(s.device);  // NCCL reduces GPU tensors
+    at::Tensor maxima = at::tensor(s.calibration.activation_max, at::kDouble).to(s.device);
+    at::Tensor images = at::full({1}, static_cast<double>(s.calibration.images), on_device);
+    if (maxima.numel() > 0) s.all_reduce(maxima, /*max=*/true);
+    s.all_reduce(images);
+    maxima = maxima.cpu();
+    s.calibration.activation_max.assign(maxima.data_ptr<double>(), maxima.data_ptr<double>() + maxima.numel());
+    s.calibration.images = static_cast<std::int64_t>(images.item<double>());
+  }
   s.confusion = pairs.view({classes, classes}).cpu();
   metrics.test_loss = test_loss.item<double>() / static_cast<double>(test_size);
   metrics.test_accuracy =
@@ -418,6 +509,8 @@ void Trainer::load_checkpoint(const std::filesystem::path& path) {
   s.dropout.seed = saved.dropout_seed;
   s.dropout.offset = saved.dropout_offset;
   if (s.device_stream.defined() && saved.torch_device_rng.defined()) s.device_stream = saved.torch_device_rng.clone();
+  // Every rank loaded the same file; rank 0's weights make sure of it.
+  s.broadcast_from_rank0(/*parameters=*/true);
 }
 
 std::int64_t Trainer::epoch() const {
@@ -440,6 +533,12 @@ std::int64_t Trainer::train_size() const {
 }
 std::int64_t Trainer::test_size() const {
   return state_->test_images.size(0);
+}
+int Trainer::rank() const {
+  return state_->rank();
+}
+int Trainer::world_size() const {
+  return state_->world_size();
 }
 
 }  // namespace kiln

@@ -90,6 +90,7 @@ class Trainer:
         channels_last: bool = True,
         train_limit: int = 0,
         test_limit: int = 0,
+        process_group: str = "",
     ) -> None: ...
     def run_epoch(
         self,
@@ -117,6 +118,10 @@ class Trainer:
     def train_size(self) -> int: ...
     @property
     def test_size(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
 
 class Predictor:
     def __init__(

@@ -52,6 +52,10 @@ class Trainer {
   std::string device() const;
   std::int64_t train_size() const;
   std::int64_t test_size() const;
+  // Data-parallel (TrainerOptions::process_group): this process's rank and the group's size; 0 and 1
+  // in one process.
+  int rank() const;
+  int world_size() const;
 
  private:
   struct State;

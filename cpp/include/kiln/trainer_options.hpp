@@ -29,6 +29,14 @@ struct TrainerOptions {
   // Use only the first N images of each split in a seeded random order (0 = all): quick runs, tests.
   std::int64_t train_limit = 0;
   std::int64_t test_limit = 0;
+  // Data-parallel training: the name of a torch.distributed process group in this process
+  // (ProcessGroup.group_name; empty: one process, no communication). Every rank builds a Trainer
+  // with the same options; each trains on its shard of every epoch (DistributedSampler's rule) with
+  // train_batch_size images per batch and rank, and gradients are averaged over the group.
+  std::string process_group;
+  // Gradient buckets all-reduced while backward runs (DDP's defaults: 25 MB, the first 1 MB).
+  std::int64_t bucket_bytes = 25 * 1024 * 1024;
+  std::int64_t first_bucket_bytes = 1024 * 1024;
 };
 
 struct EpochMetrics {
@@ -39,6 +47,9 @@ struct EpochMetrics {
   double test_accuracy = 0;
   double learning_rate = 0;  // the rate this epoch trained with
   double seconds = 0;
+  // Data-parallel: seconds this rank waited for gradient all-reduces that backward did not hide, and
+  // for the epoch's metric reductions and broadcasts (0 in one process). Not saved in checkpoints.
+  double communication_seconds = 0;
 };
 
 // The training batches since the last report, summarised while an epoch trains.

@@ -11,9 +11,16 @@ namespace kiln::detail {
 // A counter-based random stream for dropout masks: element i of a mask depends only on (seed,
 // position in the stream), so masks are the same for any thread count, cheap to make in parallel,
 // and the stream resumes exactly from (seed, offset) stored in a checkpoint.
+//
+// Data-parallel training interleaves ranks' samples in a global batch (rank r holds rows r, r + W,
+// ...): with row_start = r and row_stride = W, row j of a rank's mask takes the stream positions of
+// row r + W * j of the global batch's, and the offset moves past the whole global batch, so W ranks
+// draw the masks one process would draw for their global batch.
 struct DropoutStream {
   std::uint64_t seed = 0;
   std::uint64_t offset = 0;
+  std::uint64_t row_start = 0;
+  std::uint64_t row_stride = 1;
 };
 
 // Dropout with a mask from `stream` on the CPU (torch's bernoulli_ draws each element from a
