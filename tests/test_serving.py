@@ -216,6 +216,7 @@ BAD_REQUESTS = [
         422,
     ),
     ("/api/v1/model/predict", json_batch([IMAGES[0]] * 300), "application/json", 413),
+    ("/api/v1/model/predict", *multipart([("a.png", IMAGES[0].read_bytes())] * 300), 413),
     ("/api/v1/model/predict", b"\x00" * 64, "application/octet-stream", 415),
     ("/api/v1/model/predict", b"--x\r\nbroken", "multipart/form-data; boundary=x", 422),
     (

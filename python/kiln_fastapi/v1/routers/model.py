@@ -18,10 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln_fastapi.config import get_settings
 from kiln_fastapi.deps import ServedModel, get_model
-from kiln_fastapi.prediction import check_count, classify, decode_base64, inline_schema, unprocessable
+from kiln_fastapi.prediction import check_count, classify, decode_base64, inline_schema, too_many, unprocessable
 
 ROUTER = APIRouter()
 
@@ -101,9 +102,11 @@ async def _json_images(request: Request) -> tuple[list[bytes], list[int | str], 
 async def _uploaded_images(request: Request) -> tuple[list[bytes], list[int | str], list[list[str | int]]]:
     settings = get_settings()
     try:
-        form = await request.form(max_files=settings.MAX_IMAGES_PER_REQUEST + 1)
-    except HTTPException:
-        raise
+        form = await request.form(max_files=settings.MAX_IMAGES_PER_REQUEST)
+    except StarletteHTTPException as error:  # Starlette's answer to a multipart body it cannot parse
+        if str(error.detail).startswith("Too many files"):
+            raise too_many(f"more than {settings.MAX_IMAGES_PER_REQUEST}", settings.MAX_IMAGES_PER_REQUEST) from error
+        raise HTTPException(status_code=400, detail=f"malformed multipart body: {error.detail}") from error
     except Exception as error:  # python-multipart's parse errors
         raise HTTPException(status_code=400, detail=f"malformed multipart body: {error}") from error
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
