@@ -61,7 +61,9 @@ class Tracking:
 
     ``tracked`` is False when tracking is off (``setup_mlflow=false``) or could not be set up; then
     :meth:`log` does nothing. ``step_offset`` is the last step a resumed run had logged (0 for a new
-    run); ``base_name`` the run's name without its time, ``hptuning_tag`` its group in a sweep.
+    run); ``base_name`` the run's name without its time, ``hptuning_tag`` its group in a sweep. In a
+    data-parallel job the ranks other than 0 hold no run and log nothing: ``rank0_run_id`` is rank
+    0's run, whose checkpoint path they share.
     """
 
     tracked: bool
@@ -69,10 +71,11 @@ class Tracking:
     step_offset: int = 0
     base_name: str = ""
     hptuning_tag: str | None = None
+    rank0_run_id: str | None = None
 
     @property
     def run_id(self) -> str | None:
-        return self.run.info.run_id if self.run is not None else None
+        return self.run.info.run_id if self.run is not None else self.rank0_run_id
 
     def log(self, log_function: str, **kwargs: Any) -> None:
         """``mlflow.<log_function>(**kwargs)`` when tracked; see :func:`log`."""
@@ -425,6 +428,15 @@ def restart_run(tracking: Tracking) -> Tracking:
 
     mlflow.end_run()
     return replace(tracking, run=start_run(tracking.base_name, tracking.hptuning_tag), step_offset=0)
+
+
+def run_tag(tracking: Tracking, key: str) -> str | None:
+    """The value of tag ``key`` of the tracked run, None when it has none (or tracking is off)."""
+    if not tracking.tracked or tracking.run_id is None:
+        return None
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(tracking.run_id).data.tags.get(key)
 
 
 def end_failed(tracking: Tracking, error: BaseException) -> None:

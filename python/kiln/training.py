@@ -3,6 +3,11 @@
 Every epoch is computed by kiln's C++ trainer; this module wires the Hydra config to it, tracks the
 run in MLflow (params, per-epoch metrics, config, checkpoint, plots, a pyfunc model) and resumes
 interrupted runs.
+
+Under ``torchrun`` the same function runs in every worker and trains one model data-parallel
+(:mod:`kiln.distributed`): rank 0 alone opens the MLflow run, writes checkpoints and logs; every
+rank resumes from the checkpoint rank 0 names. A worker restarted by torchrun (``--max-restarts``)
+resumes the job's run from its last checkpoint and trains up to the epoch the job set out to reach.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln import distributed as dp
 from kiln import tracking
+from kiln.distributed import Distributed
 from kiln.precision import resolve_device, resolve_precision
 from kiln.progress import ProgressBar
 from kiln.tracking import CHECKPOINT_ARTIFACT_DIR, SweepTrial, Tracking, TrackingError
@@ -22,6 +29,9 @@ if TYPE_CHECKING:
     from kiln._core import Trainer
 
 logger = logging.getLogger(__name__)
+
+# The epoch a torchrun job set out to reach; its restarted workers train up to it.
+TARGET_EPOCH_TAG = "kiln.target_epoch"
 
 
 def _log_model(trainer: Trainer, checkpoint: Path) -> None:
@@ -75,8 +85,13 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     """
     import kiln
 
-    device = resolve_device(bool(cfg["no_cuda"]))
+    device = dp.training_device(resolve_device(bool(cfg["no_cuda"])))
     precision = resolve_precision(str(cfg["precision"]), device)
+    group = dp.from_environment(device, str(cfg["dist_backend"]), float(cfg["dist_timeout_s"]))
+    dp.quiet_other_ranks(group)
+    if group is not None:
+        # Every rank checks its own data first: one rank's missing dir fails every rank at once, by name.
+        group.check_everywhere(lambda: kiln.read_manifest(Path(cfg["data_dir_path"])), "loading data_dir_path")
     # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
     trainer = kiln.Trainer(
         Path(cfg["data_dir_path"]),
@@ -90,16 +105,29 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         precision=precision,
         train_limit=int(cfg["train_limit"] or 0),
         test_limit=int(cfg["test_limit"] or 0),
+        process_group=group.group_name if group is not None else "",
     )
-    run = _start_tracking(cfg, trial)
+    # A worker torchrun restarted goes on with the job's run, from its last checkpoint.
+    resume = bool(cfg["resume"]) or dp.restart_count() > 0
+    if group is None:
+        run = _start_tracking(cfg, trial, resume)
+    else:
+        run = group.from_rank0(lambda: _start_tracking(cfg, trial, resume), "setting up MLflow", share=_replica)
     try:
-        return _train(cfg, trainer, precision, run)
+        return _train(cfg, trainer, precision, run, resume, group)
     except BaseException as error:
         tracking.end_failed(run, error)
         raise
 
 
-def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None) -> Tracking:
+def _replica(run: Tracking) -> Tracking:
+    """Rank 0's run as the other ranks hold it: its id and step offset, never tracked (rank 0 logs)."""
+    return tracking.Tracking(
+        tracked=False, step_offset=run.step_offset, base_name=run.base_name, rank0_run_id=run.run_id
+    )
+
+
+def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None, resume: bool) -> Tracking:
     if not cfg["setup_mlflow"]:
         return tracking.UNTRACKED
     uri = cfg["mlflow_tracking_uri"]
@@ -108,7 +136,7 @@ def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None) -> Trackin
         cfg["mlflow_exp_name"],
         cfg["mlflow_run_name"],
         autolog=bool(cfg["mlflow_autolog"]),
-        resume=bool(cfg["resume"]),
+        resume=resume,
         hptuning_tag=trial.hptuning_tag if trial is not None else None,
     )
     if not run.tracked:
@@ -121,32 +149,103 @@ def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None) -> Trackin
     return run
 
 
-def _train(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking) -> dict[str, Any]:
+def _train(
+    cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking, resume: bool, group: Distributed | None
+) -> dict[str, Any]:
     artifact_dir = Path(cfg["artifact_dir_path"])
-    run, resumed = _resume(cfg, trainer, run, artifact_dir)
+    if group is None:
+        run, resumed = _resume(trainer, run, artifact_dir, resume)
+    else:
+        # Rank 0 decides where to resume from (its run, its checkpoint); every rank loads that file.
+        run, found = _resume_everywhere(trainer, run, artifact_dir, resume, group)
+        resumed = found is not None
     if not resumed:
         _log_params(cfg, trainer, precision, run)
     checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
-    epoch_metrics = _train_epochs(cfg, trainer, precision, run, checkpoint)
+    epochs = _epochs_to_train(cfg, trainer, run, checkpoint, group)
+    epoch_metrics = _train_epochs(cfg, trainer, precision, run, checkpoint, epochs, group)
     return _finish(trainer, run, checkpoint, epoch_metrics)
 
 
-def _resume(cfg: Mapping[str, Any], trainer: Trainer, run: Tracking, artifact_dir: Path) -> tuple[Tracking, bool]:
-    """With resume=true, load the run's last checkpoint into ``trainer`` (True), or, with none, go
-    on from scratch, in a new run when the reopened one has steps (False)."""
-    if not cfg["resume"]:
-        return run, False
+def _resume_everywhere(
+    trainer: Trainer, run: Tracking, artifact_dir: Path, resume: bool, group: Distributed
+) -> tuple[Tracking, Path | None]:
+    """:func:`_resume` for a data-parallel job: rank 0 finds the checkpoint (and may start a new run),
+    sends the file to ranks that lack it, and every rank loads it."""
+
+    def decide() -> tuple[Tracking, str | None]:
+        decided, found = _find_resume_checkpoint(run, artifact_dir, resume)
+        return decided, str(found) if found is not None else None
+
+    decided, found = group.from_rank0(
+        decide, "finding the checkpoint to resume from", share=lambda result: (_replica(result[0]), result[1])
+    )
+    if found is None:
+        return decided, None
+    path = Path(found)
+    group.files_from_rank0(path)
+    _load(trainer, decided, path)
+    return decided, path
+
+
+def _find_resume_checkpoint(run: Tracking, artifact_dir: Path, resume: bool) -> tuple[Tracking, Path | None]:
+    """The checkpoint to resume from, or None (then the run is new or restarted from scratch)."""
+    if not resume:
+        return run, None
     checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
     found = tracking.find_checkpoint(checkpoint, run.run_id if run.tracked and run.step_offset > 0 else None)
     if found is None:
         logger.warning("resume=true but no checkpoint found at %s; training starts from scratch", checkpoint)
         if run.tracked and run.step_offset > 0:
             run = tracking.restart_run(run)
+    return run, found
+
+
+def _resume(trainer: Trainer, run: Tracking, artifact_dir: Path, resume: bool) -> tuple[Tracking, bool]:
+    """With resume=true, load the run's last checkpoint into ``trainer`` (True), or, with none, go
+    on from scratch, in a new run when the reopened one has steps (False)."""
+    run, found = _find_resume_checkpoint(run, artifact_dir, resume)
+    if found is None:
         return run, False
+    _load(trainer, run, found)
+    return run, True
+
+
+def _load(trainer: Trainer, run: Tracking, found: Path) -> None:
     trainer.load_checkpoint(found)
     logger.info("Resumed from %s at epoch %d", found, trainer.epoch)
     tracking.log_missed_epochs(run, trainer.history, trainer.epoch)
-    return run, True
+
+
+def _epochs_to_train(
+    cfg: Mapping[str, Any], trainer: Trainer, run: Tracking, checkpoint: Path, group: Distributed | None
+) -> int:
+    """``epochs``; for a worker torchrun restarted, the epochs left to the epoch its job set out to
+    reach (recorded by rank 0 when the job started: the run's tag kiln.target_epoch, or a file beside
+    the checkpoint when untracked)."""
+    epochs = int(cfg["epochs"])
+    if group is None:
+        return epochs
+
+    def target() -> int:
+        marker = checkpoint.with_name("target_epoch")
+        if dp.restart_count() == 0:
+            goal = trainer.epoch + epochs
+            run.log("set_tag", key=TARGET_EPOCH_TAG, value=str(goal))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{goal}\n")
+            return goal
+        recorded = tracking.run_tag(run, TARGET_EPOCH_TAG) if run.tracked else None
+        if recorded is None and marker.is_file():
+            recorded = marker.read_text().strip()
+        return int(recorded) if recorded else trainer.epoch + epochs
+
+    goal = group.from_rank0(target, "deciding the epochs to train")
+    if dp.restart_count() > 0:
+        logger.warning(
+            "Restarted by torchrun (restart %d): training epochs %d..%d", dp.restart_count(), trainer.epoch + 1, goal
+        )
+    return max(0, goal - trainer.epoch)
 
 
 def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking) -> None:
@@ -161,6 +260,7 @@ def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: T
             "device": trainer.device,
             "precision": precision,
             "epochs": cfg["epochs"],
+            "world_size": trainer.world_size,
         },
     )
     config = cfg if isinstance(cfg, dict) else _to_container(cfg)
@@ -168,29 +268,41 @@ def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: T
 
 
 def _train_epochs(
-    cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking, checkpoint: Path
+    cfg: Mapping[str, Any],
+    trainer: Trainer,
+    precision: str,
+    run: Tracking,
+    checkpoint: Path,
+    epochs: int,
+    group: Distributed | None,
 ) -> dict[str, float]:
-    """``epochs`` more epochs; each is checkpointed, then logged. Returns the last one's metrics."""
+    """``epochs`` more epochs; each is checkpointed (by rank 0), then logged. Returns the last one's metrics."""
     logger.info(
-        "Training %s on %d images (%d test) for %d epoch(s) on %s, %s, lr %s, batch %s",
+        "Training %s on %d images (%d test) for %d epoch(s) on %s, %s, lr %s, batch %s%s",
         trainer.model_name,
         trainer.train_size,
         trainer.test_size,
-        cfg["epochs"],
+        epochs,
         trainer.device,
         precision,
         cfg["lr"],
         cfg["train_bs"],
+        f" per rank, {trainer.world_size} ranks ({group.backend})" if group is not None else "",
     )
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    writes = group is None or group.is_main
+    if writes:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     on_steps = partial(tracking.log_steps, run) if run.tracked and cfg["mlflow_autolog"] else None
     epoch_metrics: dict[str, float] = {}
-    for _ in range(int(cfg["epochs"])):
-        bar = ProgressBar(f"Epoch {trainer.epoch + 1}", unit="batch")
+    for _ in range(epochs):
+        # Other ranks show no bar; their callback still lets Ctrl-C stop the epoch.
+        bar = ProgressBar(f"Epoch {trainer.epoch + 1}", unit="batch") if writes else _SilentProgress()
         try:
             epoch_metrics = trainer.run_epoch(bar, on_steps=on_steps, every_n_steps=int(cfg["log_every_n_steps"]))
         finally:
             bar.close()
+        if not writes:
+            continue
         # Checkpoint before logging: a job killed in between re-logs this epoch when resumed.
         trainer.save_checkpoint(checkpoint)
         tracking.log_epoch(run, epoch_metrics)
@@ -205,6 +317,14 @@ def _train_epochs(
             epoch_metrics["seconds"],
         )
     return epoch_metrics
+
+
+class _SilentProgress:
+    def __call__(self, done: int, total: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _finish(trainer: Trainer, run: Tracking, checkpoint: Path, epoch_metrics: Mapping[str, float]) -> dict[str, Any]:
