@@ -4,6 +4,7 @@
 #include <variant>
 
 #include "kiln/dataset.hpp"
+#include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::bindings {
@@ -17,8 +18,8 @@ void register_dataset(py::module_& m) {
 
   py::class_<FileNote>(m, "FileNote", "A file of the raw tree and what happened to it.")
       .def_readonly("path", &FileNote::path)
-      .def_readonly("reason", &FileNote::reason)
-      .def("__repr__", [](const FileNote& note) { return "FileNote(" + note.path + ": " + note.reason + ")"; });
+      .def_property_readonly("reason", [](const FileNote& note) { return detail::printable_utf8(note.reason); })
+      .def("__repr__", [](const FileNote& note) { return "FileNote(" + note.path + ": " + detail::printable_utf8(note.reason) + ")"; });
 
   py::class_<SplitInfo>(m, "SplitInfo")
       .def_readonly("name", &SplitInfo::name)
@@ -46,7 +47,7 @@ void register_dataset(py::module_& m) {
       [](const std::variant<std::filesystem::path, std::vector<std::filesystem::path>>& raw_dir,
          const std::filesystem::path& out_dir,
          std::optional<std::pair<int, int>> image_size, std::optional<int> channels, int num_workers,
-         py::object progress) {
+         std::int64_t max_image_pixels, py::object progress) {
         PrepareOptions options;
         if (const auto* one = std::get_if<std::filesystem::path>(&raw_dir)) {
           options.raw_dir = *one;
@@ -57,11 +58,13 @@ void register_dataset(py::module_& m) {
         options.image_size = image_size;
         options.channels = channels;
         options.num_workers = num_workers;
+        options.max_image_pixels = max_image_pixels;
         return run_with_progress(std::move(progress),
                                  [&](const ProgressFn& report) { return prepare_dataset(options, report); });
       },
       py::arg("raw_dir"), py::arg("out_dir"), py::kw_only(), py::arg("image_size") = py::none(),
-      py::arg("channels") = py::none(), py::arg("num_workers") = 0, py::arg("progress") = py::none(),
+      py::arg("channels") = py::none(), py::arg("num_workers") = 0,
+      py::arg("max_image_pixels") = kDefaultMaxImagePixels, py::arg("progress") = py::none(),
       R"doc(Decode <raw_dir>/<split>/<class>/<image> on all cores and commit the processed dataset to out_dir.
 
 raw_dir: one tree, or a list of trees combined into one dataset (splits of the same name joined, classes
@@ -70,6 +73,7 @@ merged by folder name; the manifest then lists files by absolute path and source
 image_size: (height, width) for every image; default the size of the first image.
 channels: 1 or 3; default the channel count of the first image.
 num_workers: decoding threads, 0 for one per core.
+max_image_pixels: an image whose header claims more pixels (width x height) is skipped before it is decoded.
 progress: called as progress(done, total) from the calling thread; raising cancels the run.
 Returns the Manifest. Unusable files are skipped and listed; raises FileNotFoundError for a
 missing raw dir and ValueError (kiln DataError) when nothing usable is found.)doc");

@@ -2,6 +2,7 @@
 #include "bindings.hpp"
 
 #include "kiln/batch_inference.hpp"
+#include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 #include "kiln/precision.hpp"
 #include "kiln/predictor.hpp"
@@ -9,9 +10,13 @@
 namespace kiln::bindings {
 namespace {
 
+// Per-image errors are printable UTF-8 by construction; escaping again here means no byte of a
+// hostile file can ever turn a per-image error into a UnicodeDecodeError for the whole batch.
 py::list errors_or_none(const std::vector<std::string>& errors) {
   py::list list;
-  for (const auto& error : errors) list.append(error.empty() ? py::object(py::none()) : py::str(error));
+  for (const auto& error : errors) {
+    list.append(error.empty() ? py::object(py::none()) : py::str(detail::printable_utf8(error)));
+  }
   return list;
 }
 
@@ -64,7 +69,11 @@ void register_inference(py::module_& m) {
           py::arg("images"),
           "Encoded images (a sequence of bytes: PNG, JPEG, ...) -> (probabilities float32 [N, classes], errors). "
           "Images are decoded and converted exactly as data preparation does; errors[i] is None or why image i "
-          "could not be decoded (its probability row is then zero).")
+          "could not be decoded (its probability row is then zero), e.g. 'PNG claims 60000x60000, over "
+          "max_image_pixels=16777216'. One bad image never fails the others.")
+      .def_property("max_image_pixels", &Predictor::max_image_pixels, &Predictor::set_max_image_pixels,
+                    "Pixel budget (width x height) of each image predict_encoded and classify_directory decode: an "
+                    "image whose header claims more is refused before it is decoded. At least 1; default 89478485.")
       .def_property_readonly("classes", &Predictor::classes)
       .def_property_readonly("image_shape",
                              [](const Predictor& predictor) {

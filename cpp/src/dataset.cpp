@@ -183,6 +183,9 @@ int normalization_split(const Tree& tree) {
 // The image spec of the dataset: the options where given, the rest from the first decodable image
 // (of the normalisation split first, then the others, in file order).
 ImageSpec choose_spec(const Tree& tree, const PrepareOptions& options, int first_split) {
+  if (options.max_image_pixels < 1) {
+    throw_data_error("max_image_pixels must be at least 1, got " + std::to_string(options.max_image_pixels));
+  }
   if (options.channels && *options.channels != 1 && *options.channels != 3) {
     throw_data_error("channels must be 1 (grayscale) or 3 (RGB), got " + std::to_string(*options.channels));
   }
@@ -200,7 +203,7 @@ ImageSpec choose_spec(const Tree& tree, const PrepareOptions& options, int first
   std::vector<std::uint8_t> buffer;
   for (const std::size_t index : order) {
     if (!detail::read_file(tree.path(tree.files[index]), buffer).empty()) continue;
-    const auto native = probe_image(buffer);
+    const auto native = probe_image(buffer, nullptr, options.max_image_pixels);
     if (!native) continue;
     ImageSpec spec = *native;
     if (options.channels) spec.channels = *options.channels;
@@ -249,7 +252,7 @@ struct SplitBuffers {
 // calling thread reports progress. Returns the per-file outcome; accumulates normalisation stats.
 std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, std::vector<SplitBuffers>& splits,
                                      const std::vector<std::int64_t>& row_of_file, int stats_split, int workers,
-                                     const ProgressFn& progress, ChannelStats& stats) {
+                                     std::int64_t max_image_pixels, const ProgressFn& progress, ChannelStats& stats) {
   const std::size_t total = tree.files.size();
   std::vector<DecodeResult> results(total);
   std::atomic<std::size_t> next{0};
@@ -280,7 +283,7 @@ std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, st
             results[i].error = std::move(error);
             continue;
           }
-          results[i] = decode_into(buffer, spec, out);
+          results[i] = decode_into(buffer, spec, out, max_image_pixels);
           if (results[i].ok && file.split == stats_split) local.add(out, spec);
         }
         done.fetch_add(end - begin, std::memory_order_relaxed);
@@ -425,7 +428,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     const int workers = std::clamp(options.num_workers > 0 ? options.num_workers : cores, 1,
                                    static_cast<int>(std::max<std::size_t>(1, tree.files.size() / 64 + 1)));
-    results = decode_all(tree, spec, buffers, row_of_file, stats_split, workers, progress, stats);
+    results = decode_all(tree, spec, buffers, row_of_file, stats_split, workers, options.max_image_pixels, progress,
+                         stats);
   } else {
     for (auto& result : results) result.error = "not a decodable image";
   }

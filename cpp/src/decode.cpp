@@ -9,30 +9,25 @@
 #include <array>
 #include <cstring>
 
+#include "kiln/detail/image_header.hpp"
 #include "kiln/detail/png.hpp"
+#include "kiln/detail/utf8.hpp"
 
 namespace kiln {
 namespace {
 
-enum class Format { png, jpeg, other };
-
-Format sniff(std::span<const std::uint8_t> data) {
-  static constexpr std::array<std::uint8_t, 8> kPng = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (data.size() >= kPng.size() && std::equal(kPng.begin(), kPng.end(), data.begin())) return Format::png;
-  if (data.size() >= 3 && data[0] == 0xff && data[1] == 0xd8 && data[2] == 0xff) return Format::jpeg;
-  return Format::other;
-}
+using detail::ImageFormat;
 
 // libpng and libjpeg both return a partly grey image for some truncated files instead of failing,
 // so completeness is checked on the bytes: a PNG ends with its IEND chunk, a JPEG with EOI.
-std::string check_complete(std::span<const std::uint8_t> data, Format format) {
-  if (format == Format::png) {
+std::string check_complete(std::span<const std::uint8_t> data, ImageFormat format) {
+  if (format == ImageFormat::png) {
     static constexpr std::array<std::uint8_t, 4> kIend = {'I', 'E', 'N', 'D'};
     const auto tail = data.subspan(data.size() - std::min<std::size_t>(data.size(), 64));
     if (std::search(tail.begin(), tail.end(), kIend.begin(), kIend.end()) == tail.end()) {
       return "truncated PNG (no IEND chunk at the end)";
     }
-  } else if (format == Format::jpeg) {
+  } else if (format == ImageFormat::jpeg) {
     std::size_t end = data.size();
     while (end > 0 && (data[end - 1] == 0x00 || data[end - 1] == '\n' || data[end - 1] == '\r')) --end;
     if (end < 2 || data[end - 2] != 0xff || data[end - 1] != 0xd9) return "truncated JPEG (no end-of-image marker)";
@@ -40,16 +35,21 @@ std::string check_complete(std::span<const std::uint8_t> data, Format format) {
   return {};
 }
 
-const char* format_name(Format format) {
-  switch (format) {
-    case Format::png:
-      return "PNG";
-    case Format::jpeg:
-      return "JPEG";
-    case Format::other:
-      break;
+// Everything that can be known before decoding: the file is a format kiln takes, complete, and
+// claims no more pixels than `max_image_pixels`. Returns the format, or fills `error`.
+ImageFormat check_before_decoding(std::span<const std::uint8_t> data, std::int64_t max_image_pixels,
+                                  std::string& error) {
+  if (data.empty()) {
+    error = "empty file (0 bytes)";
+    return ImageFormat::unknown;
   }
-  return "image";
+  const detail::ImageHeader header = detail::read_image_header(data);
+  if (!header.error.empty()) {
+    error = header.error;
+  } else if (error = check_complete(data, header.format); error.empty()) {
+    error = detail::check_pixel_budget(header.format, header.width, header.height, max_image_pixels);
+  }
+  return header.format;
 }
 
 const char* channels_name(int channels) {
@@ -57,7 +57,9 @@ const char* channels_name(int channels) {
 }
 
 // Decodes to 8-bit grayscale or BGR, appending what it changed (alpha, bit depth) to `conversion`.
-cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, std::string& conversion) {
+// `data` has passed check_before_decoding.
+cv::Mat decode_native(std::span<const std::uint8_t> data, ImageFormat format, std::string& error,
+                      std::string& conversion) {
   // OpenCV would print every corrupt file to stderr; kiln reports them itself.
   static const bool silenced = [] {
     cv::utils::logging::setLogLevel(cv::utils::logging::LOG_LEVEL_SILENT);
@@ -65,24 +67,16 @@ cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, st
   }();
   (void)silenced;
 
-  if (data.empty()) {
-    error = "empty file (0 bytes)";
-    return {};
-  }
-  const Format format = sniff(data);
-  if (error = check_complete(data, format); !error.empty()) return {};
-
   cv::Mat image;
   try {
     const cv::Mat encoded(1, static_cast<int>(data.size()), CV_8U, const_cast<std::uint8_t*>(data.data()));
     image = cv::imdecode(encoded, cv::IMREAD_UNCHANGED);
   } catch (const cv::Exception& exception) {
-    error = std::string("corrupt ") + format_name(format) + " (" + exception.msg + ")";
+    error = std::string("corrupt ") + detail::format_name(format) + " (" + detail::printable_utf8(exception.msg) + ")";
     return {};
   }
   if (image.empty()) {
-    error = format == Format::other ? "not an image (unrecognised file contents)"
-                                    : std::string("corrupt ") + format_name(format) + " (decoder failed)";
+    error = std::string("corrupt ") + detail::format_name(format) + " (decoder failed)";
     return {};
   }
 
@@ -118,10 +112,13 @@ cv::Mat decode_native(std::span<const std::uint8_t> data, std::string& error, st
 
 // The common case without OpenCV: a PNG that already has the dataset's layout. Returns false when
 // OpenCV must decide (a layout to convert, or a PNG variant outside the fast path).
-bool decode_png_fast(std::span<const std::uint8_t> data, const ImageSpec& spec, std::uint8_t* out,
-                     DecodeResult& result) {
+bool decode_png_fast(std::span<const std::uint8_t> data, const ImageSpec& spec, std::int64_t max_image_pixels,
+                     std::uint8_t* out, DecodeResult& result) {
   thread_local detail::PngImage png;
-  switch (detail::decode_png(data, png, result.error)) {
+  struct Trim {
+    ~Trim() { detail::release_if_large(png.pixels); }
+  } trim;
+  switch (detail::decode_png(data, png, result.error, max_image_pixels)) {
     case detail::PngStatus::corrupt:
       return true;
     case detail::PngStatus::unsupported:
@@ -153,10 +150,13 @@ std::string to_string(const ImageSpec& spec) {
   return std::to_string(spec.height) + "x" + std::to_string(spec.width) + " " + channels_name(spec.channels);
 }
 
-std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std::string* error) {
+std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std::string* error,
+                                     std::int64_t max_image_pixels) {
   std::string why;
   std::string conversion;
-  const cv::Mat image = decode_native(encoded, why, conversion);
+  const ImageFormat format = check_before_decoding(encoded, max_image_pixels, why);
+  cv::Mat image;
+  if (why.empty()) image = decode_native(encoded, format, why, conversion);
   if (image.empty()) {
     if (error != nullptr) *error = why;
     return std::nullopt;
@@ -164,10 +164,13 @@ std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std:
   return ImageSpec{image.channels(), image.rows, image.cols};
 }
 
-DecodeResult decode_into(std::span<const std::uint8_t> encoded, const ImageSpec& spec, std::uint8_t* out) {
+DecodeResult decode_into(std::span<const std::uint8_t> encoded, const ImageSpec& spec, std::uint8_t* out,
+                         std::int64_t max_image_pixels) {
   DecodeResult result;
-  if (sniff(encoded) == Format::png && decode_png_fast(encoded, spec, out, result)) return result;
-  cv::Mat image = decode_native(encoded, result.error, result.conversion);
+  const ImageFormat format = check_before_decoding(encoded, max_image_pixels, result.error);
+  if (!result.error.empty()) return result;
+  if (format == ImageFormat::png && decode_png_fast(encoded, spec, max_image_pixels, out, result)) return result;
+  cv::Mat image = decode_native(encoded, format, result.error, result.conversion);
   if (image.empty()) return result;
   auto note = [&result](const std::string& what) {
     result.conversion += (result.conversion.empty() ? "" : "; ") + what;

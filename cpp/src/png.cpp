@@ -5,6 +5,9 @@
 #include <cstdlib>
 #include <memory>
 
+#include "kiln/detail/image_header.hpp"
+#include "kiln/detail/utf8.hpp"
+
 namespace kiln::detail {
 namespace {
 
@@ -86,7 +89,12 @@ bool unfilter(const std::uint8_t* raw, std::uint8_t* out, int height, std::size_
 
 }  // namespace
 
-PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::string& error) {
+void release_if_large(std::vector<std::uint8_t>& buffer) {
+  if (buffer.capacity() > kKeptBufferBytes) std::vector<std::uint8_t>().swap(buffer);
+}
+
+PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::string& error,
+                     std::int64_t max_image_pixels) {
   constexpr std::size_t kSignature = 8;
   std::size_t offset = kSignature;
   bool have_header = false;
@@ -94,7 +102,15 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
   int colour_type = 0;
   int interlace = 0;
   thread_local std::vector<std::uint8_t> compressed;
+  thread_local std::vector<std::uint8_t> filtered;
   compressed.clear();
+  // One large image must not keep its buffers alive in every thread that ever decoded one.
+  struct Trim {
+    ~Trim() {
+      release_if_large(compressed);
+      release_if_large(filtered);
+    }
+  } trim;
   bool ended = false;
 
   while (!ended) {
@@ -112,7 +128,8 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
     if (is_critical(type)) {
       const std::uint32_t stored = read_u32(body + length);
       if (libdeflate_crc32(0, type, length + 4) != stored) {
-        error = "corrupt PNG (CRC mismatch in " + std::string(reinterpret_cast<const char*>(type), 4) + " chunk)";
+        error = "corrupt PNG (CRC mismatch in " +
+                printable_utf8(std::string_view(reinterpret_cast<const char*>(type), 4)) + " chunk)";
         return PngStatus::corrupt;
       }
     }
@@ -121,16 +138,21 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
         error = "corrupt PNG (missing IHDR header)";
         return PngStatus::corrupt;
       }
-      image.width = static_cast<int>(read_u32(body));
-      image.height = static_cast<int>(read_u32(body + 4));
+      const std::uint32_t width = read_u32(body);
+      const std::uint32_t height = read_u32(body + 4);
       bit_depth = body[8];
       colour_type = body[9];
       interlace = body[12];
-      if (image.width <= 0 || image.height <= 0 || image.width > (1 << 16) || image.height > (1 << 16)) {
-        error = "corrupt PNG (image size " + std::to_string(read_u32(body)) + "x" + std::to_string(read_u32(body + 4)) +
-                " out of range)";
+      // The PNG spec's limit is 2^31 - 1 either way; the budget is checked before anything is allocated.
+      if (width == 0 || height == 0 || width > 0x7fffffffu || height > 0x7fffffffu) {
+        error = "corrupt PNG (image size " + std::to_string(width) + "x" + std::to_string(height) + " out of range)";
         return PngStatus::corrupt;
       }
+      if (error = check_pixel_budget(ImageFormat::png, width, height, max_image_pixels); !error.empty()) {
+        return PngStatus::corrupt;
+      }
+      image.width = static_cast<int>(width);
+      image.height = static_cast<int>(height);
       have_header = true;
     } else if (is_type(type, "IDAT")) {
       compressed.insert(compressed.end(), body, body + length);
@@ -162,15 +184,24 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
 
   const std::size_t stride = static_cast<std::size_t>(image.width) * image.channels;
   const std::size_t filtered_size = (stride + 1) * image.height;
-  thread_local std::vector<std::uint8_t> filtered;
   filtered.resize(filtered_size);
   std::size_t produced = 0;
+  // Inflation stops at the size the header claims: a stream that would produce more is refused
+  // without producing it (libdeflate writes nothing past filtered_size).
   const libdeflate_result result = libdeflate_zlib_decompress(
       &thread_decompressor(), compressed.data(), compressed.size(), filtered.data(), filtered_size, &produced);
   if (result != LIBDEFLATE_SUCCESS || produced != filtered_size) {
-    error = result == LIBDEFLATE_SUCCESS || result == LIBDEFLATE_SHORT_OUTPUT
-                ? "corrupt PNG (image data is shorter than its header says)"
-                : "corrupt PNG (image data does not decompress)";
+    switch (result) {
+      case LIBDEFLATE_SUCCESS:
+      case LIBDEFLATE_SHORT_OUTPUT:
+        error = "corrupt PNG (image data is shorter than its header says)";
+        break;
+      case LIBDEFLATE_INSUFFICIENT_SPACE:
+        error = "corrupt PNG (image data is longer than its header says)";
+        break;
+      default:
+        error = "corrupt PNG (image data does not decompress)";
+    }
     return PngStatus::corrupt;
   }
   image.pixels.resize(stride * image.height);

@@ -5,6 +5,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/autocast.hpp"
@@ -19,7 +20,8 @@ std::int64_t DecodedBatch::decoded() const {
   return static_cast<std::int64_t>(std::count(errors.begin(), errors.end(), std::string()));
 }
 
-DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec) {
+DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec,
+                          std::int64_t max_image_pixels) {
   const auto count = static_cast<std::int64_t>(encoded.size());
   DecodedBatch batch;
   batch.images = at::zeros({count, spec.channels, spec.height, spec.width}, at::kByte);
@@ -31,7 +33,7 @@ DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageS
   at::parallel_for(0, count, kImagesPerTask, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t i = begin; i < end; ++i) {
       std::uint8_t* out = pixels + i * spec.bytes();
-      DecodeResult result = decode_into(encoded[i], spec, out);
+      DecodeResult result = decode_into(encoded[i], spec, out, max_image_pixels);
       if (result.ok) {
         batch.conversions[i] = std::move(result.conversion);
       } else {
@@ -53,6 +55,7 @@ struct Predictor::State {
   Normalizer normalizer;
   bool bf16 = false;
   bool channels_last = false;
+  std::atomic<std::int64_t> max_image_pixels{kDefaultMaxImagePixels};
 };
 
 Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string& device, Precision precision,
@@ -119,7 +122,7 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
 }
 
 Predictor::EncodedPredictions Predictor::predict_encoded(const std::vector<EncodedImage>& encoded) const {
-  DecodedBatch batch = decode_batch(encoded, image_spec());
+  DecodedBatch batch = decode_batch(encoded, image_spec(), max_image_pixels());
   const auto classes = static_cast<std::int64_t>(state_->saved.classes.size());
   const std::int64_t decoded = batch.decoded();
   EncodedPredictions result;
@@ -161,6 +164,13 @@ Precision Predictor::precision() const {
 }
 const std::string& Predictor::int8_unavailable() const {
   return state_->int8_unavailable;
+}
+std::int64_t Predictor::max_image_pixels() const {
+  return state_->max_image_pixels.load(std::memory_order_relaxed);
+}
+void Predictor::set_max_image_pixels(std::int64_t pixels) {
+  if (pixels < 1) throw_data_error("max_image_pixels must be at least 1, got " + std::to_string(pixels));
+  state_->max_image_pixels.store(pixels, std::memory_order_relaxed);
 }
 
 }  // namespace kiln

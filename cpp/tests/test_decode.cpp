@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
+
+#include "kiln/detail/image_header.hpp"
+#include "kiln/detail/utf8.hpp"
 #include "test_helpers.hpp"
 
 namespace kiln {
@@ -128,6 +132,164 @@ TEST(decode, probe_reports_native_layout) {
   std::string error;
   EXPECT_FALSE(probe_image(std::vector<std::uint8_t>{1, 2, 3}, &error).has_value());
   EXPECT_FALSE(error.empty());
+}
+
+// --- Hostile input: the pixel budget, read from each format's header before decoding -----------
+
+// The formats kiln takes, each as this OpenCV writes it, with the size the header should report.
+struct Written {
+  const char* extension;
+  cv::Mat image;
+};
+
+class image_header : public ::testing::TestWithParam<Written> {};
+
+TEST_P(image_header, states_the_size_opencv_decodes) {
+  const Written& w = GetParam();
+  const std::vector<std::uint8_t> bytes = encode(w.image, w.extension);
+  ASSERT_FALSE(bytes.empty());
+  const detail::ImageHeader header = detail::read_image_header(bytes);
+  ASSERT_EQ(header.error, "");
+  const cv::Mat decoded = cv::imdecode(bytes, cv::IMREAD_UNCHANGED);
+  EXPECT_EQ(header.width, static_cast<std::uint64_t>(decoded.cols));
+  EXPECT_EQ(header.height, static_cast<std::uint64_t>(decoded.rows));
+  // One pixel less of budget and the same file is refused, without being decoded.
+  std::vector<std::uint8_t> out(decoded.total());
+  const ImageSpec spec{1, decoded.rows, decoded.cols};
+  EXPECT_TRUE(decode_into(bytes, spec, out.data(), std::int64_t{decoded.rows} * decoded.cols).ok);
+  const DecodeResult refused = decode_into(bytes, spec, out.data(), std::int64_t{decoded.rows} * decoded.cols - 1);
+  EXPECT_FALSE(refused.ok);
+  EXPECT_NE(refused.error.find("claims " + std::to_string(decoded.cols) + "x" + std::to_string(decoded.rows) +
+                               ", over max_image_pixels="),
+            std::string::npos)
+      << refused.error;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    formats, image_header,
+    ::testing::Values(Written{".png", pattern(13, 7, 1, 1)}, Written{".png", pattern(5, 9, 4, 2)},
+                      Written{".png", cv::Mat(6, 11, CV_16UC3, cv::Scalar(9, 99, 999))},
+                      Written{".jpg", pattern(13, 21, 3, 3)}, Written{".jpg", pattern(8, 3, 1, 4)},
+                      Written{".bmp", pattern(7, 13, 3, 5)}, Written{".bmp", pattern(4, 6, 1, 6)},
+                      Written{".tiff", pattern(9, 14, 3, 7)}, Written{".tiff", cv::Mat(5, 3, CV_16UC1, cv::Scalar(7))},
+                      Written{".webp", pattern(17, 10, 3, 8)}, Written{".webp", pattern(6, 12, 4, 9)},
+                      Written{".ppm", pattern(5, 8, 3, 10)}, Written{".pgm", pattern(8, 5, 1, 11)},
+                      Written{".pbm", pattern(9, 9, 1, 12)}, Written{".pam", pattern(3, 7, 3, 13)},
+                      Written{".ras", pattern(6, 10, 3, 14)}, Written{".jp2", pattern(64, 48, 3, 15)}),
+    [](const ::testing::TestParamInfo<Written>& info) {
+      return std::string(info.param.extension + 1) + std::to_string(info.index);
+    });
+
+std::uint32_t be32_at(const std::vector<std::uint8_t>& b, std::size_t at) {
+  return (std::uint32_t{b[at]} << 24) | (std::uint32_t{b[at + 1]} << 16) | (std::uint32_t{b[at + 2]} << 8) | b[at + 3];
+}
+void put_be(std::vector<std::uint8_t>& b, std::size_t at, std::uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) b[at + i] = static_cast<std::uint8_t>(v >> (8 * (bytes - 1 - i)));
+}
+void put_le(std::vector<std::uint8_t>& b, std::size_t at, std::uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) b[at + i] = static_cast<std::uint8_t>(v >> (8 * i));
+}
+std::size_t find(const std::vector<std::uint8_t>& b, std::initializer_list<std::uint8_t> needle) {
+  return std::search(b.begin(), b.end(), needle.begin(), needle.end()) - b.begin();
+}
+
+// A small valid file of `extension` whose header is edited to claim width x height.
+std::vector<std::uint8_t> claiming(const char* extension, std::uint32_t width, std::uint32_t height) {
+  std::vector<std::uint8_t> b = encode(pattern(64, 64, 3, 1), extension);  // OpenJPEG needs 64x64
+  const std::string ext = extension;
+  if (ext == ".jpg") {
+    const std::size_t sof = find(b, {0xff, 0xc0});
+    put_be(b, sof + 5, height, 2);
+    put_be(b, sof + 7, width, 2);
+  } else if (ext == ".bmp") {
+    put_le(b, 18, width, 4);
+    put_le(b, 22, height, 4);
+  } else if (ext == ".tiff") {  // little-endian: ImageWidth/ImageLength entries of the first directory
+    const std::size_t ifd = b[4] | (b[5] << 8) | (b[6] << 16) | (std::size_t{b[7]} << 24);
+    const std::size_t entries = b[ifd] | (b[ifd + 1] << 8);
+    for (std::size_t i = 0; i < entries; ++i) {
+      const std::size_t at = ifd + 2 + 12 * i;
+      const int tag = b[at] | (b[at + 1] << 8);
+      if (tag != 256 && tag != 257) continue;
+      put_le(b, at + 2, 4, 2);  // LONG
+      put_le(b, at + 8, tag == 256 ? width : height, 4);
+    }
+  } else if (ext == ".webp" && b[15] == 'L') {  // lossless: 14-bit sizes - 1 after the VP8L signature
+    const std::uint32_t bits = (b[21] | (b[22] << 8) | (b[23] << 16) | (std::uint32_t{b[24]} << 24)) & 0xf0000000u;
+    put_le(b, 21, bits | ((height - 1) & 0x3fff) << 14 | ((width - 1) & 0x3fff), 4);
+  } else if (ext == ".webp") {  // lossy: 14-bit sizes after the VP8 start code
+    put_le(b, 26, width & 0x3fff, 2);
+    put_le(b, 28, height & 0x3fff, 2);
+  } else if (ext == ".ras") {
+    put_be(b, 4, width, 4);
+    put_be(b, 8, height, 4);
+  } else if (ext == ".jp2") {
+    const std::size_t siz = find(b, {0xff, 0x4f, 0xff, 0x51});
+    put_be(b, siz + 8, width + be32_at(b, siz + 16), 4);
+    put_be(b, siz + 12, height + be32_at(b, siz + 20), 4);
+  }
+  return b;
+}
+
+std::vector<std::uint8_t> bytes_of(const std::string& text) {
+  return {text.begin(), text.end()};
+}
+
+struct Claim {
+  const char* name;
+  std::vector<std::uint8_t> bytes;
+  const char* error;  // with the default budget, 89478485
+};
+
+class decode_refuses : public ::testing::TestWithParam<Claim> {};
+
+// Each of these used to be decoded at its claimed size (the JPEG: 6.4 GB and 20 s, then a prediction).
+TEST_P(decode_refuses, an_image_claiming_more_than_the_budget_before_decoding_it) {
+  const Claim& c = GetParam();
+  std::vector<std::uint8_t> out(3 * 8 * 8);
+  const DecodeResult result = decode_into(c.bytes, {3, 8, 8}, out.data());
+  EXPECT_FALSE(result.ok);
+  EXPECT_EQ(result.error, c.error);
+  std::string probe_error;
+  EXPECT_FALSE(probe_image(c.bytes, &probe_error).has_value());
+  EXPECT_EQ(probe_error, c.error);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    formats, decode_refuses,
+    ::testing::Values(
+        Claim{"jpeg", claiming(".jpg", 32768, 32767), "JPEG claims 32768x32767, over max_image_pixels=89478485"},
+        Claim{"bmp", claiming(".bmp", 100000, 1000), "BMP claims 100000x1000, over max_image_pixels=89478485"},
+        Claim{"bmp_top_down", claiming(".bmp", 30000, static_cast<std::uint32_t>(-30000)),
+              "BMP claims 30000x30000, over max_image_pixels=89478485"},
+        Claim{"tiff", claiming(".tiff", 70000, 70000), "TIFF claims 70000x70000, over max_image_pixels=89478485"},
+        Claim{"webp", claiming(".webp", 16383, 16383), "WebP claims 16383x16383, over max_image_pixels=89478485"},
+        Claim{"sun_raster", claiming(".ras", 50000, 50000),
+              "Sun raster claims 50000x50000, over max_image_pixels=89478485"},
+        Claim{"jpeg2000", claiming(".jp2", 40000, 40000),
+              "JPEG 2000 claims 40000x40000, over max_image_pixels=89478485"},
+        Claim{"ppm", bytes_of("P6\n# a comment\n60000 60000\n255\n\x01\x02\x03"),
+              "PNM claims 60000x60000, over max_image_pixels=89478485"},
+        Claim{"pam", bytes_of("P7\nWIDTH 60000\nHEIGHT 60000\nDEPTH 3\nMAXVAL 255\nTUPLTYPE RGB\nENDHDR\n\x01"),
+              "PNM claims 60000x60000, over max_image_pixels=89478485"},
+        Claim{"pfm", bytes_of("PF\n2 2\n-1.0\n"),
+              "unsupported pixel depth (floating-point image; expected 8- or 16-bit integers)"}),
+    [](const ::testing::TestParamInfo<Claim>& info) { return std::string(info.param.name); });
+
+TEST(decode, png_claiming_more_than_the_budget_is_refused_on_every_path) {
+  std::vector<std::uint8_t> png = encode(pattern(4, 4, 1, 1));
+  put_be(png, 16, 60000, 4);
+  put_be(png, 20, 60000, 4);  // the IHDR CRC is now wrong too: the size is refused first
+  std::vector<std::uint8_t> out(16);
+  EXPECT_EQ(decode_into(png, {1, 4, 4}, out.data()).error, "PNG claims 60000x60000, over max_image_pixels=89478485");
+  EXPECT_EQ(decode_into(png, {1, 4, 4}, out.data(), 16'777'216).error,
+            "PNG claims 60000x60000, over max_image_pixels=16777216");
+}
+
+TEST(decode, every_error_is_printable_utf8) {
+  EXPECT_EQ(detail::printable_utf8("caf\xc3\xa9 \xe2\x9c\x93"), "caf\xc3\xa9 \xe2\x9c\x93");
+  EXPECT_EQ(detail::printable_utf8("a\xff\xc3(\x01\tb\n"), "a\\xff\\xc3(\\x01\tb\\x0a");
+  EXPECT_EQ(detail::printable_utf8("\xed\xa0\x80\xc0\xaf"), "\\xed\\xa0\\x80\\xc0\\xaf");  // surrogate, overlong
 }
 
 }  // namespace

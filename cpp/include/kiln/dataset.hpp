@@ -37,6 +37,8 @@ struct PrepareOptions {
   std::optional<int> channels;
   // Decoding threads; 0 means one per core.
   int num_workers = 0;
+  // An image whose header claims more pixels (width x height) is skipped before it is decoded.
+  std::int64_t max_image_pixels = kDefaultMaxImagePixels;
 };
 
 struct SplitData {

@@ -21,14 +21,16 @@ using EncodedImage = std::span<const std::uint8_t>;
 // Encoded images (PNG, JPEG, ...) decoded into one uint8 batch [N, C, H, W] of layout `spec`, by
 // decode_into: the code data preparation uses, so serving sees the pixels training saw. Images of
 // another size or channel count are converted as preparation converts them. Decodes on torch's
-// intra-op threads when the batch is large enough to gain from it.
+// intra-op threads when the batch is large enough to gain from it. An image claiming more than
+// `max_image_pixels` pixels is an error of its own, refused before it is decoded.
 struct DecodedBatch {
   at::Tensor images;                     // rows of undecodable images are zero
   std::vector<std::string> errors;       // per image: empty when decoded, else why it could not be
   std::vector<std::string> conversions;  // per image: what was done to fit `spec`, empty if nothing
   std::int64_t decoded() const;
 };
-DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec);
+DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageSpec& spec,
+                          std::int64_t max_image_pixels = kDefaultMaxImagePixels);
 
 class Predictor {
  public:
@@ -49,7 +51,8 @@ class Predictor {
   at::Tensor predict(const at::Tensor& images) const;
 
   // Encoded images -> probabilities float32 [N, classes]; rows of images that could not be decoded
-  // are zero and their reason is in `errors`.
+  // (corrupt, not an image, over max_image_pixels()) are zero and their reason is in `errors`; a bad
+  // image never fails the others.
   struct EncodedPredictions {
     at::Tensor probabilities;
     std::vector<std::string> errors;
@@ -64,6 +67,11 @@ class Predictor {
   Precision precision() const;
   // Why int8 was asked for but a fallback precision runs instead; empty otherwise.
   const std::string& int8_unavailable() const;
+
+  // The pixel budget (width x height) of each image predict_encoded decodes; kDefaultMaxImagePixels
+  // until set. Throws DataError unless `pixels` >= 1.
+  std::int64_t max_image_pixels() const;
+  void set_max_image_pixels(std::int64_t pixels);
 
  private:
   struct State;
