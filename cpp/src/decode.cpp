@@ -112,12 +112,23 @@ cv::Mat decode_native(std::span<const std::uint8_t> data, ImageFormat format, st
 
 // The common case without OpenCV: a PNG that already has the dataset's layout. Returns false when
 // OpenCV must decide (a layout to convert, or a PNG variant outside the fast path).
+// The thread's PNG fast-path image, its pixels released after the call if one image made them large.
+struct ThreadPng {
+  ThreadPng() : image(instance()) {}
+  ~ThreadPng() { detail::release_if_large(image.pixels); }
+  detail::PngImage& image;
+
+ private:
+  static detail::PngImage& instance() {
+    thread_local detail::PngImage png;
+    return png;
+  }
+};
+
 bool decode_png_fast(std::span<const std::uint8_t> data, const ImageSpec& spec, std::int64_t max_image_pixels,
                      std::uint8_t* out, DecodeResult& result) {
-  thread_local detail::PngImage png;
-  struct Trim {
-    ~Trim() { detail::release_if_large(png.pixels); }
-  } trim;
+  ThreadPng thread_png;
+  detail::PngImage& png = thread_png.image;
   switch (detail::decode_png(data, png, result.error, max_image_pixels)) {
     case detail::PngStatus::corrupt:
       return true;
@@ -155,6 +166,17 @@ std::optional<ImageSpec> probe_image(std::span<const std::uint8_t> encoded, std:
   std::string why;
   std::string conversion;
   const ImageFormat format = check_before_decoding(encoded, max_image_pixels, why);
+  if (why.empty() && format == ImageFormat::png) {  // also bounds the inflation of PNGs OpenCV decodes
+    ThreadPng thread_png;
+    const detail::PngImage& png = thread_png.image;
+    switch (detail::decode_png(encoded, thread_png.image, why, max_image_pixels)) {
+      case detail::PngStatus::decoded:
+        return ImageSpec{png.channels <= 2 ? 1 : 3, png.height, png.width};
+      case detail::PngStatus::unsupported:
+      case detail::PngStatus::corrupt:
+        break;
+    }
+  }
   cv::Mat image;
   if (why.empty()) image = decode_native(encoded, format, why, conversion);
   if (image.empty()) {

@@ -87,6 +87,44 @@ bool unfilter(const std::uint8_t* raw, std::uint8_t* out, int height, std::size_
   return true;
 }
 
+// Samples per pixel of a valid colour type / bit depth pair (PNG spec, 11.2.2), else 0.
+int channels_of(int colour_type, int bit_depth) {
+  const bool eight_or_sixteen = bit_depth == 8 || bit_depth == 16;
+  const bool up_to_eight = bit_depth == 1 || bit_depth == 2 || bit_depth == 4 || bit_depth == 8;
+  switch (colour_type) {
+    case 0:
+      return up_to_eight || bit_depth == 16 ? 1 : 0;
+    case 2:
+      return eight_or_sixteen ? 3 : 0;
+    case 3:
+      return up_to_eight ? 1 : 0;
+    case 4:
+      return eight_or_sixteen ? 2 : 0;
+    case 6:
+      return eight_or_sixteen ? 4 : 0;
+    default:
+      return 0;
+  }
+}
+
+// Bytes of the filtered image data: each row one filter byte and its packed pixels; an interlaced
+// image is the rows of its seven Adam7 passes (PNG spec, 8.2).
+std::size_t filtered_bytes(std::uint32_t width, std::uint32_t height, int bits_per_pixel, bool interlaced) {
+  const auto rows = [&](std::uint64_t w, std::uint64_t h) -> std::size_t {
+    return w == 0 || h == 0 ? 0 : h * ((w * bits_per_pixel + 7) / 8 + 1);
+  };
+  if (!interlaced) return rows(width, height);
+  static constexpr int kPasses[7][4] = {{0, 0, 8, 8}, {4, 0, 8, 8}, {0, 4, 4, 8}, {2, 0, 4, 4},
+                                        {0, 2, 2, 4}, {1, 0, 2, 2}, {0, 1, 1, 2}};
+  std::size_t total = 0;
+  for (const auto& [x0, y0, dx, dy] : kPasses) {
+    const std::uint64_t w = width > std::uint32_t(x0) ? (width - x0 + dx - 1) / dx : 0;
+    const std::uint64_t h = height > std::uint32_t(y0) ? (height - y0 + dy - 1) / dy : 0;
+    total += rows(w, h);
+  }
+  return total;
+}
+
 }  // namespace
 
 void release_if_large(std::vector<std::uint8_t>& buffer) {
@@ -112,6 +150,7 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
     }
   } trim;
   bool ended = false;
+  bool for_opencv = false;
 
   while (!ended) {
     if (offset + 12 > data.size()) {
@@ -159,35 +198,25 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
     } else if (is_type(type, "IEND")) {
       ended = true;
     } else if (is_type(type, "tRNS") || is_type(type, "PLTE")) {
-      return PngStatus::unsupported;  // OpenCV turns transparency keys into alpha; keep its behaviour
+      for_opencv = true;  // OpenCV turns transparency keys into alpha; keep its behaviour
     }
     offset += std::size_t{length} + 12;
   }
 
-  switch (colour_type) {
-    case 0:
-      image.channels = 1;
-      break;
-    case 2:
-      image.channels = 3;
-      break;
-    case 4:
-      image.channels = 2;
-      break;
-    case 6:
-      image.channels = 4;
-      break;
-    default:
-      return PngStatus::unsupported;
+  const int channels = channels_of(colour_type, bit_depth);
+  if (channels == 0 || interlace > 1) {
+    error = "corrupt PNG (colour type " + std::to_string(colour_type) + ", bit depth " + std::to_string(bit_depth) +
+            ", interlace " + std::to_string(interlace) + " is not a PNG layout)";
+    return PngStatus::corrupt;
   }
-  if (bit_depth != 8 || interlace != 0) return PngStatus::unsupported;
-
-  const std::size_t stride = static_cast<std::size_t>(image.width) * image.channels;
-  const std::size_t filtered_size = (stride + 1) * image.height;
+  // Every PNG's image data is inflated here, also those OpenCV decodes after (libpng would inflate
+  // any amount of excess data, 1 GB from a 1 MB file, before noticing): the output buffer holds
+  // exactly the rows the header claims, and a stream that would produce more is refused unread.
+  const std::size_t filtered_size =
+      filtered_bytes(static_cast<std::uint32_t>(image.width), static_cast<std::uint32_t>(image.height),
+                     channels * bit_depth, interlace == 1);
   filtered.resize(filtered_size);
   std::size_t produced = 0;
-  // Inflation stops at the size the header claims: a stream that would produce more is refused
-  // without producing it (libdeflate writes nothing past filtered_size).
   const libdeflate_result result = libdeflate_zlib_decompress(
       &thread_decompressor(), compressed.data(), compressed.size(), filtered.data(), filtered_size, &produced);
   if (result != LIBDEFLATE_SUCCESS || produced != filtered_size) {
@@ -204,6 +233,10 @@ PngStatus decode_png(std::span<const std::uint8_t> data, PngImage& image, std::s
     }
     return PngStatus::corrupt;
   }
+  if (for_opencv || colour_type == 3 || bit_depth != 8 || interlace != 0) return PngStatus::unsupported;
+
+  image.channels = channels;
+  const std::size_t stride = static_cast<std::size_t>(image.width) * image.channels;
   image.pixels.resize(stride * image.height);
   if (!unfilter(filtered.data(), image.pixels.data(), image.height, stride, image.channels, error)) {
     return PngStatus::corrupt;

@@ -152,6 +152,52 @@ TEST(png, deflate_bomb_under_the_budget_stops_inflating_at_the_claimed_size) {
   EXPECT_EQ(error, "corrupt PNG (image data is longer than its header says)");
 }
 
+// libpng inflates all of a stream's excess data (1 GB from a 1 MB file) before it notices; kiln
+// inflates every PNG itself first, also those it then hands to OpenCV, and stops at the claimed size.
+TEST(png, deflate_bomb_outside_the_fast_path_is_refused_too) {
+  std::vector<std::uint8_t> bomb = png_claiming(100, 100, 0, std::vector<std::uint8_t>(64 << 20));
+  bomb[24] = 16;  // bit depth 16: OpenCV's layout, not the fast path's
+  const std::size_t ihdr_crc = 8 + 8 + 13;
+  const std::uint32_t crc = libdeflate_crc32(0, bomb.data() + 12, 17);
+  for (int i = 0; i < 4; ++i) bomb[ihdr_crc + i] = static_cast<std::uint8_t>(crc >> (24 - 8 * i));
+  PngImage png;
+  std::string error;
+  EXPECT_EQ(decode_png(bomb, png, error), PngStatus::corrupt);
+  EXPECT_EQ(error, "corrupt PNG (image data is longer than its header says)");
+}
+
+// Adam7 (PNG spec, 8.2): pixel (x, y) belongs to the pass of this table's entry; each pass's rows
+// are a filter byte and its pixels. Built independently of kiln's size formula, decoded by libpng.
+TEST(png, interlaced_image_data_is_sized_by_its_seven_passes) {
+  static constexpr int kPass[8][8] = {{1, 6, 4, 6, 2, 6, 4, 6}, {7, 7, 7, 7, 7, 7, 7, 7}, {5, 6, 5, 6, 5, 6, 5, 6},
+                                      {7, 7, 7, 7, 7, 7, 7, 7}, {3, 6, 4, 6, 3, 6, 4, 6}, {7, 7, 7, 7, 7, 7, 7, 7},
+                                      {5, 6, 5, 6, 5, 6, 5, 6}, {7, 7, 7, 7, 7, 7, 7, 7}};
+  const int width = 13, height = 7;
+  std::vector<std::uint8_t> raw;
+  for (int pass = 1; pass <= 7; ++pass) {
+    for (int y = 0; y < height; ++y) {
+      std::vector<std::uint8_t> row;
+      for (int x = 0; x < width; ++x) {
+        if (kPass[y % 8][x % 8] == pass) row.push_back(static_cast<std::uint8_t>(pass * 30));
+      }
+      if (row.empty()) continue;
+      raw.push_back(0);
+      raw.insert(raw.end(), row.begin(), row.end());
+    }
+  }
+  std::vector<std::uint8_t> bytes = png_claiming(width, height, 0, raw);
+  bytes[28] = 1;  // interlace method 1
+  const std::uint32_t crc = libdeflate_crc32(0, bytes.data() + 12, 17);
+  for (int i = 0; i < 4; ++i) bytes[29 + i] = static_cast<std::uint8_t>(crc >> (24 - 8 * i));
+  PngImage png;
+  std::string error;
+  EXPECT_EQ(decode_png(bytes, png, error), PngStatus::unsupported) << error;
+  const cv::Mat decoded = cv::imdecode(bytes, cv::IMREAD_UNCHANGED);
+  ASSERT_EQ(decoded.rows, height);
+  EXPECT_EQ(decoded.at<std::uint8_t>(0, 0), 30);
+  EXPECT_EQ(decoded.at<std::uint8_t>(1, 12), 210);
+}
+
 TEST(png, image_under_the_budget_decodes) {
   const std::vector<std::uint8_t> exact = png_claiming(100, 100, 0, std::vector<std::uint8_t>(101 * 100, 0));
   PngImage png;
