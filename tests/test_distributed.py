@@ -8,6 +8,8 @@ Every torchrun gets a subprocess timeout and every process group a collective ti
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import torch
 
 import kiln
 from conftest import REPO
+from kiln.cli import compose_config
 
 # What one torchrun may take at most here (2 cores, two processes, a few epochs of the sample).
 TORCHRUN_TIMEOUT = 240
@@ -292,3 +295,83 @@ def test_a_rank_without_its_data_stops_every_rank_with_a_clear_error(tmp_path: P
         assert f"{data}/rank1" in rank_logs[rank] and "does not exist" in rank_logs[rank]
         assert "Traceback" not in rank_logs[rank]
     assert not (tmp_path / "models").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deploy files: what they run is torchrun's own command line and a config kiln's Hydra app accepts.
+
+
+def torchrun_parts(words: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """torchrun's options as torchrun itself parses them, and the train_model.py overrides after the script."""
+    from torch.distributed.run import get_args_parser
+
+    start = words.index("torchrun") + 1 if "torchrun" in words else 0
+    options = get_args_parser().parse_args(words[start:])
+    assert Path(options.training_script).name == "train_model.py"
+    return options, options.training_script_args
+
+
+def test_multinode_manifest_runs_torchrun_with_c10d_rendezvous_at_pod_0() -> None:
+    import kubernetes_validate
+    import yaml
+
+    path = REPO / "deploy" / "k8s" / "model-training" / "train-model-multinode.yml"
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    service = next(d for d in documents if d["kind"] == "Service")
+    job = next(d for d in documents if d["kind"] == "Job")
+    for document in documents:  # Kubernetes' own schema, offline and strict (unknown fields fail)
+        kubernetes_validate.validate(document, "1.30", strict=True)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    [container] = pod["containers"]
+    options, overrides = torchrun_parts([*container["command"], *container["args"]])
+    assert int(options.nnodes) == spec["completions"] == spec["parallelism"] == 2
+    assert options.nproc_per_node == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert options.rdzv_backend == "c10d" and options.max_restarts >= 1
+    host, port = options.rdzv_endpoint.split(":")
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"  # pod 0's DNS name
+    assert int(port) == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
+    config = compose_config("train_model", overrides)
+    assert (config.no_cuda, config.dist_backend, config.artifact_dir_path) == (False, "auto", "/kiln-data/models")
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/kiln-data", "/dev/shm"}
+
+
+def test_argo_gpus_runs_training_under_torchrun_one_process_per_gpu() -> None:
+    spec = importlib.util.spec_from_file_location("kiln_argo_workflow", REPO / "deploy" / "argo" / "workflow.py")
+    argo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(argo)
+
+    def train_step(gpus: int) -> dict:
+        manifest = argo.build_workflow(gpus=gpus).to_dict()
+        return next(t for t in manifest["spec"]["templates"] if t["name"] == "train-model")["container"]
+
+    single = train_step(1)
+    assert single["command"] == ["python", "src/train_model.py"]
+    four = train_step(4)
+    options, _ = torchrun_parts([*four["command"], *four["args"]])
+    assert options.nproc_per_node == "4" and options.standalone
+    assert four["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {m["mountPath"] for m in four["volumeMounts"]} == {"/kiln-data", "/dev/shm"}
+
+
+@pytest.mark.parametrize(("gpus", "launcher"), [("1", ["python"]), ("4", ["torchrun", "--standalone"])])
+def test_runai_training_with_several_gpus_runs_torchrun(gpus: str, launcher: list[str]) -> None:
+    result = subprocess.run(
+        ["bash", str(REPO / "deploy" / "runai" / "submit-training.sh"), "--dry-run", "epochs=2"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": "http://mlflow:5000", "KILN_GPU": gpus},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split("source activate kiln && ", 1)[1].rstrip('"\n').split()
+    assert command[: len(launcher)] == launcher
+    assert f"--gpu {gpus}" in result.stdout
+    if gpus != "1":
+        options, overrides = torchrun_parts(command)
+        assert options.nproc_per_node == gpus
+        config = compose_config("train_model", [o.removeprefix("train_model.") for o in overrides])
+        assert (config.no_cuda, config.epochs) == (False, 2)

@@ -92,6 +92,9 @@ def _retry() -> RetryStrategy:
     )
 
 
+SHM_VOLUME = "dshm"
+
+
 def _mounts() -> list[m.VolumeMount]:
     return [m.VolumeMount(name=VOLUME_NAME, mount_path=DATA_ROOT)]
 
@@ -160,6 +163,9 @@ def build_workflow(
     values = {**PARAMETERS, **{key: str(value) for key, value in params.items()}}
 
     train_command = ["python", "src/train_model.py"]
+    if gpus > 1:
+        # One process per GPU training one model (data-parallel, NCCL); train_bs is per GPU.
+        train_command = ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "src/train_model.py"]
     train_ports = None
     if debug:
         train_command = ["python", "-m", "debugpy", "--listen", f"0.0.0.0:{DEBUG_PORT}", "--wait-for-client"]
@@ -175,7 +181,9 @@ def build_workflow(
         service_account_name=service_account,
         arguments=[Parameter(name=name, value=value) for name, value in values.items()],
         volumes=[
-            m.Volume(name=VOLUME_NAME, persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=pvc))
+            m.Volume(name=VOLUME_NAME, persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=pvc)),
+            # NCCL between the GPUs of one pod exchanges through /dev/shm, which containers cap at 64 MiB.
+            *([m.Volume(name=SHM_VOLUME, empty_dir=m.EmptyDirVolumeSource(medium="Memory"))] if gpus > 1 else []),
         ],
         # uid/gid of the kiln images; fsGroup makes the volume writable for them.
         security_context=m.PodSecurityContext(run_as_user=2222, run_as_group=2222, fs_group=2222),
@@ -208,7 +216,7 @@ def build_workflow(
             ],
             ports=train_ports,
             resources=_gpu_resources(gpus),
-            volume_mounts=_mounts(),
+            volume_mounts=[*_mounts(), *([m.VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm")] if gpus > 1 else [])],
             retry_strategy=_retry(),
         )
         # Workers creating Optuna's schema in a fresh database at the same moment collide: one step
@@ -382,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--params", help='JSON object of parameter values, e.g. \'{"epochs": 3, "lr": 1.0}\'')
     parser.add_argument("--debug", action="store_true", help="start training under debugpy, waiting for a client")
-    parser.add_argument("--gpus", type=int, help="GPUs per training/sweep pod (default: 1)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs per training/sweep pod (default: 1); with more than 1 the training step runs "
+        "torchrun --nproc-per-node GPUS (data-parallel, one process per GPU)",
+    )
     parser.add_argument("--pvc", help=f"PersistentVolumeClaim mounted at {DATA_ROOT} (default: {VOLUME_NAME})")
     parser.add_argument("--service-account", help="service account of the workflow's pods (default: the namespace's)")
     parser.add_argument(
