@@ -69,6 +69,7 @@ def prepare_dataset(
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
     num_workers: int = 0,
+    max_image_pixels: int = 89478485,
     progress: Callable[[int, int], object] | None = None,
 ) -> Manifest: ...
 def read_manifest(processed_dir: str | PathLike[str]) -> Manifest: ...
@@ -145,6 +146,7 @@ class Predictor:
     def int8_unavailable(self) -> str | None: ...
     @property
     def precision(self) -> str: ...
+    max_image_pixels: int
 
 def classify_directory(
     predictor: Predictor,

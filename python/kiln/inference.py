@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.models import resolve_checkpoint
 from kiln.precision import load_predictor
+from kiln.processing import max_image_pixels
 from kiln.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,14 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
             )
     inference = cfg["inference"]
     input_dir = Path(inference["input_data_dir"])
+    pixel_budget = max_image_pixels(inference.get("max_image_pixels"), "inference.max_image_pixels")
     if not input_dir.is_dir():
         raise FileNotFoundError(f"inference.input_data_dir '{input_dir}' does not exist or is not a directory")
     # A model from MLflow (runs:/...) is downloaded to a temp dir, removed once the predictor holds it.
     with tempfile.TemporaryDirectory(prefix="kiln-model-") as download_dir:
         checkpoint = resolve_checkpoint(inference["model_path"], cache_dir=download_dir)
         predictor = load_predictor(checkpoint, bool(cfg["no_cuda"]), str(inference["precision"]))
+    predictor.max_image_pixels = pixel_budget
     output_path = output_dir / inference["output_path"]
     output_path.parent.mkdir(parents=True, exist_ok=True)
     glob = inference["file_check_glob"]

@@ -61,6 +61,19 @@ def _raw_dirs(value: Any) -> Path | list[Path]:
     raise ValueError(f"raw_data_dir_path must be a path or a list of paths, got {value!r}")
 
 
+# The C++ core's default pixel budget per image (kiln::kDefaultMaxImagePixels, Pillow's MAX_IMAGE_PIXELS).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_image_pixels(value: Any, key: str) -> int:
+    """The pixel budget (width x height) a config gives images; the default when the key is unset."""
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a whole number of pixels of at least 1 (width x height), got {value!r}")
+    return value
+
+
 def process_data(cfg: Mapping[str, Any]):
     """Prepare ``cfg["raw_data_dir_path"]`` into ``cfg["processed_data_dir_path"]``.
 
@@ -74,6 +87,7 @@ def process_data(cfg: Mapping[str, Any]):
     import kiln
 
     raw_dir = _raw_dirs(cfg["raw_data_dir_path"])
+    pixel_budget = max_image_pixels(cfg.get("max_image_pixels"), "max_image_pixels")
     out_dir = Path(cfg["processed_data_dir_path"])
     for path in raw_dir if isinstance(raw_dir, list) else [raw_dir]:
         if not path.exists():
@@ -97,6 +111,7 @@ def process_data(cfg: Mapping[str, Any]):
             image_size=_image_size(cfg["image_size"]),
             channels=cfg["channels"],
             num_workers=int(cfg["num_workers"] or 0),
+            max_image_pixels=pixel_budget,
             progress=progress,
         )
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln.cli import logging_config_path
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     # Request limits: beyond them the server answers 413/422 instead of working on the request.
     MAX_IMAGES_PER_REQUEST: int = 256
     MAX_REQUEST_BYTES: int = 16 * 1024 * 1024
+    # An image whose header claims more pixels (width x height; 4096x4096) gets a 422 unread.
+    MAX_IMAGE_PIXELS: int = Field(default=4096 * 4096, ge=1)
 
 
 @lru_cache

@@ -49,6 +49,7 @@ def load_model(settings: Settings) -> ServedModel:
         if settings.TORCH_THREADS > 0:
             torch.set_num_threads(settings.TORCH_THREADS)
         predictor = load_predictor(checkpoint, settings.NO_CUDA, settings.PRECISION)
+        predictor.max_image_pixels = settings.MAX_IMAGE_PIXELS
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
