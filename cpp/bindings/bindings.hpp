@@ -70,5 +70,6 @@ void register_errors(py::module_& m);
 void register_dataset(py::module_& m);
 void register_training(py::module_& m);
 void register_inference(py::module_& m);
+void register_models(py::module_& m);
 
 }  // namespace kiln::bindings

@@ -27,4 +27,5 @@ PYBIND11_MODULE(_core, m) {
   kiln::bindings::register_dataset(m);
   kiln::bindings::register_training(m);
   kiln::bindings::register_inference(m);
+  kiln::bindings::register_models(m);
 }

@@ -6,6 +6,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "kiln/detail/mnist_cnn.hpp"
+#include "kiln/detail/torchvision_models.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -76,7 +77,8 @@ class ResNet8 : public Classifier {
 }  // namespace
 
 std::vector<std::string> model_names() {
-  return {"mnist_cnn", "resnet8"};
+  return {"mnist_cnn",          "resnet8",           "resnet18",       "resnet34", "resnet50",
+          "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"};
 }
 
 std::shared_ptr<Classifier> make_model(const ModelSpec& spec) {
@@ -86,6 +88,9 @@ std::shared_ptr<Classifier> make_model(const ModelSpec& spec) {
   }
   if (spec.name == "mnist_cnn") return detail::mnist_cnn::make(spec);
   if (spec.name == "resnet8") return std::make_shared<ResNet8>(spec);
+  if (spec.name == "resnet18" || spec.name == "resnet34" || spec.name == "resnet50") return detail::make_resnet(spec);
+  if (spec.name == "mobilenet_v3_small" || spec.name == "mobilenet_v3_large") return detail::make_mobilenet_v3(spec);
+  if (spec.name == "efficientnet_b0") return detail::make_efficientnet(spec);
   std::string known;
   for (const auto& name : model_names()) known += (known.empty() ? "" : ", ") + name;
   throw_data_error("unknown model '" + spec.name + "' (known: " + known + ")");

@@ -1,5 +1,5 @@
 // The image classifiers kiln trains. Parameter names match the equivalent PyTorch modules, so a
-// checkpoint's state dict also loads into the Python definitions (kiln.models).
+// checkpoint's state dict also loads into the Python definitions (torchvision's for its models).
 #pragma once
 
 #include <torch/nn/module.h>
@@ -41,7 +41,10 @@ class Classifier : public torch::nn::Module {
   detail::ActivationObserver* observer_ = nullptr;
 };
 
-// The names make_model accepts: "mnist_cnn" (the PyTorch MNIST example network) and "resnet8".
+// The names make_model accepts: "mnist_cnn" (the PyTorch MNIST example network), "resnet8" (a small
+// CIFAR-style ResNet), and torchvision's "resnet18", "resnet34", "resnet50", "mobilenet_v3_small",
+// "mobilenet_v3_large", "efficientnet_b0" with torchvision's parameter names, so their state dicts
+// load into torchvision.models.<name>(num_classes=K) and back.
 std::vector<std::string> model_names();
 
 // Builds an initialised model; throws kiln::DataError for an unknown name or an input too small.

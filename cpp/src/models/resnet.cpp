@@ -1,0 +1,150 @@
+// torchvision/models/resnet.py: resnet18, resnet34 (BasicBlock) and resnet50 (Bottleneck, the V1.5
+// variant with the stride on the 3x3 conv), with the stem taking spec.in_channels.
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+
+#include <array>
+
+#include "kiln/detail/torchvision_blocks.hpp"
+#include "kiln/detail/torchvision_models.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln::detail {
+namespace {
+
+using torchvision::Block;
+using torchvision::Chain;
+
+torch::nn::Conv2d conv(int in_channels, int out_channels, int kernel, int stride) {
+  torch::nn::Conv2d layer(
+      torch::nn::Conv2dOptions(in_channels, out_channels, kernel).stride(stride).padding(kernel / 2).bias(false));
+  torchvision::init_conv(layer);
+  return layer;
+}
+
+// resnet.py's `downsample`: Sequential(conv1x1 with stride, BatchNorm2d), children "0" and "1".
+class Downsample : public Block {
+ public:
+  Downsample(int in_channels, int out_channels, int stride) {
+    conv_ = register_module("0", conv(in_channels, out_channels, 1, stride));
+    bn_ = register_module("1", torch::nn::BatchNorm2d(out_channels));
+  }
+  at::Tensor forward(const at::Tensor& input) override { return bn_->forward(conv_->forward(input)); }
+
+ private:
+  torch::nn::Conv2d conv_{nullptr};
+  torch::nn::BatchNorm2d bn_{nullptr};
+};
+
+class BasicBlock : public Block {
+ public:
+  static constexpr int kExpansion = 1;
+
+  BasicBlock(int in_channels, int planes, int stride) {
+    conv1_ = register_module("conv1", conv(in_channels, planes, 3, stride));
+    bn1_ = register_module("bn1", torch::nn::BatchNorm2d(planes));
+    conv2_ = register_module("conv2", conv(planes, planes, 3, 1));
+    bn2_ = register_module("bn2", torch::nn::BatchNorm2d(planes));
+    if (stride != 1 || in_channels != planes * kExpansion) {
+      downsample_ = register_module("downsample", std::make_shared<Downsample>(in_channels, planes, stride));
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    at::Tensor out = at::relu(bn1_->forward(conv1_->forward(input)));
+    out = bn2_->forward(conv2_->forward(out));
+    return at::relu(out + (downsample_ ? downsample_->forward(input) : input));
+  }
+
+ private:
+  torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr};
+  torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
+  std::shared_ptr<Downsample> downsample_;
+};
+
+class Bottleneck : public Block {
+ public:
+  static constexpr int kExpansion = 4;
+
+  Bottleneck(int in_channels, int planes, int stride) {
+    conv1_ = register_module("conv1", conv(in_channels, planes, 1, 1));
+    bn1_ = register_module("bn1", torch::nn::BatchNorm2d(planes));
+    conv2_ = register_module("conv2", conv(planes, planes, 3, stride));
+    bn2_ = register_module("bn2", torch::nn::BatchNorm2d(planes));
+    conv3_ = register_module("conv3", conv(planes, planes * kExpansion, 1, 1));
+    bn3_ = register_module("bn3", torch::nn::BatchNorm2d(planes * kExpansion));
+    if (stride != 1 || in_channels != planes * kExpansion) {
+      downsample_ =
+          register_module("downsample", std::make_shared<Downsample>(in_channels, planes * kExpansion, stride));
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    at::Tensor out = at::relu(bn1_->forward(conv1_->forward(input)));
+    out = at::relu(bn2_->forward(conv2_->forward(out)));
+    out = bn3_->forward(conv3_->forward(out));
+    return at::relu(out + (downsample_ ? downsample_->forward(input) : input));
+  }
+
+ private:
+  torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
+  torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
+  std::shared_ptr<Downsample> downsample_;
+};
+
+class ResNet : public Classifier {
+ public:
+  template <typename BlockType>
+  static std::shared_ptr<ResNet> make(const ModelSpec& spec, const std::array<int, 4>& layers) {
+    auto model = std::make_shared<ResNet>(spec);
+    int in_channels = 64;
+    const std::array<int, 4> planes{64, 128, 256, 512};
+    for (std::size_t stage = 0; stage < layers.size(); ++stage) {
+      auto chain = std::make_shared<Chain>();
+      for (int i = 0; i < layers[stage]; ++i) {
+        const int stride = (stage > 0 && i == 0) ? 2 : 1;
+        chain->push_back(std::make_shared<BlockType>(in_channels, planes[stage], stride));
+        in_channels = planes[stage] * BlockType::kExpansion;
+      }
+      model->layers_.push_back(model->register_module("layer" + std::to_string(stage + 1), chain));
+    }
+    model->fc_ = model->register_module("fc", torch::nn::Linear(in_channels, spec.num_classes));
+    return model;
+  }
+
+  explicit ResNet(const ModelSpec& spec) {
+    conv1_ = register_module(
+        "conv1", torch::nn::Conv2d(
+                     torch::nn::Conv2dOptions(spec.in_channels, 64, 7).stride(2).padding(3).bias(false)));
+    torchvision::init_conv(conv1_);
+    bn1_ = register_module("bn1", torch::nn::BatchNorm2d(64));
+  }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    at::Tensor x = at::relu(bn1_->forward(conv1_->forward(input)));
+    x = at::max_pool2d(x, {3, 3}, {2, 2}, {1, 1});
+    for (const auto& layer : layers_) x = layer->forward(x);
+    x = at::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
+    return fc_->forward(x);
+  }
+
+ private:
+  torch::nn::Conv2d conv1_{nullptr};
+  torch::nn::BatchNorm2d bn1_{nullptr};
+  std::vector<std::shared_ptr<Chain>> layers_;
+  torch::nn::Linear fc_{nullptr};
+};
+
+}  // namespace
+
+std::shared_ptr<Classifier> make_resnet(const ModelSpec& spec) {
+  if (spec.name == "resnet18") return ResNet::make<BasicBlock>(spec, {2, 2, 2, 2});
+  if (spec.name == "resnet34") return ResNet::make<BasicBlock>(spec, {3, 4, 6, 3});
+  if (spec.name == "resnet50") return ResNet::make<Bottleneck>(spec, {3, 4, 6, 3});
+  throw_data_error("not a ResNet: '" + spec.name + "'");
+}
+
+}  // namespace kiln::detail

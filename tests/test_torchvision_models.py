@@ -1,0 +1,243 @@
+"""kiln's torchvision architectures against torchvision 0.28 itself (imported through the test shim).
+
+Eval-mode numerics must match torchvision's within 1e-4 in fp32. In training mode the parts that draw
+random numbers (MobileNetV3's and EfficientNet's dropout, EfficientNet's stochastic depth) take their
+masks from kiln's dropout stream, so they are random like torchvision's but not the same draw: the
+training-step checks use the architectures (ResNets) and the statistics (batch-norm running stats)
+that no random draw touches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional
+
+import kiln
+from kiln import _core
+from kiln.pretrained import PretrainedError, read_state_dict
+from torchvision_shim import import_torchvision
+
+torchvision = import_torchvision()
+pytestmark = pytest.mark.skipif(torchvision is None, reason="needs torchvision (pip install -e '.[test]')")
+
+ARCHITECTURES = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+]
+CLASSES = 7
+
+
+def torchvision_model(name: str, classes: int = CLASSES) -> torch.nn.Module:
+    return getattr(torchvision.models, name)(num_classes=classes)
+
+
+def randomise_norm_statistics(model: torch.nn.Module) -> None:
+    """Batch norms with non-trivial affine parameters and running statistics, so eval numerics check them."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                size = module.num_features
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.num_batches_tracked.fill_(11)
+
+
+def test_kiln_lists_the_torchvision_architectures() -> None:
+    assert set(ARCHITECTURES) <= set(kiln.model_names())
+    assert {"mnist_cnn", "resnet8"} <= set(kiln.model_names())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_torchvision_weights_load_strictly_and_eval_logits_match(name: str) -> None:
+    theirs = torchvision_model(name)
+    randomise_norm_statistics(theirs)
+    ours = _core.Model(name, CLASSES, in_channels=3)
+    ours_state = ours.state_dict()
+    their_state = theirs.state_dict()
+    assert list(ours_state) == list(their_state)
+    assert {key: value.shape for key, value in ours_state.items()} == {
+        key: value.shape for key, value in their_state.items()
+    }
+    assert {key: value.dtype for key, value in ours_state.items()} == {
+        key: value.dtype for key, value in their_state.items()
+    }
+    ours.load_state_dict(their_state)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, their_state[key]), key
+
+    theirs.eval()
+    ours.eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(images)
+        actual = ours(images)
+    assert actual.shape == (2, CLASSES)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_kiln_weights_load_strictly_into_torchvision(name: str) -> None:
+    ours = _core.Model(name, CLASSES, in_channels=3)
+    theirs = torchvision_model(name)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    ours.eval()
+    # Another size than before, not a multiple of 32: any size the architecture accepts.
+    images = torch.randn(3, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_one_training_step_from_the_same_weights_matches_torchvision(name: str) -> None:
+    theirs = torchvision_model(name)
+    randomise_norm_statistics(theirs)
+    ours = _core.Model(name, CLASSES)
+    ours.load_state_dict(theirs.state_dict())
+    ours.train()
+    theirs.train()
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    labels = torch.randint(0, CLASSES, (4,), generator=generator)
+
+    our_parameters = ours.named_parameters()
+    their_parameters = dict(theirs.named_parameters())
+    our_optimizer = torch.optim.SGD(our_parameters.values(), lr=0.1, momentum=0.9)
+    their_optimizer = torch.optim.SGD(their_parameters.values(), lr=0.1, momentum=0.9)
+    our_loss = functional.cross_entropy(ours(images), labels)
+    their_loss = functional.cross_entropy(theirs(images), labels)
+    our_loss.backward()
+    their_loss.backward()
+    our_optimizer.step()
+    their_optimizer.step()
+
+    # Tolerance: float32 sums over a different kernel order; gradients through ~50 layers.
+    torch.testing.assert_close(our_loss, their_loss, rtol=1e-5, atol=1e-5)
+    for key, value in our_parameters.items():
+        torch.testing.assert_close(value.grad, their_parameters[key].grad, rtol=1e-3, atol=1e-4, msg=key)
+        torch.testing.assert_close(value.detach(), their_parameters[key].detach(), rtol=1e-4, atol=1e-5, msg=key)
+    their_state = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            torch.testing.assert_close(value, their_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"])
+def test_training_mode_is_random_where_torchvisions_is_and_keeps_the_batch_norm_updates(name: str) -> None:
+    theirs = torchvision_model(name)
+    ours = _core.Model(name, CLASSES)
+    ours.load_state_dict(theirs.state_dict())
+    ours.train()
+    theirs.train()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        first, second = ours(images), ours(images)
+        theirs(images)
+        theirs(images)
+    assert not torch.equal(first, second)  # dropout draws anew on every pass
+    their_state = theirs.state_dict()
+    # Stochastic depth (EfficientNet) changes what later batch norms see; MobileNetV3's dropout sits
+    # after the last batch norm, so there every running statistic is torchvision's.
+    checked = [key for key in their_state if "running" in key]
+    if name == "efficientnet_b0":
+        checked = [key for key in checked if key.startswith(("features.0.", "features.1."))]
+    for key in checked:
+        torch.testing.assert_close(ours.state_dict()[key], their_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_state_dict_of_another_architecture_is_refused_naming_what_is_wrong() -> None:
+    ours = _core.Model("resnet18", CLASSES)
+    before = ours.state_dict()["conv1.weight"].clone()
+    with pytest.raises(ValueError, match=r"missing 'conv1.weight'.*unexpected 'classifier.0.bias'"):
+        ours.load_state_dict(torchvision_model("mobilenet_v3_small").state_dict())
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \[1000, 512\], the model expects \[7, 512\]"):
+        ours.load_state_dict(torchvision.models.resnet18().state_dict())
+    assert torch.equal(ours.state_dict()["conv1.weight"], before)
+
+
+def test_pretrained_file_loads_by_path_with_a_new_head_for_another_class_count(tmp_path: Path) -> None:
+    source = torchvision.models.resnet18()  # 1000 classes, random weights: made here, offline
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(source.state_dict(), path)
+    ours = _core.Model("resnet18", 5)
+    head_before = ours.state_dict()["fc.weight"].clone()
+    adaptations = ours.load_pretrained(read_state_dict(path), str(path))
+    assert len(adaptations) == 1
+    assert "classifier head ('fc.weight', 'fc.bias') is new" in adaptations[0]
+    assert "1000 classes, the data 5" in adaptations[0]
+    state = ours.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+    assert torch.equal(state["fc.weight"], head_before)
+
+    same_classes = _core.Model("resnet18", 1000)
+    assert same_classes.load_pretrained(read_state_dict(path)) == []
+    assert torch.equal(same_classes.state_dict()["fc.weight"], source.fc.weight.detach())
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_pretrained_rgb_stem_is_adapted_to_the_datas_channels_as_timm_does(tmp_path: Path, channels: int) -> None:
+    source = torchvision.models.mobilenet_v3_small(num_classes=5)
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+    ours = _core.Model("mobilenet_v3_small", 5, in_channels=channels)
+    adaptations = ours.load_pretrained(read_state_dict(path))
+    assert len(adaptations) == 1
+    assert f"'features.0.0.weight' takes {channels} input channel(s)" in adaptations[0]
+    rgb = source.features[0][0].weight.detach()
+    repeated_and_scaled = torch.cat([rgb, rgb], 1)[:, :channels] * (3 / channels)
+    expected = rgb.sum(1, keepdim=True) if channels == 1 else repeated_and_scaled
+    torch.testing.assert_close(ours.state_dict()["features.0.0.weight"], expected)
+    # A 1-channel image through the summed stem = its grey copy in all three channels through RGB's.
+    if channels == 1:
+        source.eval()
+        ours.eval()
+        grey = torch.randn(2, 1, 48, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(grey), source(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_file_of_another_architecture_fails_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mobilenet.pt"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    with pytest.raises(ValueError, match=r"weights '.*mobilenet.pt' does not fit resnet18: missing 'conv1.weight'"):
+        _core.Model("resnet18", 5).load_pretrained(read_state_dict(path), f"weights '{path}'")
+    torch.save({"model": torchvision.models.resnet18().state_dict()}, path)
+    with pytest.raises(PretrainedError, match=r"mobilenet.pt' hold a dict, not a state dict"):
+        read_state_dict(path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(PretrainedError, match=r"mobilenet.pt' cannot be read as a state dict"):
+        read_state_dict(path)
+
+
+def test_a_kiln_checkpoint_loads_into_torchvision_and_predicts_the_same(tmp_path: Path, small_raw: Path) -> None:
+    processed = tmp_path / "processed"
+    kiln.prepare_dataset(small_raw, processed, image_size=(48, 48), channels=3)
+    trainer = kiln.Trainer(processed, model="resnet18", lr=0.1, train_batch_size=4, test_batch_size=8)
+    trainer.run_epoch()
+    checkpoint = tmp_path / "model.pt"
+    trainer.save_checkpoint(checkpoint)
+
+    saved = torch.load(checkpoint, weights_only=True)
+    theirs = torchvision.models.resnet18(num_classes=len(saved["classes"]))
+    theirs.load_state_dict(saved["model"]["state_dict"], strict=True)
+    theirs.eval()
+
+    images = kiln.load_split(processed, "test")[0][:6]
+    mean = torch.tensor(saved["normalization"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(saved["normalization"]["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(theirs((images.float() / 255 - mean) / std), 1)
+    actual = kiln.Predictor(checkpoint).predict(images)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
