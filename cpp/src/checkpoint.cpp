@@ -1,10 +1,18 @@
 #include "kiln/checkpoint.hpp"
 
+#include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <libdeflate.h>
+
+#include <climits>
+#include <functional>
+#include <optional>
+#include <unordered_set>
 
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 #include "kiln/precision.hpp"
+#include "kiln/trainer.hpp"
 
 namespace kiln {
 namespace {
@@ -13,6 +21,227 @@ using Dict = c10::impl::GenericDict;
 
 Dict string_dict() {
   return Dict(c10::StringType::get(), c10::AnyType::get());
+}
+
+std::string where_of(const std::filesystem::path& path) {
+  return "checkpoint '" + path.string() + "'";
+}
+
+// A stored value's type as Python names it, with its article: "an int", "a str".
+std::string a_type(const c10::IValue& value);
+
+std::string type_name(const c10::IValue& value) {
+  if (value.isNone()) return "None";
+  if (value.isBool()) return "bool";
+  if (value.isInt()) return "int";
+  if (value.isDouble()) return "float";
+  if (value.isString()) return "str";
+  if (value.isGenericDict()) return "dict";
+  if (value.isList()) return "list";
+  if (value.isTuple()) return "tuple";
+  if (value.isTensor()) return "tensor";
+  return value.tagKind();
+}
+
+std::string a_type(const c10::IValue& value) {
+  const std::string name = type_name(value);
+  if (name == "None") return name;
+  return (name == "int" ? "an " : "a ") + name;
+}
+
+std::string key_text(const c10::IValue& key) {
+  if (key.isString()) return key.toStringRef();
+  if (key.isInt()) return std::to_string(key.toInt());
+  return "<" + type_name(key) + ">";
+}
+
+// The typed entries of one dict in a checkpoint. A missing entry or one of the wrong type is a
+// kiln::DataError naming the file and the entry's dotted path, e.g. "'model.height' is a str,
+// expected an int".
+class Entries {
+ public:
+  Entries(Dict dict, std::string prefix, const std::string& where)
+      : dict_(std::move(dict)), prefix_(std::move(prefix)), where_(where) {}
+
+  bool has(const std::string& key) const { return dict_.find(c10::IValue(key)) != dict_.end(); }
+  std::vector<std::string> keys() const {
+    std::vector<std::string> result;
+    for (const auto& entry : dict_) result.push_back(key_text(entry.key()));
+    return result;
+  }
+
+  c10::IValue value(const std::string& key) const {
+    const auto found = dict_.find(c10::IValue(key));
+    if (found == dict_.end()) throw_data_error(where_ + ": has no '" + name(key) + "' entry");
+    return found->value();
+  }
+  Entries dict(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isGenericDict()) wrong(key, v, "a dict");
+    return Entries(v.toGenericDict(), name(key), where_);
+  }
+  std::int64_t integer(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isInt()) wrong(key, v, "an int");
+    return v.toInt();
+  }
+  // An int that sizes something: 1 or more.
+  int size_entry(const std::string& key) const {
+    const std::int64_t v = integer(key);
+    if (v < 1 || v > INT_MAX) {
+      throw_data_error(where_ + ": '" + name(key) + "' is " + std::to_string(v) + ", expected a positive int");
+    }
+    return static_cast<int>(v);
+  }
+  double number(const std::string& key) const { return number_of(value(key), name(key)); }
+  std::string string(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isString()) wrong(key, v, "a str");
+    return v.toStringRef();
+  }
+  at::Tensor tensor(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isTensor()) wrong(key, v, "a tensor");
+    return v.toTensor();
+  }
+  c10::ArrayRef<c10::IValue> list(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isList()) wrong(key, v, "a list");
+    return v.toListRef();
+  }
+  std::vector<double> numbers(const std::string& key) const {
+    std::vector<double> result;
+    for (const auto& item : list(key)) {
+      result.push_back(number_of(item, name(key) + "[" + std::to_string(result.size()) + "]"));
+    }
+    return result;
+  }
+  std::vector<std::string> strings(const std::string& key) const {
+    std::vector<std::string> result;
+    for (const auto& item : list(key)) {
+      if (!item.isString()) {
+        throw_data_error(where_ + ": '" + name(key) + "[" + std::to_string(result.size()) + "]' is " +
+                         a_type(item) + ", expected a str");
+      }
+      result.push_back(item.toStringRef());
+    }
+    return result;
+  }
+  Entries item_dict(const std::string& key, std::size_t index) const {
+    const auto items = list(key);
+    const std::string item_name = key + "[" + std::to_string(index) + "]";
+    if (index >= items.size()) throw_data_error(where_ + ": has no '" + name(item_name) + "' entry");
+    if (!items[index].isGenericDict()) {
+      throw_data_error(where_ + ": '" + name(item_name) + "' is " + a_type(items[index]) + ", expected a dict");
+    }
+    return Entries(items[index].toGenericDict(), name(item_name), where_);
+  }
+
+ private:
+  std::string name(const std::string& key) const { return prefix_.empty() ? key : prefix_ + "." + key; }
+  [[noreturn]] void wrong(const std::string& key, const c10::IValue& v, const char* expected) const {
+    throw_data_error(where_ + ": '" + name(key) + "' is " + a_type(v) + ", expected " + expected);
+  }
+  double number_of(const c10::IValue& v, const std::string& full_name) const {
+    if (v.isDouble()) return v.toDouble();
+    if (v.isInt()) return static_cast<double>(v.toInt());
+    throw_data_error(where_ + ": '" + full_name + "' is " + a_type(v) + ", expected a number");
+  }
+
+  Dict dict_;
+  std::string prefix_;
+  const std::string& where_;
+};
+
+// The integrity entry: {algorithm: "crc32", tensors: {dotted path: checksum}}, one checksum per
+// tensor anywhere in the file, over its dtype, shape and bytes.
+constexpr const char* kIntegrityKey = "integrity";
+constexpr const char* kChecksumAlgorithm = "crc32";
+
+// Calls `visit(path, tensor)` for every tensor in `value`, depth first in the file's order; the
+// integrity entry itself is skipped.
+void each_tensor(const c10::IValue& value, const std::string& path,
+                 const std::function<void(const std::string&, const at::Tensor&)>& visit) {
+  auto join = [&path](const std::string& part) { return path.empty() ? part : path + "." + part; };
+  if (value.isTensor()) {
+    visit(path, value.toTensor());
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) {
+      if (path.empty() && entry.key().isString() && entry.key().toStringRef() == kIntegrityKey) continue;
+      each_tensor(entry.value(), join(key_text(entry.key())), visit);
+    }
+  } else if (value.isList() || value.isTuple()) {
+    const auto items = value.isList() ? value.toListRef() : value.toTupleRef().elements();
+    for (std::size_t i = 0; i < items.size(); ++i) each_tensor(items[i], join(std::to_string(i)), visit);
+  }
+}
+
+std::int64_t tensor_checksum(const at::Tensor& tensor) {
+  const at::Tensor dense = tensor.is_cpu() ? tensor.contiguous() : tensor.cpu().contiguous();
+  std::string header = c10::toString(dense.scalar_type());
+  for (const auto size : dense.sizes()) header += "," + std::to_string(size);
+  std::uint32_t crc = libdeflate_crc32(0, header.data(), header.size());
+  crc = libdeflate_crc32(crc, dense.data_ptr(), dense.nbytes());
+  // Stored as a signed 32-bit value: Python's pickler writes ints of 2^31 and above as 5-byte longs,
+  // which LibTorch's unpickler cannot read, so a checkpoint re-saved with torch.save would not load.
+  return static_cast<std::int32_t>(crc);
+}
+
+Dict integrity_of(const Dict& checkpoint) {
+  Dict tensors = string_dict();
+  each_tensor(checkpoint, "", [&tensors](const std::string& path, const at::Tensor& tensor) {
+    tensors.insert_or_assign(path, tensor_checksum(tensor));
+  });
+  Dict integrity = string_dict();
+  integrity.insert("algorithm", std::string(kChecksumAlgorithm));
+  integrity.insert("tensors", tensors);
+  return integrity;
+}
+
+// Checkpoints written before kiln recorded checksums have no integrity entry: they load unverified.
+void verify_integrity(const Dict& checkpoint, const std::string& where) {
+  const Entries top(checkpoint, "", where);
+  if (!top.has(kIntegrityKey)) return;
+  const Entries integrity = top.dict(kIntegrityKey);
+  const std::string algorithm = integrity.string("algorithm");
+  if (algorithm != kChecksumAlgorithm) {
+    throw_data_error(where + ": its checksums are " + algorithm + ", which this kiln does not know; upgrade kiln");
+  }
+  const Entries sums = integrity.dict("tensors");
+  std::unordered_set<std::string> verified;
+  each_tensor(checkpoint, "", [&](const std::string& path, const at::Tensor& tensor) {
+    if (!sums.has(path)) {
+      throw_data_error(where + ": tensor '" + path +
+                       "' has no checksum, so the file was changed after kiln wrote it (delete its '" +
+                       kIntegrityKey + "' entry to load it unverified)");
+    }
+    if (sums.integer(path) != tensor_checksum(tensor)) {
+      throw_data_error(where + ": tensor '" + path + "' does not match its checksum; the file is damaged");
+    }
+    verified.insert(path);
+  });
+  for (const auto& entry : sums.keys()) {
+    if (!verified.count(entry)) {
+      throw_data_error(where + ": tensor '" + entry +
+                       "' is missing, though its checksums list it; the file was changed after kiln wrote it");
+    }
+  }
+}
+
+// The name of a parameter or buffer of `state_dict` holding NaN or infinite values, with how many.
+std::optional<std::string> non_finite_tensor(const c10::IValue& state_dict) {
+  if (!state_dict.isGenericDict()) return std::nullopt;
+  for (const auto& entry : state_dict.toGenericDict()) {
+    if (!entry.value().isTensor()) continue;
+    const at::Tensor tensor = entry.value().toTensor();
+    if (!at::isFloatingType(tensor.scalar_type()) && !at::isComplexType(tensor.scalar_type())) continue;
+    const std::int64_t bad = tensor.numel() - at::isfinite(tensor).sum().item<std::int64_t>();
+    if (bad > 0) {
+      return "'" + key_text(entry.key()) + "' holds " + std::to_string(bad) + " NaN or infinite value(s) of " +
+             std::to_string(tensor.numel());
+    }
+  }
+  return std::nullopt;
 }
 
 c10::IValue metrics_to_ivalue(const EpochMetrics& m) {
@@ -27,16 +256,15 @@ c10::IValue metrics_to_ivalue(const EpochMetrics& m) {
   return dict;
 }
 
-EpochMetrics metrics_from_ivalue(const c10::IValue& value) {
-  const auto dict = value.toGenericDict();
+EpochMetrics metrics_from_entries(const Entries& entries) {
   EpochMetrics m;
-  m.epoch = dict.at("epoch").toInt();
-  m.train_loss = dict.at("train_loss").toDouble();
-  m.train_accuracy = dict.at("train_accuracy").toDouble();
-  m.test_loss = dict.at("test_loss").toDouble();
-  m.test_accuracy = dict.at("test_accuracy").toDouble();
-  m.learning_rate = dict.at("learning_rate").toDouble();
-  m.seconds = dict.at("seconds").toDouble();
+  m.epoch = entries.integer("epoch");
+  m.train_loss = entries.number("train_loss");
+  m.train_accuracy = entries.number("train_accuracy");
+  m.test_loss = entries.number("test_loss");
+  m.test_accuracy = entries.number("test_accuracy");
+  m.learning_rate = entries.number("learning_rate");
+  m.seconds = entries.number("seconds");
   return m;
 }
 
@@ -51,6 +279,10 @@ c10::IValue calibration_to_ivalue(const Int8Calibration& calibration) {
 
 void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
   CheckpointModel& saved = state.model;
+  if (const auto bad = non_finite_tensor(saved.state_dict)) {
+    throw TrainingError("not writing " + where_of(path) + ": the model's " + *bad +
+                        " (training diverged); the file keeps what it held");
+  }
   Dict model = string_dict();
   model.insert("name", saved.spec.name);
   model.insert("in_channels", static_cast<std::int64_t>(saved.spec.in_channels));
@@ -106,79 +338,98 @@ void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
   if (!saved.calibration.activation_max.empty()) {
     checkpoint.insert("int8_calibration", calibration_to_ivalue(saved.calibration));
   }
+  checkpoint.insert(kIntegrityKey, integrity_of(checkpoint));
   detail::save_ivalue(path, checkpoint);
 }
 
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path) {
-  if (!std::filesystem::exists(path)) throw NotFoundError("checkpoint '" + path.string() + "' does not exist");
-  const c10::IValue value = detail::load_ivalue(path);
-  if (!value.isGenericDict()) throw_data_error("'" + path.string() + "' is not a kiln checkpoint (not a dict)");
-  auto checkpoint = value.toGenericDict();
-  const c10::IValue format_key(std::string("format"));
-  if (!checkpoint.contains(format_key) || !checkpoint.at(format_key).isString() ||
-      checkpoint.at(format_key).toStringRef() != kCheckpointFormat) {
-    throw_data_error("'" + path.string() + "' is not a kiln checkpoint (no format: kiln-checkpoint)");
+  if (!std::filesystem::exists(path)) throw NotFoundError(where_of(path) + " does not exist");
+  const std::string where = where_of(path);
+  const c10::IValue value = detail::load_ivalue(path, "checkpoint");
+  if (!value.isGenericDict()) {
+    throw_data_error(where + ": not a kiln checkpoint (it holds a " + type_name(value) + ", not a dict)");
   }
-  const auto version = checkpoint.at("format_version").toInt();
+  auto checkpoint = value.toGenericDict();
+  const Entries top(checkpoint, "", where);
+  const c10::IValue format_key(std::string("format"));
+  if (!top.has("format") || !checkpoint.at(format_key).isString() ||
+      checkpoint.at(format_key).toStringRef() != kCheckpointFormat) {
+    throw_data_error(where + ": not a kiln checkpoint (no 'format': '" + kCheckpointFormat + "' entry)");
+  }
+  const auto version = top.integer("format_version");
   if (version > kCheckpointFormatVersion) {
-    throw_data_error("checkpoint '" + path.string() + "' has format version " + std::to_string(version) +
+    throw_data_error(where + " has format version " + std::to_string(version) +
                      ", newer than this kiln reads; upgrade kiln");
+  }
+  try {
+    verify_integrity(checkpoint, where);
+  } catch (const c10::Error& error) {
+    throw_data_error(where + ": cannot verify its tensors: " + error.msg().substr(0, error.msg().find('\n')));
   }
   return checkpoint;
 }
 
 CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path) {
-  try {
-    CheckpointModel result;
-    const auto model = checkpoint.at("model").toGenericDict();
-    result.spec.name = model.at("name").toStringRef();
-    result.spec.in_channels = static_cast<int>(model.at("in_channels").toInt());
-    result.spec.num_classes = static_cast<int>(model.at("num_classes").toInt());
-    result.spec.height = static_cast<int>(model.at("height").toInt());
-    result.spec.width = static_cast<int>(model.at("width").toInt());
-    result.state_dict = model.at("state_dict");
-    for (const auto& name : checkpoint.at("classes").toListRef()) result.classes.push_back(name.toStringRef());
-    const auto normalization = checkpoint.at("normalization").toGenericDict();
-    for (const auto& v : normalization.at("mean").toListRef()) result.mean.push_back(v.toDouble());
-    for (const auto& v : normalization.at("std").toListRef()) result.std.push_back(v.toDouble());
-    result.epoch = checkpoint.at("epoch").toInt();
-    if (checkpoint.contains("int8_calibration")) {
-      const auto calibration = checkpoint.at("int8_calibration").toGenericDict();
-      for (const auto& v : calibration.at("activation_max").toListRef()) {
-        result.calibration.activation_max.push_back(v.toDouble());
-      }
-      result.calibration.images = calibration.at("images").toInt();
-    }
-    if (static_cast<int>(result.classes.size()) != result.spec.num_classes ||
-        static_cast<int>(result.mean.size()) != result.spec.in_channels || result.std.size() != result.mean.size()) {
-      throw_data_error("checkpoint '" + path.string() +
-                       "' is inconsistent (classes or normalisation do not fit the model)");
-    }
-    return result;
-  } catch (const c10::Error& error) {
-    throw_data_error("checkpoint '" + path.string() + "' is incomplete: " + error.what_without_backtrace());
+  const std::string where = where_of(path);
+  const Entries top(checkpoint, "", where);
+  CheckpointModel result;
+  const Entries model = top.dict("model");
+  result.spec.name = model.string("name");
+  result.spec.in_channels = model.size_entry("in_channels");
+  result.spec.num_classes = model.size_entry("num_classes");
+  result.spec.height = model.size_entry("height");
+  result.spec.width = model.size_entry("width");
+  model.dict("state_dict");
+  result.state_dict = model.value("state_dict");
+  result.classes = top.strings("classes");
+  const Entries normalization = top.dict("normalization");
+  result.mean = normalization.numbers("mean");
+  result.std = normalization.numbers("std");
+  result.epoch = top.integer("epoch");
+  if (top.has("int8_calibration")) {
+    const Entries calibration = top.dict("int8_calibration");
+    result.calibration.activation_max = calibration.numbers("activation_max");
+    result.calibration.images = calibration.integer("images");
   }
+  if (static_cast<int>(result.classes.size()) != result.spec.num_classes ||
+      static_cast<int>(result.mean.size()) != result.spec.in_channels || result.std.size() != result.mean.size()) {
+    throw_data_error(where + " is inconsistent (classes or normalisation do not fit the model)");
+  }
+  return result;
 }
 
 TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path) {
+  const std::string where = where_of(path);
+  const Entries top(checkpoint, "", where);
   TrainingState state;
   state.model = checkpoint_model(checkpoint, path);
-  try {
-    state.optimizer = checkpoint.at("optimizer");
-    const auto scheduler = checkpoint.at("scheduler").toGenericDict();
-    state.base_lr = scheduler.at("base_lrs").toListRef().at(0).toDouble();
-    state.gamma = scheduler.at("gamma").toDouble();
-    state.lr = scheduler.at("_last_lr").toListRef().at(0).toDouble();
-    for (const auto& item : checkpoint.at("history").toListRef()) state.history.push_back(metrics_from_ivalue(item));
-    const auto rng = checkpoint.at("rng").toGenericDict();
-    state.torch_cpu_rng = rng.at("torch_cpu").toTensor();
-    if (rng.contains("torch_device")) state.torch_device_rng = rng.at("torch_device").toTensor();
-    state.shuffle_rng = rng.at("shuffle").toTensor();
-    state.dropout_seed = static_cast<std::uint64_t>(rng.at("dropout_seed").toInt());
-    state.dropout_offset = static_cast<std::uint64_t>(rng.at("dropout_offset").toInt());
-  } catch (const c10::Error& error) {
-    throw_data_error("checkpoint '" + path.string() + "' is incomplete: " + error.what_without_backtrace());
-  }
+  top.dict("optimizer");
+  state.optimizer = top.value("optimizer");
+  const Entries scheduler = top.dict("scheduler");
+  const auto first = [&scheduler, &where](const char* key) {
+    const std::vector<double> values = scheduler.numbers(key);
+    if (values.empty()) throw_data_error(where + ": 'scheduler." + key + "' is empty");
+    return values.front();
+  };
+  state.base_lr = first("base_lrs");
+  state.gamma = scheduler.number("gamma");
+  state.lr = first("_last_lr");
+  const std::size_t epochs = top.list("history").size();
+  for (std::size_t i = 0; i < epochs; ++i) state.history.push_back(metrics_from_entries(top.item_dict("history", i)));
+  const Entries rng = top.dict("rng");
+  const auto generator_state = [&rng, &where](const char* key) {
+    const at::Tensor tensor = rng.tensor(key);
+    if (tensor.scalar_type() != at::kByte || tensor.dim() != 1) {
+      throw_data_error(where + ": 'rng." + key + "' is a " + c10::toString(tensor.scalar_type()) + " tensor of shape " +
+                       c10::str(tensor.sizes()) + ", expected a generator state (a 1-d uint8 tensor)");
+    }
+    return tensor;
+  };
+  state.torch_cpu_rng = generator_state("torch_cpu");
+  if (rng.has("torch_device")) state.torch_device_rng = generator_state("torch_device");
+  state.shuffle_rng = generator_state("shuffle");
+  state.dropout_seed = static_cast<std::uint64_t>(rng.integer("dropout_seed"));
+  state.dropout_offset = static_cast<std::uint64_t>(rng.integer("dropout_offset"));
   return state;
 }
 
@@ -190,6 +441,11 @@ c10::IValue module_state_dict(const torch::nn::Module& module) {
 }
 
 void load_module_state_dict(torch::nn::Module& module, const c10::IValue& value, const std::string& source) {
+  if (!value.isGenericDict()) throw_data_error(source + ": the state dict is " + a_type(value) + ", not a dict");
+  // Checked before anything is copied: a refused state dict leaves the module as it was.
+  if (const auto bad = non_finite_tensor(value)) {
+    throw_data_error(source + ": " + *bad + "; use a checkpoint from before training diverged");
+  }
   const auto state = value.toGenericDict();
   c10::NoGradGuard no_grad;
   auto copy_in = [&](const std::string& name, at::Tensor& target) {
@@ -201,6 +457,12 @@ void load_module_state_dict(torch::nn::Module& module, const c10::IValue& value,
     if (tensor.sizes() != target.sizes()) {
       throw_data_error(source + ": '" + name + "' has shape " + c10::str(tensor.sizes()) + ", the model expects " +
                        c10::str(target.sizes()));
+    }
+    // Floating weights of another precision convert as torch's load_state_dict does; nothing else does.
+    if (tensor.scalar_type() != target.scalar_type() &&
+        !(at::isFloatingType(tensor.scalar_type()) && at::isFloatingType(target.scalar_type()))) {
+      throw_data_error(source + ": '" + name + "' is a " + c10::toString(tensor.scalar_type()) +
+                       " tensor, the model expects " + c10::toString(target.scalar_type()));
     }
     target.copy_(tensor);
   };

@@ -5,8 +5,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <system_error>
@@ -36,12 +39,64 @@ class FileDescriptor {
 }
 
 constexpr std::string_view kStagingTag = ".staging-";
+constexpr std::string_view kTempTag = ".tmp-";
+constexpr std::string_view kMovedAsideSuffix = "-previous";
 
 std::string staging_prefix(const fs::path& destination) {
   return "." + destination.filename().string() + std::string(kStagingTag);
 }
 
+std::string temp_prefix(const fs::path& path) {
+  return "." + path.filename().string() + std::string(kTempTag);
+}
+
+bool all_digits(std::string_view text) {
+  return !text.empty() && text.size() <= 10 &&
+         std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+const std::string& this_host() {
+  static const std::string host = [] {
+    char name[HOST_NAME_MAX + 1] = {};
+    if (::gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return std::string("localhost");
+    std::string result(name);
+    for (char& c : result) {
+      const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                         c == '_' || c == '-';
+      if (!plain) c = '_';
+    }
+    return result;
+  }();
+  return host;
+}
+
+bool process_runs(long pid) {
+  return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
+}
+
+// How long an entry named with a bare pid must be untouched before it counts as stale: a pid alone
+// cannot tell this host's processes from those of another machine sharing the volume.
+constexpr auto kUnownedEntryAge = std::chrono::hours(1);
+
 }  // namespace
+
+std::string owner_tag() {
+  return this_host() + "-" + std::to_string(::getpid());
+}
+
+bool left_by_dead_process(std::string_view tag, const fs::path& entry) {
+  const auto dash = tag.rfind('-');
+  const std::string_view host = dash == std::string_view::npos ? std::string_view() : tag.substr(0, dash);
+  const std::string_view pid_text = dash == std::string_view::npos ? tag : tag.substr(dash + 1);
+  if (!all_digits(pid_text)) return false;  // not a name kiln writes
+  const long pid = std::stol(std::string(pid_text));
+  if (pid <= 0 || pid > INT_MAX) return false;
+  if (dash != std::string_view::npos) return host == this_host() && !process_runs(pid);
+  if (process_runs(pid)) return false;
+  std::error_code error;
+  const auto modified = fs::last_write_time(entry, error);
+  return !error && fs::file_time_type::clock::now() - modified > kUnownedEntryAge;
+}
 
 namespace {
 
@@ -99,8 +154,8 @@ template std::string read_file(const fs::path&, std::vector<std::uint8_t>&);
 template std::string read_file(const fs::path&, std::vector<char>&);
 
 AtomicFile::AtomicFile(fs::path path)
-    : path_(std::move(path)),
-      temp_(path_.parent_path() / ("." + path_.filename().string() + ".tmp-" + std::to_string(::getpid()))) {
+    : path_(std::move(path)), temp_(path_.parent_path() / (temp_prefix(path_) + owner_tag())) {
+  remove_stale_temp_files(path_);
   fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd_ < 0) throw_errno("cannot create file", temp_);
 }
@@ -154,7 +209,7 @@ fs::path make_staging_dir(const fs::path& destination) {
   const fs::path parent = destination.parent_path().empty() ? fs::path(".") : destination.parent_path();
   fs::create_directories(parent);
   const fs::path staging =
-      parent / (staging_prefix(destination) + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+      parent / (staging_prefix(destination) + owner_tag() + "-" + std::to_string(counter++));
   fs::remove_all(staging);
   fs::create_directory(staging);
   return staging;
@@ -174,7 +229,7 @@ void commit_dir(const fs::path& staging, const fs::path& destination) {
     throw_errno("cannot swap dataset into place", destination);
   // File systems without RENAME_EXCHANGE: move the old dir aside first. A crash in between leaves no
   // dataset at the destination (never a partial one) and the old one recoverable next to it.
-  const fs::path aside = staging.string() + "-previous";
+  const fs::path aside = staging.string() + std::string(kMovedAsideSuffix);
   if (std::rename(destination.c_str(), aside.c_str()) != 0)
     throw_errno("cannot move previous dataset aside", destination);
   if (std::rename(staging.c_str(), destination.c_str()) != 0)
@@ -182,17 +237,40 @@ void commit_dir(const fs::path& staging, const fs::path& destination) {
   fs::remove_all(aside);
 }
 
+void remove_stale_temp_files(const fs::path& path) {
+  const fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
+  const std::string prefix = temp_prefix(path);
+  // Best effort: a folder that cannot be listed leaves its temp files, never fails the write.
+  std::error_code error;
+  for (fs::directory_iterator it(parent, error), end; !error && it != end; it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    std::error_code ignored;
+    if (left_by_dead_process(std::string_view(name).substr(prefix.size()), it->path())) fs::remove(it->path(), ignored);
+  }
+}
+
 void remove_stale_staging_dirs(const fs::path& destination) {
   const fs::path parent = destination.parent_path().empty() ? fs::path(".") : destination.parent_path();
   std::error_code error;
   if (!fs::is_directory(parent, error)) return;
+  const bool destination_exists = fs::exists(destination, error);
   const std::string prefix = staging_prefix(destination);
-  for (const auto& entry : fs::directory_iterator(parent, error)) {
-    const std::string name = entry.path().filename().string();
+  for (fs::directory_iterator it(parent, error), end; !error && it != end; it.increment(error)) {
+    const std::string name = it->path().filename().string();
     if (name.rfind(prefix, 0) != 0) continue;
-    const pid_t owner = static_cast<pid_t>(std::atol(name.c_str() + prefix.size()));
-    const bool owner_alive = owner > 0 && (::kill(owner, 0) == 0 || errno == EPERM);
-    if (!owner_alive) fs::remove_all(entry.path(), error);
+    // <owner tag>-<counter>, or <owner tag>-<counter>-previous for a dataset moved aside by commit_dir.
+    std::string_view rest = std::string_view(name).substr(prefix.size());
+    const bool moved_aside = rest.size() > kMovedAsideSuffix.size() &&
+                             rest.substr(rest.size() - kMovedAsideSuffix.size()) == kMovedAsideSuffix;
+    if (moved_aside) {
+      if (!destination_exists) continue;  // the only copy of the previous dataset
+      rest.remove_suffix(kMovedAsideSuffix.size());
+    }
+    const auto dash = rest.rfind('-');
+    if (dash == std::string_view::npos || !all_digits(rest.substr(dash + 1))) continue;
+    std::error_code ignored;
+    if (left_by_dead_process(rest.substr(0, dash), it->path())) fs::remove_all(it->path(), ignored);
   }
 }
 

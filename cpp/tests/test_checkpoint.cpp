@@ -4,10 +4,14 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "fixtures.hpp"
+#include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 #include "kiln/trainer.hpp"
 
@@ -28,15 +32,14 @@ TEST(checkpoint, holds_the_documented_entries_in_their_order) {
   for (const auto& entry : checkpoint) keys.push_back(entry.key().toStringRef());
   EXPECT_EQ(keys, (std::vector<std::string>{"format", "format_version", "kiln_version", "model", "classes",
                                             "normalization", "optimizer", "scheduler", "epoch", "history", "rng",
-                                            "options", "int8_calibration"}));
+                                            "options", "int8_calibration", "integrity"}));
   std::vector<std::string> rng;
   for (const auto& entry : checkpoint.at("rng").toGenericDict()) rng.push_back(entry.key().toStringRef());
   EXPECT_EQ(rng, (std::vector<std::string>{"torch_cpu", "dropout_seed", "dropout_offset", "shuffle"}));
   EXPECT_EQ(checkpoint.at("options").toGenericDict().at("precision").toStringRef(), "fp32");
 }
 
-TEST(checkpoint, training_state_reads_back_as_written) {
-  TempDir dir;
+TrainingState small_state() {
   TrainingState written;
   written.model.spec = {"mnist_cnn", 1, 2, 12, 12};
   written.model.classes = {"down", "up"};
@@ -57,6 +60,12 @@ TEST(checkpoint, training_state_reads_back_as_written) {
   written.dropout_seed = 123;
   written.dropout_offset = 4567;
   written.options.precision = Precision::bf16;
+  return written;
+}
+
+TEST(checkpoint, training_state_reads_back_as_written) {
+  TempDir dir;
+  const TrainingState written = small_state();
   const fs::path path = dir.path() / "state.pt";
   write_checkpoint(path, written);
 
@@ -98,6 +107,188 @@ TEST(checkpoint, missing_files_other_files_and_other_models_are_refused) {
   Trainer other(options);
   other.save_checkpoint(dir.path() / "resnet.pt");
   EXPECT_THROW(trainer.load_checkpoint(dir.path() / "resnet.pt"), DataError);
+}
+
+// What loading `path` for training says is wrong with it; "" if it loads.
+std::string refusal(const fs::path& path) {
+  try {
+    read_training_state(read_checkpoint(path), path);
+    const CheckpointModel model = checkpoint_model(read_checkpoint(path), path);
+    load_module_state_dict(*make_model(model.spec), model.state_dict, "checkpoint '" + path.string() + "'");
+    return "";
+  } catch (const DataError& error) {
+    return error.what();
+  }
+}
+
+void write_bytes(const fs::path& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+std::string read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// The checkpoint at `from` with `change` applied to its dict, saved to `to` as torch.save would.
+template <typename Change>
+fs::path edited(const fs::path& from, const fs::path& to, Change change) {
+  c10::impl::GenericDict checkpoint = read_checkpoint(from);
+  change(checkpoint);
+  detail::save_ivalue(to, checkpoint);
+  return to;
+}
+
+c10::impl::GenericDict dict_at(c10::impl::GenericDict parent, const char* key) {
+  return parent.at(key).toGenericDict();
+}
+
+void drop(c10::impl::GenericDict dict, const char* key) {
+  ASSERT_EQ(dict.erase(key), 1u) << key;
+}
+
+TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fault) {
+  TempDir dir;
+  const fs::path good = dir.path() / "good.pt";
+  write_checkpoint(good, small_state());
+  ASSERT_EQ(refusal(good), "");
+  const std::string bytes = read_bytes(good);
+  const auto file = [&dir](const char* name) { return dir.path() / name; };
+
+  std::vector<std::pair<fs::path, std::string>> cases;
+  write_bytes(file("empty.pt"), "");
+  cases.emplace_back(file("empty.pt"), "empty file (0 bytes)");
+  write_bytes(file("half.pt"), bytes.substr(0, bytes.size() / 2));
+  cases.emplace_back(file("half.pt"), "truncated (zip central directory missing)");
+  write_bytes(file("text.pt"), "model weights: see the wiki\n");
+  cases.emplace_back(file("text.pt"), "not a zip archive as torch.save writes (it starts with bytes 6d 6f 64");
+  fs::create_directory(file("folder.pt"));
+  cases.emplace_back(file("folder.pt"), "not a regular file");
+  std::string renamed = bytes;  // the first tensor's record, renamed in the local and central headers
+  for (auto at = renamed.find("/data/0"); at != std::string::npos; at = renamed.find("/data/0", at + 1)) {
+    renamed[at + 2] = 'o';  // miniz finds records case-insensitively
+  }
+  write_bytes(file("record.pt"), renamed);
+  cases.emplace_back(file("record.pt"), "record 'data/0' is missing from the zip archive");
+  c10::impl::GenericDict other(c10::StringType::get(), c10::AnyType::get());
+  other.insert("weights", at::ones({3}));
+  detail::save_ivalue(file("other.pt"), other);
+  cases.emplace_back(file("other.pt"), "not a kiln checkpoint (no 'format': 'kiln-checkpoint' entry)");
+  detail::save_ivalue(file("list.pt"), c10::IValue(detail::plain_list(std::vector<std::int64_t>{1, 2})));
+  cases.emplace_back(file("list.pt"), "not a kiln checkpoint (it holds a list, not a dict)");
+  edited(good, file("no_model.pt"), [](auto& c) {
+    drop(c, "integrity");
+    drop(c, "model");
+  });
+  cases.emplace_back(file("no_model.pt"), "has no 'model' entry");
+  edited(good, file("version.pt"), [](auto& c) { c.insert_or_assign("format_version", std::string("one")); });
+  cases.emplace_back(file("version.pt"), "'format_version' is a str, expected an int");
+  edited(good, file("height.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("height", std::string("12")); });
+  cases.emplace_back(file("height.pt"), "'model.height' is a str, expected an int");
+  edited(good, file("width.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("width", std::int64_t{-5}); });
+  cases.emplace_back(file("width.pt"), "'model.width' is -5, expected a positive int");
+  edited(good, file("weights.pt"), [](auto& c) {
+    drop(c, "integrity");
+    dict_at(c, "model").insert_or_assign("state_dict", std::int64_t{5});
+  });
+  cases.emplace_back(file("weights.pt"), "'model.state_dict' is an int, expected a dict");
+  edited(good, file("mean.pt"), [](auto& c) {
+    dict_at(c, "normalization").insert_or_assign("mean", detail::plain_list(std::vector<std::string>{"x"}));
+  });
+  cases.emplace_back(file("mean.pt"), "'normalization.mean[0]' is a str, expected a number");
+  edited(good, file("history.pt"), [](auto& c) {
+    c.insert_or_assign("history", detail::plain_list(std::vector<std::int64_t>{1}));
+  });
+  cases.emplace_back(file("history.pt"), "'history[0]' is an int, expected a dict");
+  edited(good, file("rng.pt"), [](auto& c) {
+    drop(c, "integrity");
+    c.insert_or_assign("rng", std::int64_t{1});
+  });
+  cases.emplace_back(file("rng.pt"), "'rng' is an int, expected a dict");
+  edited(good, file("shape.pt"), [](auto& c) {
+    drop(c, "integrity");
+    dict_at(dict_at(c, "model"), "state_dict").insert_or_assign("fc2.bias", at::zeros({3}));
+  });
+  cases.emplace_back(file("shape.pt"), "'fc2.bias' has shape [3], the model expects [2]");
+  edited(good, file("missing.pt"), [](auto& c) {
+    drop(c, "integrity");
+    drop(dict_at(dict_at(c, "model"), "state_dict"), "fc2.bias");
+  });
+  cases.emplace_back(file("missing.pt"), "has no tensor 'fc2.bias' for this model");
+  edited(good, file("dtype.pt"), [](auto& c) {
+    drop(c, "integrity");
+    dict_at(dict_at(c, "model"), "state_dict").insert_or_assign("fc2.bias", at::zeros({2}, at::kLong));
+  });
+  cases.emplace_back(file("dtype.pt"), "'fc2.bias' is a Long tensor, the model expects Float");
+
+  for (const auto& [path, fault] : cases) {
+    const std::string message = refusal(path);
+    EXPECT_NE(message.find(fault), std::string::npos) << path << ": " << message;
+    EXPECT_NE(message.find("'" + path.string() + "'"), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
+}
+
+TEST(checkpoint, a_flipped_bit_in_tensor_data_is_refused_naming_the_tensor) {
+  TempDir dir;
+  const fs::path path = dir.path() / "model.pt";
+  TrainingState state = small_state();
+  const at::Tensor weight = state.model.state_dict.toGenericDict().at("conv1.weight").toTensor();
+  write_checkpoint(path, state);
+  std::string bytes = read_bytes(path);
+  const std::string stored(static_cast<const char*>(weight.data_ptr()), weight.nbytes());
+  const auto at = bytes.find(stored);
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + stored.size() / 2] ^= 0x04;
+  write_bytes(path, bytes);
+  EXPECT_EQ(refusal(path), "checkpoint '" + path.string() +
+                               "': tensor 'model.state_dict.conv1.weight' does not match its checksum; the file is "
+                               "damaged");
+}
+
+TEST(checkpoint, checkpoints_written_before_checksums_load_unverified) {
+  TempDir dir;
+  write_checkpoint(dir.path() / "model.pt", small_state());
+  const fs::path old = edited(dir.path() / "model.pt", dir.path() / "old.pt", [](auto& c) { drop(c, "integrity"); });
+  EXPECT_EQ(refusal(old), "");
+}
+
+TEST(checkpoint, edited_tensors_are_refused_unless_the_checksums_are_removed) {
+  TempDir dir;
+  write_checkpoint(dir.path() / "model.pt", small_state());
+  const fs::path path = edited(dir.path() / "model.pt", dir.path() / "edited.pt", [](auto& c) {
+    dict_at(dict_at(c, "model"), "state_dict").insert_or_assign("extra", at::zeros({1}));
+  });
+  EXPECT_NE(refusal(path).find("tensor 'model.state_dict.extra' has no checksum"), std::string::npos);
+  const fs::path dropped = edited(dir.path() / "model.pt", dir.path() / "dropped.pt", [](auto& c) {
+    drop(dict_at(c, "rng"), "shuffle");
+  });
+  EXPECT_NE(refusal(dropped).find("tensor 'rng.shuffle' is missing, though its checksums list it"), std::string::npos);
+}
+
+TEST(checkpoint, non_finite_weights_are_refused_on_load_naming_the_tensor) {
+  TempDir dir;
+  write_checkpoint(dir.path() / "model.pt", small_state());
+  for (const double bad : {NAN, INFINITY}) {
+    const fs::path path = edited(dir.path() / "model.pt", dir.path() / "diverged.pt", [bad](auto& c) {
+      drop(c, "integrity");  // as in checkpoints written before kiln refused to write such weights
+      dict_at(dict_at(c, "model"), "state_dict").at("fc1.weight").toTensor()[0][3] = bad;
+    });
+    EXPECT_NE(refusal(path).find("'fc1.weight' holds 1 NaN or infinite value(s) of"), std::string::npos)
+        << refusal(path);
+  }
+}
+
+TEST(checkpoint, non_finite_weights_are_not_written_and_the_previous_file_is_kept) {
+  TempDir dir;
+  const fs::path path = dir.path() / "model.pt";
+  write_checkpoint(path, small_state());
+  const std::string before = read_bytes(path);
+  TrainingState diverged = small_state();
+  diverged.model.state_dict.toGenericDict().at("fc2.bias").toTensor()[1] = NAN;
+  EXPECT_THROW(write_checkpoint(path, diverged), TrainingError);
+  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1);
 }
 
 }  // namespace

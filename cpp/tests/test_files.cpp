@@ -1,6 +1,10 @@
 #include "kiln/detail/files.hpp"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
 
 #include "test_helpers.hpp"
 
@@ -48,16 +52,77 @@ TEST(files, commit_dir_swaps_in_the_new_dir_whole) {
   EXPECT_FALSE(fs::exists(staging));
 }
 
+// No process has pid 2^22 + 1 (above Linux's pid_max default).
+constexpr const char* kDeadPid = "4194305";
+
+std::string this_host() {
+  const std::string tag = owner_tag();
+  return tag.substr(0, tag.rfind('-'));
+}
+
+void make_old(const fs::path& path) {
+  fs::last_write_time(path, fs::file_time_type::clock::now() - std::chrono::hours(2));
+}
+
+TEST(files, temp_files_name_their_host_and_process) {
+  EXPECT_EQ(owner_tag(), this_host() + "-" + std::to_string(::getpid()));
+  EXPECT_FALSE(this_host().empty());
+  EXPECT_EQ(this_host().find('/'), std::string::npos);
+}
+
+TEST(files, the_next_atomic_write_removes_temp_files_of_dead_processes_only) {
+  TempDir dir;
+  const fs::path target = dir.path() / "checkpoint.pt";
+  const fs::path dead = dir.path() / (".checkpoint.pt.tmp-" + this_host() + "-" + kDeadPid);
+  const fs::path live = dir.path() / (".checkpoint.pt.tmp-" + this_host() + "-" + std::to_string(::getppid()));
+  const fs::path other_host = dir.path() / (".checkpoint.pt.tmp-" + this_host() + "x-" + kDeadPid);
+  const fs::path unowned_recent = dir.path() / ".checkpoint.pt.tmp-4194306";  // a bare pid, as kiln named them before
+  const fs::path unowned_old = dir.path() / ".checkpoint.pt.tmp-4194307";
+  const fs::path other_file = dir.path() / (".manifest.json.tmp-" + this_host() + "-" + kDeadPid);
+  for (const auto& path : {dead, live, other_host, unowned_recent, unowned_old, other_file}) {
+    std::ofstream(path) << "partial";
+  }
+  make_old(unowned_old);
+  write_file_atomic(target, "new");
+  EXPECT_EQ(slurp(target), "new");
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_FALSE(fs::exists(unowned_old));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other_host));  // another machine's, on a shared volume: never ours to judge
+  EXPECT_TRUE(fs::exists(unowned_recent));
+  EXPECT_TRUE(fs::exists(other_file));  // only the temp files of the file being written are looked at
+}
+
 TEST(files, stale_staging_dirs_of_dead_processes_are_removed) {
   TempDir dir;
   const fs::path destination = dir.path() / "processed";
-  // No process has pid 2^22 + 1 (above Linux's pid_max default).
-  const fs::path stale = dir.path() / ".processed.staging-4194305-0";
-  fs::create_directories(stale);
+  const std::string prefix = ".processed.staging-";
+  const fs::path stale = dir.path() / (prefix + this_host() + "-" + kDeadPid + "-0");
+  const fs::path other_host = dir.path() / (prefix + "elsewhere-" + kDeadPid + "-0");
+  const fs::path unowned_recent = dir.path() / (prefix + "4194306-0");
+  const fs::path unowned_old = dir.path() / (prefix + "4194307-0");
+  for (const auto& path : {stale, other_host, unowned_recent, unowned_old}) fs::create_directories(path);
+  make_old(unowned_old);
   const fs::path live = make_staging_dir(destination);
+  EXPECT_EQ(live.filename().string().rfind(prefix + owner_tag() + "-", 0), 0u) << live;
   remove_stale_staging_dirs(destination);
   EXPECT_FALSE(fs::exists(stale));
+  EXPECT_FALSE(fs::exists(unowned_old));
   EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other_host));
+  EXPECT_TRUE(fs::exists(unowned_recent));
+}
+
+TEST(files, a_dataset_moved_aside_is_kept_while_it_is_the_only_copy) {
+  TempDir dir;
+  const fs::path destination = dir.path() / "processed";
+  const fs::path aside = dir.path() / (".processed.staging-" + this_host() + "-" + kDeadPid + "-0-previous");
+  fs::create_directories(aside);
+  remove_stale_staging_dirs(destination);
+  EXPECT_TRUE(fs::exists(aside));  // a crash between commit_dir's renames: the previous dataset
+  fs::create_directories(destination);
+  remove_stale_staging_dirs(destination);
+  EXPECT_FALSE(fs::exists(aside));
 }
 
 }  // namespace

@@ -9,6 +9,10 @@
 //   rng:        {torch_cpu, shuffle: generator states (uint8 tensors), dropout_seed, dropout_offset}
 //   options
 //   int8_calibration (optional): {activation_max: [float], images}: see kiln/int8.hpp
+//   integrity:  {algorithm: "crc32", tensors: {dotted path: CRC-32 of the tensor's dtype, shape and
+//               bytes, as a signed 32-bit int}}, e.g. "model.state_dict.fc1.weight". Checkpoints
+//               written before kiln recorded it have none and load unverified; one edited outside
+//               kiln (a tensor added, changed or removed) is refused until this entry is deleted.
 #pragma once
 
 #include <ATen/core/ivalue.h>
@@ -64,19 +68,28 @@ struct TrainingState {
   TrainerOptions options;
 };
 
-// Writes `state` atomically in the layout above. Taken by value and moved into the file's dict: the
-// pickler memoizes any object referenced twice, which would change the file's bytes.
+// Writes `state` atomically in the layout above, with the checksums of every tensor. Taken by value and
+// moved into the file's dict: the pickler memoizes any object referenced twice, which would change the
+// file's bytes. A model with NaN or infinite weights is not written (kiln::TrainingError naming the
+// tensor): the file keeps the last good checkpoint.
 void write_checkpoint(const std::filesystem::path& path, TrainingState state);
 
-// Loads and validates a checkpoint file; throws kiln::NotFoundError / kiln::DataError naming it.
+// Loads a checkpoint file and verifies its tensors against their checksums; throws kiln::NotFoundError
+// or kiln::DataError, one line naming the file and what is wrong with it: unreadable, empty, not a zip
+// archive, truncated, a missing record, not a kiln checkpoint, a tensor that does not match its checksum.
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path);
+// What inference needs; kiln::DataError naming the file and the entry ('model.height') if one is missing
+// or of the wrong type.
 CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
-// Everything but `options`; kiln::DataError naming the file if an entry is missing.
+// Everything but `options`; kiln::DataError naming the file and the entry if one is missing or of the
+// wrong type.
 TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
 
 // Parameters and buffers by their dotted names, as CPU tensors (torch's Module.state_dict()).
 c10::IValue module_state_dict(const torch::nn::Module& module);
-// Copies a state dict into `module`; every name must be present with the right shape.
+// Copies a state dict into `module`; every name must be present with the right shape and a dtype that
+// converts (floating to floating), and no floating tensor may hold NaN or infinite values (checked
+// before anything is copied). Otherwise kiln::DataError naming `source` and the tensor.
 void load_module_state_dict(torch::nn::Module& module, const c10::IValue& state, const std::string& source);
 
 }  // namespace kiln

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
+import socket
+import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -161,6 +164,56 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _owner_tag() -> str:
+    """``<host>-<pid>``: who writes a staging or retired tree, as kiln's C++ core names its temp files."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+    return f"{host}-{os.getpid()}"
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# A tree named with a bare pid (before kiln recorded the host) must be this old to count as stale: a
+# pid alone cannot tell this host's processes from those of another machine sharing the volume.
+_UNOWNED_TREE_AGE_S = 3600
+
+
+def _left_by_dead_process(tag: str, path: Path) -> bool:
+    """Whether ``path``, named with ``tag``, was left by a process that no longer runs: ``tag`` names this
+    host and a pid that is not running. Another host's trees (a shared volume) are never stale here."""
+    host, _, pid = tag.rpartition("-")
+    if not pid.isdigit() or not 0 < int(pid) < 2**31:
+        return False
+    if host:
+        return host == _owner_tag().rpartition("-")[0] and not _process_runs(int(pid))
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except OSError:
+        return False
+    return not _process_runs(int(pid)) and age > _UNOWNED_TREE_AGE_S
+
+
+def _remove_stale_trees(out: Path) -> None:
+    """Remove ``<out>.tmp-<owner>`` staging trees, and ``<out>.old-<owner>`` retired ones while ``out``
+    exists, that killed runs left behind; never a live process's or another host's."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        if kind == "old" and not (out.exists() or out.is_symlink()):
+            continue  # the retired tree is then the only copy of the previous result
+        prefix = f"{out.name}.{kind}-"
+        for path in out.parent.iterdir():
+            if path.name.startswith(prefix) and _left_by_dead_process(path.name[len(prefix) :], path):
+                _remove(path)
+
+
 def idx_to_png_tree(
     idx_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -196,7 +249,8 @@ def idx_to_png_tree(
         "test": test_per_class_limit if test_per_class_limit is not None else per_class_limit,
     }
 
-    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    _remove_stale_trees(out)
+    staging = out.with_name(f"{out.name}.tmp-{_owner_tag()}")
     _remove(staging)  # left over from a crashed run whose pid was reused
     counts: dict[str, int] = {}
     try:
@@ -206,7 +260,7 @@ def idx_to_png_tree(
             counts[split] = len(indices)
         if out.exists() or out.is_symlink():
             # rename() cannot replace a non-empty directory, so move the old tree aside first.
-            retired = out.with_name(f"{out.name}.old-{os.getpid()}")
+            retired = out.with_name(f"{out.name}.old-{_owner_tag()}")
             _remove(retired)
             out.rename(retired)
             staging.rename(out)

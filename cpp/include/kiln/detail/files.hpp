@@ -33,9 +33,21 @@ class OpenDirectory {
   int fd_ = -1;
 };
 
-// A file written under a temp name in its final dir and renamed into place by commit() after an
-// fsync: readers see either the old file or the complete new one. Dropped uncommitted, the temp
-// file is removed.
+// Temp files and staging dirs carry their owner in their names, "<host>-<pid>" (the host name with
+// characters other than letters, digits, '.', '_' and '-' as '_'), so that a later run can tell which
+// ones a killed process left behind.
+std::string owner_tag();
+
+// Whether `entry`, named with `tag`, was left by a process that no longer runs: `tag` names this host
+// and a pid that is not running. Another host's entries (a shared volume) are never stale here. A
+// bare pid (the names kiln wrote before it recorded the host) counts only if that pid is not running
+// here and the entry has not been modified for an hour.
+bool left_by_dead_process(std::string_view tag, const std::filesystem::path& entry);
+
+// A file written under a temp name, `.<name>.tmp-<owner_tag>`, in its final dir and renamed into
+// place by commit() after an fsync: readers see either the old file or the complete new one. Dropped
+// uncommitted, the temp file is removed; temp files of the same name left by dead processes (see
+// left_by_dead_process) are removed when the next one is created.
 class AtomicFile {
  public:
   explicit AtomicFile(std::filesystem::path path);
@@ -63,7 +75,11 @@ std::filesystem::path make_staging_dir(const std::filesystem::path& destination)
 // removes the old contents. A crash at any point leaves either the old or the new dir in place.
 void commit_dir(const std::filesystem::path& staging, const std::filesystem::path& destination);
 
-// Removes staging dirs next to `destination` left behind by processes that no longer run.
+// Removes `.<name>.tmp-<owner>` files next to `path` that left_by_dead_process says are stale.
+void remove_stale_temp_files(const std::filesystem::path& path);
+
+// Removes staging dirs next to `destination` that left_by_dead_process says are stale. A previous
+// dataset moved aside by an interrupted commit_dir is kept while `destination` does not exist.
 void remove_stale_staging_dirs(const std::filesystem::path& destination);
 
 }  // namespace kiln::detail

@@ -5,6 +5,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <filesystem>
+#include <string_view>
 
 namespace kiln::detail {
 
@@ -22,8 +23,9 @@ c10::impl::GenericList plain_list(const std::vector<T>& values) {
 // atomically; returns the file's size in bytes.
 std::int64_t save_ivalue(const std::filesystem::path& path, const c10::IValue& value);
 
-// Loads a file written by save_ivalue or torch.save; throws kiln::DataError naming the file if it
-// cannot be read or parsed.
-c10::IValue load_ivalue(const std::filesystem::path& path);
+// Loads a file written by save_ivalue or torch.save; throws kiln::DataError, in one line, naming the
+// file as "<kind> '<path>'" and what is wrong with it (empty, not a zip archive, truncated, a
+// missing record) if it cannot be read or parsed.
+c10::IValue load_ivalue(const std::filesystem::path& path, std::string_view kind = "tensor file");
 
 }  // namespace kiln::detail
