@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=64, help="images per step, over all processes")
     parser.add_argument("--train-limit", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600, help="seconds one torchrun may take")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every configuration, interleaved; rows: the median round"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -157,9 +160,15 @@ def main() -> None:
             f"{'grad MB/step':>12} {'speed-up':>8} {'test acc':>8}"
         )
         for model in args.models.split(","):
+            # Rounds interleave the process counts: a shared machine's speed drifts over minutes.
+            measured = {nproc: [] for nproc in nprocs}
+            for _ in range(args.rounds):
+                for nproc in nprocs:
+                    measured[nproc].append(measure(model, nproc, processed, args, scratch))
             baseline = None
             for nproc in nprocs:
-                row = measure(model, nproc, processed, args, scratch)
+                runs = sorted(measured[nproc], key=lambda r: r["seconds_per_epoch"])
+                row = runs[len(runs) // 2]
                 baseline = baseline or row["seconds_per_epoch"]
                 row["speedup"] = baseline / row["seconds_per_epoch"]
                 rows.append(row)
