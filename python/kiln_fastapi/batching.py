@@ -2,9 +2,10 @@
 
 Every request's images join a queue; one inference thread takes everything queued (up to
 ``max_images``) and runs it through the C++ predictor in one call, while new requests queue for the
-next round. An idle server predicts a lone request at once (no waiting window); a busy one predicts
-many requests per call, and only one prediction runs at a time per process, so gunicorn's workers
-don't fight over the cores with dozens of concurrent forward passes.
+next round. An idle server predicts a lone request at once (no waiting window, and a small one on the
+event loop's thread, without the hand-off); a busy one predicts many requests per call, and only one
+prediction runs at a time per process, so gunicorn's workers don't fight over the cores with dozens
+of concurrent forward passes.
 
 One request's input never changes another's answer: a bad image is a per-image error of its own
 request, and should a shared call fail outright (an exception instead of per-image errors), the
@@ -18,6 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+# A lone request of at most this many images (what a server at low load sees) is predicted on the event
+# loop's thread: handing it to the inference thread and back cost more than the prediction of a small
+# image, and no other request was waiting to join it. Requests arriving meanwhile queue for the next call.
+INLINE_IMAGES = 8
 
 # (probabilities [N, classes], per-image error or None), as Predictor.predict_encoded answers.
 Answer = tuple[np.ndarray, list[str | None]]
@@ -50,8 +56,12 @@ class MicroBatcher:
                     images, future = self._pending.pop(0)
                     batch.append((images, future))
                     count += len(images)
+                requests = [images for images, _ in batch]
                 try:
-                    answers = await loop.run_in_executor(self._executor, self._predict, [images for images, _ in batch])
+                    if len(batch) == 1 and count <= INLINE_IMAGES:
+                        answers = self._predict(requests)
+                    else:
+                        answers = await loop.run_in_executor(self._executor, self._predict, requests)
                 except Exception as error:
                     answers = [error] * len(batch)
                 for (_, future), answer in zip(batch, answers, strict=True):

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from kiln_fastapi.batching import MicroBatcher
-from kiln_fastapi.config import Settings
+from kiln_fastapi.config import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -74,5 +74,11 @@ def load_model(settings: Settings) -> ServedModel:
     )
 
 
-def get_model(request: Request) -> ServedModel:
+# The dependencies are coroutines: FastAPI runs a plain-def dependency or route in its thread pool, a
+# thread hop per request for what is an attribute read.
+async def get_model(request: Request) -> ServedModel:
     return request.app.state.model
+
+
+async def served_settings() -> Settings:
+    return get_settings()

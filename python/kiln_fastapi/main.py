@@ -158,12 +158,12 @@ API_ROUTER.include_router(model_routes.ROUTER, prefix="/model", tags=["model"])
 
 
 @API_ROUTER.get("/health", tags=["health"], summary="Liveness: the process answers")
-def health() -> dict[str, str]:
+async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @API_ROUTER.get("/ready", tags=["health"], summary="Readiness: the model is loaded")
-def ready() -> dict[str, str]:
+async def ready() -> dict[str, str]:
     return {"status": "ready"}
 
 

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from starlette.concurrency import run_in_threadpool
 
 import kiln
-from kiln_fastapi.config import Settings, get_settings
-from kiln_fastapi.deps import ServedModel, get_model
+from kiln_fastapi.config import Settings
+from kiln_fastapi.deps import ServedModel, get_model, served_settings
 from kiln_fastapi.prediction import check_count, classify, decode_base64, inline_schema, unprocessable
 from kiln_fastapi.v2 import binary
 
@@ -130,23 +130,25 @@ def _served(name: str, settings: Settings) -> None:
 
 
 @ROUTER.get("/health/live", response_model=Live)
-def live() -> Any:
+async def live() -> Any:
     return {"live": True}
 
 
 @ROUTER.get("/health/ready", response_model=Ready)
-def ready(model: Annotated[ServedModel, Depends(get_model)]) -> Any:
+async def ready(model: Annotated[ServedModel, Depends(get_model)]) -> Any:
     return {"ready": model is not None}
 
 
 @ROUTER.get("", response_model=ServerMetadata)
-def server_metadata() -> Any:
+async def server_metadata() -> Any:
     return {"name": "kiln", "version": kiln.__version__, "extensions": ["binary_tensor_data"]}
 
 
 @ROUTER.get("/models/{name}", response_model=ModelMetadata, responses=_NOT_FOUND)
-def model_metadata(
-    name: str, model: Annotated[ServedModel, Depends(get_model)], settings: Annotated[Settings, Depends(get_settings)]
+async def model_metadata(
+    name: str,
+    model: Annotated[ServedModel, Depends(get_model)],
+    settings: Annotated[Settings, Depends(served_settings)],
 ) -> Any:
     _served(name, settings)
     channels, height, width = model.image_shape
@@ -166,7 +168,7 @@ def model_metadata(
 
 
 @ROUTER.get("/models/{name}/ready", response_model=Ready, responses=_NOT_FOUND)
-def model_ready(name: str, settings: Annotated[Settings, Depends(get_settings)]) -> Any:
+async def model_ready(name: str, settings: Annotated[Settings, Depends(served_settings)]) -> Any:
     _served(name, settings)
     return {"ready": True}
 
@@ -312,7 +314,7 @@ async def infer(
     name: str,
     request: Request,
     model: Annotated[ServedModel, Depends(get_model)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    settings: Annotated[Settings, Depends(served_settings)],
     header_length: Annotated[
         str | None,
         Header(

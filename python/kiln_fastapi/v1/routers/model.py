@@ -157,7 +157,7 @@ async def predict(request: Request, model: Annotated[ServedModel, Depends(get_mo
 
 
 @ROUTER.get("/version", response_model=VersionResponse, summary="The served model")
-def version(model: Annotated[ServedModel, Depends(get_model)]) -> Any:
+async def version(model: Annotated[ServedModel, Depends(get_model)]) -> Any:
     return {
         "data": {
             "model_uuid": model.model_uuid,
