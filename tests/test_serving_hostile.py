@@ -234,8 +234,9 @@ def test_bad_requests_never_change_the_answers_of_good_ones(server: ModelServer,
 
 
 def test_the_batcher_answers_a_call_s_good_requests_when_one_poisons_it(trained_checkpoint: Path) -> None:
-    """In one process: these requests queue together and share one predictor call, which the poison makes
-    raise instead of reporting a per-image error (before the decoder's messages were made UTF-8-safe)."""
+    """In one process: these requests queue together and share one predictor call. The poison's decoder
+    message was not UTF-8, which made that call raise for everyone (the batcher now predicts the requests
+    apart when a call raises); since the decoder escapes its messages, it is a per-image error."""
     predictor = load_predictor(trained_checkpoint, no_cuda=True)
     batcher = MicroBatcher(predictor)
     requests = [[PNG], [POISON], [IMAGES[1].read_bytes(), PNG], [PNG[:60]], [IMAGES[9].read_bytes(), POISON]]
