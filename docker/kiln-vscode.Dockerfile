@@ -59,7 +59,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         cmake ninja-build g++ ccache pkg-config libopencv-dev libgtest-dev nlohmann-json3-dev libdeflate-dev \
-        postgresql \
+        postgresql clang libclang-rt-dev \
         git openssh-client curl ca-certificates less \
     && curl -fsSL -o /tmp/code-server.deb \
         "https://github.com/coder/code-server/releases/download/v${CODE_SERVER_VERSION}/code-server_${CODE_SERVER_VERSION}_amd64.deb" \

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libopencv-dev libgtest-dev nlohmann-json3-dev libdeflate-dev curl
-  postgresql)  # PostgreSQL: the distributed-sweep tests start their own server
+  postgresql  # PostgreSQL: the distributed-sweep tests start their own server
+  clang libclang-rt-dev)  # libFuzzer (scripts/fuzz.sh) and its sanitizer runtimes
 PYTHON="${PYTHON:-python3}"
 
 missing=()
