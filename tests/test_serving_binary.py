@@ -23,7 +23,7 @@ from test_serving import IMAGES, ModelServer, call, expected
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, trained_checkpoint: Path):
     root = tmp_path_factory.mktemp("binary-server")
-    running = ModelServer(root, {"PRED_MODEL_PATH": str(trained_checkpoint), "PRED_MODEL_UUID": ""}, workers=1)
+    running = ModelServer(root, {"PRED_MODEL_PATH": str(trained_checkpoint), "PRED_MODEL_UUID": "run-7"}, workers=1)
     try:
         running.wait_ready()
         yield running
@@ -285,3 +285,15 @@ def test_tritonclient_reports_kiln_s_message(client: triton.InferenceServerClien
         client.infer("kiln", [tensor])
     assert raised.value.status() == "422"
     assert "UINT8 input must have shape [N, 1, 28, 28], got [5, 1, 28, 27]" in raised.value.message()
+
+
+def test_tritonclient_names_the_model_s_version(client: triton.InferenceServerClient, pixels: np.ndarray) -> None:
+    assert client.get_model_metadata("kiln", model_version="run-7")["versions"] == ["run-7"]
+    assert client.is_model_ready("kiln", model_version="run-7")
+    tensor = triton.InferInput("images", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    assert client.infer("kiln", [tensor], model_version="run-7").as_numpy("prediction").shape == (5,)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("kiln", [tensor], model_version="1")
+    assert raised.value.status() == "404"
+    assert "has no version '1'; its version is 'run-7'" in raised.value.message()

@@ -68,6 +68,9 @@ ROUTES = [
     ("GET", "/v2/models/{name}"),
     ("GET", "/v2/models/{name}/ready"),
     ("POST", "/v2/models/{name}/infer"),
+    ("GET", "/v2/models/{name}/versions/{version}"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer"),
 ]
 
 
@@ -157,7 +160,7 @@ def send(server: ModelServer, method: str, path: str, headers: list[tuple[str, b
 def test_any_bytes_to_any_route_get_an_answer_below_500(
     server: ModelServer, route: tuple[str, str], method: str | None, name: str, headers, body: bytes
 ) -> None:
-    path = route[1].replace("{name}", urllib.parse.quote(name, safe=""))
+    path = route[1].replace("{name}", urllib.parse.quote(name, safe="")).replace("{version}", "1")
     status = send(server, method or route[0], path, headers, body)
     assert status < 500, (method or route[0], path, headers, body[:200])
 

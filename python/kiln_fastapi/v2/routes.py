@@ -5,6 +5,9 @@
     GET  /v2/models/{name}[/ready]             model metadata / readiness
     POST /v2/models/{name}/infer               inference
 
+Each model route also answers under ``/v2/models/{name}/versions/{version}``, where the one version
+is the served run's id (PRED_MODEL_UUID).
+
 An inference request carries one input: either the pixels, ``datatype: "UINT8"`` with shape
 ``[N, C, H, W]`` (or ``[C, H, W]``) in the model's layout, or encoded image files, ``datatype:
 "BYTES"`` with shape ``[N]`` and base64 strings as data. The answer has two outputs:
@@ -144,7 +147,30 @@ async def server_metadata() -> Any:
     return {"name": "kiln", "version": kiln.__version__, "extensions": ["binary_tensor_data"]}
 
 
+def _versions(model: ServedModel) -> list[str]:
+    return [model.model_uuid] if model.model_uuid else []
+
+
+async def served_version(
+    version: str,
+    model: Annotated[ServedModel, Depends(get_model)],
+    settings: Annotated[Settings, Depends(served_settings)],
+) -> None:
+    """The ``/versions/{version}`` routes' check: the model's one version is its run id (PRED_MODEL_UUID)."""
+    if version not in _versions(model):
+        has = f"its version is '{model.model_uuid}'" if model.model_uuid else "it has no versions (no PRED_MODEL_UUID)"
+        raise HTTPException(
+            status_code=404,
+            detail=f"model '{settings.MODEL_NAME}' has no version '{version}'; {has}, "
+            f"or leave the version out: /v2/models/{settings.MODEL_NAME}/...",
+        )
+
+
+_VERSIONED = {"dependencies": [Depends(served_version)], "responses": _NOT_FOUND}
+
+
 @ROUTER.get("/models/{name}", response_model=ModelMetadata, responses=_NOT_FOUND)
+@ROUTER.get("/models/{name}/versions/{version}", response_model=ModelMetadata, **_VERSIONED)
 async def model_metadata(
     name: str,
     model: Annotated[ServedModel, Depends(get_model)],
@@ -154,7 +180,7 @@ async def model_metadata(
     channels, height, width = model.image_shape
     return {
         "name": name,
-        "versions": [model.model_uuid] if model.model_uuid else [],
+        "versions": _versions(model),
         "platform": "kiln-libtorch",
         "inputs": [
             {"name": "images", "datatype": "UINT8", "shape": [-1, channels, height, width]},
@@ -168,6 +194,7 @@ async def model_metadata(
 
 
 @ROUTER.get("/models/{name}/ready", response_model=Ready, responses=_NOT_FOUND)
+@ROUTER.get("/models/{name}/versions/{version}/ready", response_model=Ready, **_VERSIONED)
 async def model_ready(name: str, settings: Annotated[Settings, Depends(served_settings)]) -> Any:
     _served(name, settings)
     return {"ready": True}
@@ -294,8 +321,7 @@ _INFER_BODY = {
 }
 
 
-@ROUTER.post(
-    "/models/{name}/infer",
+_INFER_ROUTE: dict[str, Any] = dict(
     response_model=InferenceResponse,
     openapi_extra={"requestBody": _INFER_BODY},
     responses={
@@ -310,6 +336,10 @@ _INFER_BODY = {
         422: {"description": "Invalid tensor, or an image that cannot be decoded", "model": Error},
     },
 )
+
+
+@ROUTER.post("/models/{name}/infer", **_INFER_ROUTE)
+@ROUTER.post("/models/{name}/versions/{version}/infer", **{**_INFER_ROUTE, "dependencies": [Depends(served_version)]})
 async def infer(
     name: str,
     request: Request,
