@@ -12,8 +12,9 @@ arithmetic. Prints per model and process count: seconds per epoch (median of the
 first), images/s, the share of the epoch rank 0 spent waiting on communication (gradient all-reduces
 that backward did not hide, plus the epoch's metric reductions and broadcasts), the gradient bytes
 all-reduced per step, and the speed-up over one process. On CPUs the processes share the machine's
-cores (torchrun gives each OMP_NUM_THREADS=1 with N > 1, the single process keeps them all), so the
-speed-up measures communication and scheduling overhead, not added compute.
+cores (torchrun gives each OMP_NUM_THREADS=1 with N > 1, the single process keeps them all; --threads
+sets one count for all), so the speed-up measures communication and scheduling overhead, not added
+compute.
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def measure(model: str, nproc: int, processed: Path, args: argparse.Namespace, s
         f"--global-batch={args.global_batch}",
         f"--train-limit={args.train_limit}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     if result.returncode != 0:
         raise SystemExit(f"torchrun with {nproc} processes failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     figures = json.loads(out.read_text())
@@ -135,6 +139,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one torchrun may take")
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat every configuration, interleaved; rows: the median round"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS of every process (default: torchrun's, 1 per process when N > 1, all cores for N = 1)",
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

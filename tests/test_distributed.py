@@ -210,6 +210,33 @@ def test_torchrun_train_model_logs_one_run_from_rank_0(
     assert "world_size" not in rank_logs[1] and " - INFO - " not in rank_logs[1], rank_logs[1]
 
 
+def test_a_sweep_under_torchrun_trains_every_trial_on_every_rank(
+    tmp_path: Path, processed_sample: Path, mlflow_server: str
+) -> None:
+    """The in-memory study is seeded and every rank sees the same (all-reduced) objectives, so the ranks
+    propose the same trials and train each together; rank 0 logs one run per trial."""
+    experiment = "torchrun-sweep"
+    args = train_model_args(
+        processed_sample, tmp_path, mlflow_server, experiment, "epochs=1", "train_limit=256", "test_limit=100"
+    )
+    args = [a for a in args if not a.startswith("hydra.run.dir")]
+    result = run_torchrun(
+        *args[:1],
+        "--multirun",
+        *args[1:],
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = runs_of(client_for(mlflow_server), experiment)
+    assert len(runs) == 2, [r.info.run_name for r in runs]
+    assert {r.data.params["world_size"] for r in runs} == {"2"}
+    assert all(r.info.status == "FINISHED" and "-hp-" in r.info.run_name for r in runs)
+    trials = {(r.data.params["learning_rate"], r.data.params["train_batch_size"]) for r in runs}
+    assert len(trials) == 2  # two different trials, each trained once by both ranks together
+
+
 def worker_of_rank(torchrun_process: subprocess.Popen, rank: int) -> psutil.Process | None:
     for child in psutil.Process(torchrun_process.pid).children(recursive=True):
         try:
