@@ -357,7 +357,7 @@ async def infer(
 
     _served(name, settings)
     body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = request.headers.get("content-encoding", "").strip().lower() or "identity"
     if encoding in ("gzip", "deflate"):
         body = binary.inflate(body, encoding, settings.MAX_REQUEST_BYTES)
     elif encoding != "identity":
