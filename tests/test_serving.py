@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from schemathesis import checks
 import kiln
 from conftest import REPO, SAMPLE, ServerProcess
 from kiln.inference import load_predictor
+
+# Hypothesis reports a falsifying example through libcst, whose import warns (mypy_extensions.TypedDict is
+# deprecated); under pytest's warnings-as-errors that warning replaced the report with an INTERNALERROR.
+# Imported here once, quietly (for the schemathesis test and test_serving_hostile.py's), the report
+# shows the example.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hypothesis.extra._patching  # noqa: F401
 
 IMAGES = sorted((SAMPLE / "test" / "7_Sneaker").iterdir())[:8] + sorted((SAMPLE / "test" / "1_Trouser").iterdir())[:8]
 

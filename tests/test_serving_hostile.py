@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import http.client
 import json
 import struct
 import urllib.parse
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,13 +20,6 @@ from hypothesis import strategies as st
 from kiln.inference import load_predictor
 from kiln_fastapi.batching import MicroBatcher
 from test_serving import IMAGES, ModelServer, call, expected, json_batch, multipart
-
-# Hypothesis reports a falsifying example through libcst, whose import warns (mypy_extensions.TypedDict is
-# deprecated); under pytest's warnings-as-errors that warning replaced the report with an INTERNALERROR.
-# Imported here once, quietly, the report shows the example.
-with warnings.catch_warnings(), contextlib.suppress(ImportError):
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import hypothesis.extra._patching  # noqa: F401
 
 
 @pytest.fixture(scope="module")
