@@ -36,8 +36,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   const kiln::detail::ImageHeader header = kiln::detail::read_image_header(bytes);
   require_printable(header.error, "header error");
-  const bool over_budget = header.error.empty() &&
-                           !kiln::detail::check_pixel_budget(header.format, header.width, header.height, kBudget).empty();
+  const bool over_budget =
+      header.error.empty() &&
+      !kiln::detail::check_pixel_budget(header.format, header.width, header.height, kBudget).empty();
 
   if (header.format == kiln::detail::ImageFormat::png) {  // decode_png's contract: a PNG signature first
     kiln::detail::PngImage png;

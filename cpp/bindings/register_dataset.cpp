@@ -19,7 +19,9 @@ void register_dataset(py::module_& m) {
   py::class_<FileNote>(m, "FileNote", "A file of the raw tree and what happened to it.")
       .def_readonly("path", &FileNote::path)
       .def_property_readonly("reason", [](const FileNote& note) { return detail::printable_utf8(note.reason); })
-      .def("__repr__", [](const FileNote& note) { return "FileNote(" + note.path + ": " + detail::printable_utf8(note.reason) + ")"; });
+      .def("__repr__", [](const FileNote& note) {
+        return "FileNote(" + note.path + ": " + detail::printable_utf8(note.reason) + ")";
+      });
 
   py::class_<SplitInfo>(m, "SplitInfo")
       .def_readonly("name", &SplitInfo::name)
@@ -45,9 +47,8 @@ void register_dataset(py::module_& m) {
   m.def(
       "prepare_dataset",
       [](const std::variant<std::filesystem::path, std::vector<std::filesystem::path>>& raw_dir,
-         const std::filesystem::path& out_dir,
-         std::optional<std::pair<int, int>> image_size, std::optional<int> channels, int num_workers,
-         std::int64_t max_image_pixels, py::object progress) {
+         const std::filesystem::path& out_dir, std::optional<std::pair<int, int>> image_size,
+         std::optional<int> channels, int num_workers, std::int64_t max_image_pixels, py::object progress) {
         PrepareOptions options;
         if (const auto* one = std::get_if<std::filesystem::path>(&raw_dir)) {
           options.raw_dir = *one;

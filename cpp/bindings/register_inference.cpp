@@ -24,8 +24,8 @@ py::list errors_or_none(const std::vector<std::string>& errors) {
 
 void register_inference(py::module_& m) {
   py::class_<Predictor>(m, "Predictor", "Class probabilities from a kiln checkpoint; thread-safe.")
-      .def(py::init([](const std::filesystem::path& checkpoint, const std::string& device,
-                       const std::string& precision, const std::optional<std::string>& fallback) {
+      .def(py::init([](const std::filesystem::path& checkpoint, const std::string& device, const std::string& precision,
+                       const std::optional<std::string>& fallback) {
              const Precision requested = parse_precision(precision);
              std::optional<Precision> int8_fallback;
              if (fallback) int8_fallback = parse_precision(*fallback);

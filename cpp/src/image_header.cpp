@@ -23,8 +23,7 @@ std::uint32_t be16(Bytes d, std::size_t at) {
   return (std::uint32_t{d[at]} << 8) | d[at + 1];
 }
 std::uint32_t be32(Bytes d, std::size_t at) {
-  return (std::uint32_t{d[at]} << 24) | (std::uint32_t{d[at + 1]} << 16) | (std::uint32_t{d[at + 2]} << 8) |
-         d[at + 3];
+  return (std::uint32_t{d[at]} << 24) | (std::uint32_t{d[at + 1]} << 16) | (std::uint32_t{d[at + 2]} << 8) | d[at + 3];
 }
 std::uint64_t be64(Bytes d, std::size_t at) {
   return (std::uint64_t{be32(d, at)} << 32) | be32(d, at + 4);

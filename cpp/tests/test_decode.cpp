@@ -60,10 +60,10 @@ TEST_P(decode_converts, the_image_to_the_dataset_layout_and_reports_it) {
 
 INSTANTIATE_TEST_SUITE_P(
     conversions, decode_converts,
-    ::testing::Values(Conversion{"image_of_another_size", pattern(56, 40, 1, 3), {1, 28, 28}, "resized from 56x40 to 28x28"},
-                      Conversion{"colour_image_in_grayscale_dataset", pattern(8, 8, 3, 4), {1, 8, 8},
-                                 "converted RGB to grayscale"},
-                      Conversion{"alpha_channel", pattern(6, 6, 4, 5), {3, 6, 6}, "dropped alpha channel"}),
+    ::testing::Values(
+        Conversion{"image_of_another_size", pattern(56, 40, 1, 3), {1, 28, 28}, "resized from 56x40 to 28x28"},
+        Conversion{"colour_image_in_grayscale_dataset", pattern(8, 8, 3, 4), {1, 8, 8}, "converted RGB to grayscale"},
+        Conversion{"alpha_channel", pattern(6, 6, 4, 5), {3, 6, 6}, "dropped alpha channel"}),
     [](const ::testing::TestParamInfo<Conversion>& info) { return std::string(info.param.name); });
 
 TEST(decode, sixteen_bit_png_is_reduced_to_eight_bit) {

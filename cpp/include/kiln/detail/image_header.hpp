@@ -16,10 +16,10 @@ enum class ImageFormat {
   bmp,
   tiff,
   webp,
-  pnm,         // PBM/PGM/PPM (P1-P6) and PAM (P7)
+  pnm,  // PBM/PGM/PPM (P1-P6) and PAM (P7)
   sun_raster,
-  jpeg2000,    // a JP2 file or a raw J2K codestream
-  floating,    // Radiance HDR, PFM, OpenEXR: floating-point pixels, which kiln does not take
+  jpeg2000,  // a JP2 file or a raw J2K codestream
+  floating,  // Radiance HDR, PFM, OpenEXR: floating-point pixels, which kiln does not take
   unknown,
 };
 
