@@ -257,9 +257,21 @@ for _ in range(20):
 seconds = time.monotonic() - started
 print(f"{len(images)}-image requests: {20 * len(images) / seconds:.0f} images/s over HTTP; answer keys {sorted(answer)}")
 EOF
-    # The worker must have a CUDA context: nvidia-smi lists it among the compute processes.
+    # The worker must hold a CUDA context: nvidia-smi lists it among the compute processes, or (in a
+    # container, where nvidia-smi shows the host's process ids) it has the GPU's device files open.
     workers="$(pgrep -P "$server" | paste -sd '|' -)"
-    if [[ -n "$workers" ]] && nvidia-smi --query-compute-apps=pid --format=csv,noheader | grep -qE "^($workers)$"; then
+    on_gpu=false
+    if [[ -n "$workers" ]]; then
+      if nvidia-smi --query-compute-apps=pid --format=csv,noheader | grep -qE "^($workers)$"; then
+        on_gpu=true
+      fi
+      for worker in ${workers//|/ }; do
+        for fd in /proc/"$worker"/fd/*; do
+          [[ "$(readlink "$fd" 2>/dev/null)" =~ ^/dev/nvidia[0-9]+$ ]] && on_gpu=true
+        done
+      done
+    fi
+    if $on_gpu; then
       pass "serving on the GPU" "$(cat "$WORK/serve-check.log")"
     else
       fail "serving on the GPU" "answered, but no gunicorn worker holds a CUDA context: $(cat "$WORK/serve-check.log")"
