@@ -99,8 +99,8 @@ std::unique_ptr<ProcessGroup::Pending> ProcessGroup::all_reduce_sum_async(at::Te
   return std::make_unique<PendingWork>(impl_->all_reduce(tensor, c10d::ReduceOp::SUM), name_);
 }
 
-GradientReducer::GradientReducer(ProcessGroup& group, const std::vector<at::Tensor>& params,
-                                 std::int64_t bucket_bytes, std::int64_t first_bucket_bytes)
+GradientReducer::GradientReducer(ProcessGroup& group, const std::vector<at::Tensor>& params, std::int64_t bucket_bytes,
+                                 std::int64_t first_bucket_bytes)
     : group_(group), params_(params), place_(params.size()), seen_(params.size(), false) {
   // Reverse parameter order: the last layers' gradients come first in backward. A bucket holds one
   // dtype and device (bf16 working weights and float32 biases go to different buckets).

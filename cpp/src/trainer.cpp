@@ -151,8 +151,9 @@ struct Trainer::State {
   std::vector<EpochMetrics> history;
   at::Tensor confusion;
   Int8Calibration calibration;  // of the weights as of the last evaluation
-  std::unique_ptr<detail::ProcessGroup> group;  // data-parallel; none in one process
-  double communication_seconds = 0;             // of the epoch running
+  // Data-parallel training's group (none in one process), and the epoch's seconds spent communicating.
+  std::unique_ptr<detail::ProcessGroup> group;
+  double communication_seconds = 0;
 
   int rank() const { return group ? group->rank() : 0; }
   int world_size() const { return group ? group->world_size() : 1; }
@@ -368,8 +369,8 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
   s.dropout.row_stride = 1;
   working_weights.reset();  // float32 weights back in the model for evaluation and checkpoints
   // Over every rank's images (padding repeats included, as DistributedSampler's epoch has them).
-  at::Tensor totals = at::stack({loss_sum, correct.to(at::kDouble),
-                                 at::full({}, static_cast<double>(train_size), loss_sum.options())});
+  at::Tensor totals =
+      at::stack({loss_sum, correct.to(at::kDouble), at::full({}, static_cast<double>(train_size), loss_sum.options())});
   s.all_reduce(totals);
   totals = totals.cpu();
   const double total_loss = totals[0].item<double>();

@@ -93,7 +93,7 @@ class GradientReducer {
   double wait_seconds_ = 0;
 };
 
-}  // namespace kiln
+}  // namespace kiln::detail
 
 namespace kiln {
 
