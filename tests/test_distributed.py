@@ -402,3 +402,33 @@ def test_runai_training_with_several_gpus_runs_torchrun(gpus: str, launcher: lis
         assert options.nproc_per_node == gpus
         config = compose_config("train_model", [o.removeprefix("train_model.") for o in overrides])
         assert (config.no_cuda, config.epochs) == (False, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dist_backend=nccl", "dist_backend=nccl reduces GPU tensors but training runs on cpu"),
+        ("dist_backend=mpi", "dist_backend must be one of auto, gloo, nccl, got 'mpi'"),
+    ],
+)
+def test_an_unusable_backend_is_refused_before_any_work(
+    tmp_path: Path, processed_sample: Path, override: str, message: str
+) -> None:
+    logs = tmp_path / "torchrun-logs"
+    result = run_torchrun(
+        str(REPO / "src" / "train_model.py"),
+        f"data_dir_path={processed_sample}",
+        "setup_mlflow=false",
+        override,
+        f"artifact_dir_path={tmp_path / 'models'}",
+        f"log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={tmp_path / 'outputs'}",
+        cwd=tmp_path,
+        extra=(f"--log-dir={logs}", "--redirects=3"),
+    )
+    assert result.returncode != 0
+    rank_logs = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
+    # Each rank checks on its own, before any collective; torchrun may stop rank 1 before it says so.
+    assert message in rank_logs[0] and "Traceback" not in rank_logs[0], rank_logs[0]
+    assert not any("Training mnist_cnn" in log for log in rank_logs.values())
+    assert not (tmp_path / "models").exists()

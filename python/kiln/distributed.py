@@ -169,6 +169,11 @@ def from_environment(device: str, backend: str = "auto", timeout_s: float = 1800
         raise ValueError(f"dist_timeout_s must be positive, got {timeout_s}")
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise ValueError(
+            f"dist_backend=nccl reduces GPU tensors but training runs on {device}: "
+            "set no_cuda=false on a machine with GPUs, or dist_backend=gloo"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
