@@ -351,8 +351,7 @@ class StagingGuard {
   StagingGuard(const StagingGuard&) = delete;
   StagingGuard& operator=(const StagingGuard&) = delete;
   ~StagingGuard() {
-    std::error_code ignored;
-    if (!committed_) fs::remove_all(path_, ignored);
+    if (!committed_) detail::remove_tree(path_);
   }
   const fs::path& path() const { return path_; }
   void committed() { committed_ = true; }

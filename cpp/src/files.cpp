@@ -1,6 +1,7 @@
 #include "kiln/detail/files.hpp"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -204,13 +205,33 @@ void write_file_atomic(const fs::path& path, std::string_view data) {
   file.commit();
 }
 
+namespace {
+
+int remove_entry(const char* path, const struct stat*, int, struct FTW*) {
+  ::remove(path);  // unlink for files and links, rmdir for folders (emptied first: FTW_DEPTH)
+  return 0;        // carry on past what cannot be removed
+}
+
+}  // namespace
+
+bool remove_tree(const fs::path& path) noexcept {
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) != 0) return errno == ENOENT;
+  if (S_ISDIR(info.st_mode)) {
+    ::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+  } else {
+    ::unlink(path.c_str());
+  }
+  return ::lstat(path.c_str(), &info) != 0 && errno == ENOENT;
+}
+
 fs::path make_staging_dir(const fs::path& destination) {
   static std::atomic<int> counter{0};
   const fs::path parent = destination.parent_path().empty() ? fs::path(".") : destination.parent_path();
   fs::create_directories(parent);
   const fs::path staging =
       parent / (staging_prefix(destination) + owner_tag() + "-" + std::to_string(counter++));
-  fs::remove_all(staging);
+  remove_tree(staging);
   fs::create_directory(staging);
   return staging;
 }
@@ -222,7 +243,7 @@ void commit_dir(const fs::path& staging, const fs::path& destination) {
     return;
   }
   if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, destination.c_str(), RENAME_EXCHANGE) == 0) {
-    fs::remove_all(staging);  // now holds the previous contents
+    remove_tree(staging);  // now holds the previous contents
     return;
   }
   if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP)
@@ -234,7 +255,7 @@ void commit_dir(const fs::path& staging, const fs::path& destination) {
     throw_errno("cannot move previous dataset aside", destination);
   if (std::rename(staging.c_str(), destination.c_str()) != 0)
     throw_errno("cannot move dataset into place", destination);
-  fs::remove_all(aside);
+  remove_tree(aside);
 }
 
 void remove_stale_temp_files(const fs::path& path) {
@@ -245,8 +266,7 @@ void remove_stale_temp_files(const fs::path& path) {
   for (fs::directory_iterator it(parent, error), end; !error && it != end; it.increment(error)) {
     const std::string name = it->path().filename().string();
     if (name.rfind(prefix, 0) != 0) continue;
-    std::error_code ignored;
-    if (left_by_dead_process(std::string_view(name).substr(prefix.size()), it->path())) fs::remove(it->path(), ignored);
+    if (left_by_dead_process(std::string_view(name).substr(prefix.size()), it->path())) remove_tree(it->path());
   }
 }
 
@@ -269,8 +289,7 @@ void remove_stale_staging_dirs(const fs::path& destination) {
     }
     const auto dash = rest.rfind('-');
     if (dash == std::string_view::npos || !all_digits(rest.substr(dash + 1))) continue;
-    std::error_code ignored;
-    if (left_by_dead_process(rest.substr(0, dash), it->path())) fs::remove_all(it->path(), ignored);
+    if (left_by_dead_process(rest.substr(0, dash), it->path())) remove_tree(it->path());
   }
 }
 

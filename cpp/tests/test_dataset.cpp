@@ -238,7 +238,7 @@ TEST(dataset, rerun_replaces_previous_dataset_whole) {
   TempDir dir;
   write_clean_tree(dir.path() / "raw");
   prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
-  fs::remove_all(dir.path() / "raw/test");
+  detail::remove_tree(dir.path() / "raw/test");
   const Manifest manifest = prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
   EXPECT_EQ(manifest.splits.size(), 1u);
   EXPECT_FALSE(fs::exists(dir.path() / "out/test.pt"));

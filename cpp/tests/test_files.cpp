@@ -125,5 +125,25 @@ TEST(files, a_dataset_moved_aside_is_kept_while_it_is_the_only_copy) {
   EXPECT_FALSE(fs::exists(aside));
 }
 
+TEST(files, remove_tree_removes_a_folder_tree_without_following_links) {
+  TempDir dir;
+  const fs::path outside = dir.path() / "outside";
+  fs::create_directories(outside);
+  std::ofstream(outside / "kept.txt") << "kept";
+  const fs::path tree = dir.path() / "tree";
+  fs::create_directories(tree / "a" / "b");
+  std::ofstream(tree / "a" / "b" / "file.bin") << "data";
+  std::ofstream(tree / "top.txt") << "top";
+  fs::create_directory_symlink(outside, tree / "a" / "link");
+
+  EXPECT_TRUE(remove_tree(tree));
+  EXPECT_FALSE(fs::exists(tree));
+  EXPECT_TRUE(fs::exists(outside / "kept.txt"));  // the link was removed, not what it points to
+  EXPECT_TRUE(remove_tree(tree));                 // already gone: nothing to do
+  std::ofstream(dir.path() / "single") << "x";
+  EXPECT_TRUE(remove_tree(dir.path() / "single"));
+  EXPECT_FALSE(fs::exists(dir.path() / "single"));
+}
+
 }  // namespace
 }  // namespace kiln::detail

@@ -13,6 +13,8 @@
 
 #include <unistd.h>
 
+#include "kiln/detail/files.hpp"
+
 namespace kiln::testing {
 
 // A fresh directory removed when the test ends.
@@ -22,15 +24,13 @@ class TempDir {
     static std::atomic<int> counter{0};
     path_ = std::filesystem::temp_directory_path() /
             ("kiln-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    std::filesystem::remove_all(path_);
+    detail::remove_tree(path_);
     std::filesystem::create_directories(path_);
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
+  // remove_tree, not std::filesystem::remove_all: see kiln/detail/files.hpp.
+  ~TempDir() { detail::remove_tree(path_); }
   const std::filesystem::path& path() const { return path_; }
 
  private:

@@ -68,6 +68,13 @@ class AtomicFile {
 
 void write_file_atomic(const std::filesystem::path& path, std::string_view data);
 
+// Removes `path` and, for a folder, everything under it, without following symbolic links; best
+// effort, never throws. Returns whether `path` is gone. kiln does not call std::filesystem::remove_all:
+// torch's wheels carry and export their own copies of libstdc++'s filesystem code, the dynamic linker
+// binds kiln's calls to them, and on torch 2.11+cu130 that remove_all jumped to a null address (a
+// segfault when process_data.py replaced an existing dataset).
+bool remove_tree(const std::filesystem::path& path) noexcept;
+
 // A fresh staging dir next to `destination` (same file system, so it can be renamed into place).
 std::filesystem::path make_staging_dir(const std::filesystem::path& destination);
 
