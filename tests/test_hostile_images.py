@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -160,6 +161,13 @@ def test_size_claims_allocate_nothing_for_their_claimed_size(trained_checkpoint:
     # Before: 3.7 GB (gray), 7.1 GB (gray+alpha), MemoryError (RGB), OOM kill (RGBA), 6.4 GB (JPEG).
     before, after = peak_rss_kib(trained_checkpoint)
     assert after - before < 64 * 1024, f"peak RSS grew {(after - before) // 1024} MiB on the bombs"
+
+
+def test_an_error_naming_a_path_that_is_not_utf8_reaches_python_readable(tmp_path: Path) -> None:
+    raw = Path(os.fsdecode(bytes(tmp_path) + b"/raw-\xff\xfe"))  # an empty dir whose name is not UTF-8
+    raw.mkdir()
+    with pytest.raises(ValueError, match=r"raw-\\xff\\xfe"):  # was a UnicodeDecodeError
+        kiln.prepare_dataset(raw, tmp_path / "processed")
 
 
 # --- process_data.py and batch_inferencing.py ------------------------------------------------------

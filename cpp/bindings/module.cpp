@@ -1,19 +1,36 @@
 // kiln._core: wires the per-area registrations together; nothing else lives here.
 #include "bindings.hpp"
 
+#include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 #include "kiln/trainer.hpp"
 
 namespace kiln::bindings {
+namespace {
+
+PyObject* data_error_type = nullptr;
+PyObject* training_error_type = nullptr;
+
+// kiln's messages quote paths and bytes of files: any that are not UTF-8 are escaped, so Python gets
+// the error (not a UnicodeDecodeError in its place).
+void set_error(PyObject* type, const char* message) {
+  py::set_error(type, detail::printable_utf8(message, /*keep_newlines=*/true).c_str());
+}
+
+}  // namespace
 
 void register_errors(py::module_& m) {
-  py::register_exception<DataError>(m, "DataError", PyExc_ValueError);
-  py::register_exception<TrainingError>(m, "TrainingError", PyExc_RuntimeError);
+  data_error_type = py::register_exception<DataError>(m, "DataError", PyExc_ValueError).ptr();
+  training_error_type = py::register_exception<TrainingError>(m, "TrainingError", PyExc_RuntimeError).ptr();
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const NotFoundError& error) {
-      py::set_error(PyExc_FileNotFoundError, error.what());
+      set_error(PyExc_FileNotFoundError, error.what());
+    } catch (const DataError& error) {
+      set_error(data_error_type, error.what());
+    } catch (const TrainingError& error) {
+      set_error(training_error_type, error.what());
     }
   });
 }

@@ -37,14 +37,15 @@ std::size_t sequence_length(std::string_view text) {
 
 }  // namespace
 
-std::string printable_utf8(std::string_view text) {
+std::string printable_utf8(std::string_view text, bool keep_newlines) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
   out.reserve(text.size());
   while (!text.empty()) {
     const auto lead = static_cast<std::uint8_t>(text[0]);
     const std::size_t length = sequence_length(text);
-    const bool control = length == 1 && ((lead < 0x20 && lead != '\t') || lead == 0x7f);
+    const bool kept = lead == '\t' || (keep_newlines && lead == '\n');
+    const bool control = length == 1 && ((lead < 0x20 && !kept) || lead == 0x7f);
     if (length == 0 || control) {
       out += "\\x";
       out += kHex[lead >> 4];

@@ -290,6 +290,7 @@ TEST(decode, every_error_is_printable_utf8) {
   EXPECT_EQ(detail::printable_utf8("caf\xc3\xa9 \xe2\x9c\x93"), "caf\xc3\xa9 \xe2\x9c\x93");
   EXPECT_EQ(detail::printable_utf8("a\xff\xc3(\x01\tb\n"), "a\\xff\\xc3(\\x01\tb\\x0a");
   EXPECT_EQ(detail::printable_utf8("\xed\xa0\x80\xc0\xaf"), "\\xed\\xa0\\x80\\xc0\\xaf");  // surrogate, overlong
+  EXPECT_EQ(detail::printable_utf8("two\nlines\xff", /*keep_newlines=*/true), "two\nlines\\xff");
 }
 
 }  // namespace

@@ -8,7 +8,8 @@
 namespace kiln::detail {
 
 // `text` with valid, printable UTF-8 kept as it is and every other byte (invalid UTF-8, control
-// characters other than tab) written as \xNN. A backslash stays a backslash.
-std::string printable_utf8(std::string_view text);
+// characters other than tab, and newline unless `keep_newlines`) written as \xNN. A backslash
+// stays a backslash.
+std::string printable_utf8(std::string_view text, bool keep_newlines = false);
 
 }  // namespace kiln::detail
