@@ -60,7 +60,9 @@ void register_training(py::module_& m) {
       .def(py::init([](const std::filesystem::path& data_dir, const std::string& model, double lr, double gamma,
                        std::int64_t train_batch_size, std::int64_t test_batch_size, std::uint64_t seed,
                        const std::string& device, const std::string& precision, bool channels_last,
-                       std::int64_t train_limit, std::int64_t test_limit, const std::string& process_group) {
+                       std::int64_t train_limit, std::int64_t test_limit, const std::string& process_group,
+                       const std::vector<double>& mean, const std::vector<double>& std, const std::string& freeze,
+                       const std::string& optimizer, double momentum, bool nesterov, double weight_decay) {
              TrainerOptions options;
              options.data_dir = data_dir;
              options.model = model;
@@ -75,6 +77,13 @@ void register_training(py::module_& m) {
              options.train_limit = train_limit;
              options.test_limit = test_limit;
              options.process_group = process_group;
+             options.mean = mean;
+             options.std = std;
+             options.freeze = freeze;
+             options.optimizer = optimizer;
+             options.momentum = momentum;
+             options.nesterov = nesterov;
+             options.weight_decay = weight_decay;
              py::gil_scoped_release release;
              return std::make_unique<Trainer>(options);
            }),
@@ -82,7 +91,12 @@ void register_training(py::module_& m) {
            py::arg("gamma") = 0.7, py::arg("train_batch_size") = 32, py::arg("test_batch_size") = 100,
            py::arg("seed") = 1, py::arg("device") = "cpu", py::arg("precision") = "fp32",
            py::arg("channels_last") = true, py::arg("train_limit") = 0, py::arg("test_limit") = 0,
-           py::arg("process_group") = "",
+           py::arg("process_group") = "", py::arg("mean") = std::vector<double>{},
+           py::arg("std") = std::vector<double>{}, py::arg("freeze") = "none", py::arg("optimizer") = "adadelta",
+           py::arg("momentum") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
+           "mean/std: the normalisation to train with, one value per channel (empty: the manifest's); it is "
+           "checkpointed for inference. freeze: 'none' or 'backbone' (only the classifier head trains). "
+           "optimizer: 'adadelta', 'sgd' (momentum, nesterov) or 'adamw', with weight_decay. "
            "process_group: the group_name of a torch.distributed process group (torch.distributed.group.WORLD."
            "group_name after init_process_group) to train data-parallel on; every rank builds the same Trainer. "
            "Empty: one process.")
@@ -125,6 +139,18 @@ void register_training(py::module_& m) {
           "becomes NaN/inf.")
       .def("save_checkpoint", &Trainer::save_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
       .def("load_checkpoint", &Trainer::load_checkpoint, py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "load_pretrained",
+          [](Trainer& trainer, const py::dict& state_dict, const std::string& source) {
+            c10::impl::GenericDict state(c10::StringType::get(), c10::AnyType::get());
+            for (const auto& [key, value] : state_dict) state.insert(key.cast<std::string>(), value.cast<at::Tensor>());
+            py::gil_scoped_release release;
+            return trainer.load_pretrained(state, source);
+          },
+          py::arg("state_dict"), py::arg("source") = "the state dict",
+          "Start from pretrained weights (a state dict; kiln.pretrained.read_state_dict reads a file) before "
+          "the first epoch: the head stays new for another class count, the stem adapts to the channels. "
+          "Returns what was adapted, one sentence each.")
       .def("confusion_matrix", &Trainer::confusion_matrix)
       .def_property_readonly("epoch", &Trainer::epoch)
       .def_property_readonly("history",

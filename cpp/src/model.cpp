@@ -96,4 +96,18 @@ std::shared_ptr<Classifier> make_model(const ModelSpec& spec) {
   throw_data_error("unknown model '" + spec.name + "' (known: " + known + ")");
 }
 
+std::int64_t freeze_backbone(Classifier& model) {
+  auto parameters = model.parameters();
+  const std::size_t head = parameters.size() >= 2 ? parameters.size() - 2 : 0;  // weight, bias
+  std::int64_t trainable = 0;
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    if (i < head) {
+      parameters[i].set_requires_grad(false);
+    } else {
+      trainable += parameters[i].numel();
+    }
+  }
+  return trainable;
+}
+
 }  // namespace kiln

@@ -18,6 +18,7 @@
 #include "kiln/error.hpp"
 #include "kiln/normalize.hpp"
 #include "kiln/optimizer.hpp"
+#include "kiln/pretrained.hpp"
 
 namespace kiln {
 namespace {
@@ -139,7 +140,7 @@ struct Trainer::State {
   ModelSpec spec;
   torch::Device device{torch::kCPU};
   std::shared_ptr<Classifier> model;
-  std::unique_ptr<Adadelta> optimizer;
+  std::unique_ptr<Optimizer> optimizer;
   double base_lr = 0;
   at::Tensor train_images, train_labels, test_images, test_labels;
   Normalizer normalizer;
@@ -250,6 +251,15 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   s.test_labels = test.labels.to(s.device);
 
   const ImageSpec& image = s.manifest.image;
+  if (!o.mean.empty() || !o.std.empty()) {
+    if (o.mean.size() != static_cast<std::size_t>(image.channels) || o.std.size() != o.mean.size()) {
+      throw_data_error("mean and std need one value per image channel (" + std::to_string(image.channels) +
+                       "), got " + std::to_string(o.mean.size()) + " and " + std::to_string(o.std.size()));
+    }
+    // The normalisation this model trains with, checkpointed in place of the manifest's.
+    s.manifest.mean = o.mean;
+    s.manifest.std = o.std;
+  }
   s.normalizer = Normalizer(s.manifest.mean, s.manifest.std, s.device);
 
   // Seeded streams first, so weight initialisation, dropout and shuffling all follow `seed`.
@@ -271,7 +281,16 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
     }
   }
   s.base_lr = o.lr;
-  s.optimizer = std::make_unique<Adadelta>(s.model->parameters(), AdadeltaOptions{o.lr});
+  if (o.freeze == "backbone") {
+    if (!o.process_group.empty()) {
+      throw_data_error("freeze=backbone does not train data-parallel yet; train it in one process");
+    }
+    freeze_backbone(*s.model);
+  } else if (o.freeze != "none") {
+    throw_data_error("unknown freeze '" + o.freeze + "' (expected none or backbone)");
+  }
+  s.optimizer = std::make_unique<Optimizer>(
+      s.model->parameters(), optimizer_options(o.optimizer, o.lr, o.weight_decay, o.momentum, o.nesterov));
   const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
   s.confusion = at::zeros({classes, classes}, at::kLong);
   if (!o.process_group.empty()) {
@@ -443,6 +462,14 @@ void Trainer::evaluate(EpochMetrics& metrics) {
     throw TrainingError("evaluation after epoch " + std::to_string(metrics.epoch) +
                         " gave a NaN or inf loss; lower lr or check the data");
   }
+}
+
+std::vector<std::string> Trainer::load_pretrained(const c10::IValue& state, const std::string& source) {
+  State& s = *state_;
+  if (s.epoch > 0) {
+    throw_data_error("pretrained weights load before the first epoch, not after epoch " + std::to_string(s.epoch));
+  }
+  return kiln::load_pretrained(*s.model, s.spec, state, source).adaptations;
 }
 
 at::Tensor Trainer::confusion_matrix() const {

@@ -26,6 +26,23 @@ TEST_P(model_architecture, produces_class_logits_for_any_image_size_and_channel_
 INSTANTIATE_TEST_SUITE_P(all, model_architecture, ::testing::ValuesIn(model_names()),
                          [](const auto& info) { return info.param; });
 
+TEST_P(model_architecture, frozen_backbone_leaves_only_the_classifier_head_trainable) {
+  const auto model = make_model({GetParam(), 3, 5, 32, 32});
+  freeze_backbone(*model);
+  std::vector<std::string> trainable;
+  for (const auto& item : model->named_parameters()) {
+    if (item.value().requires_grad()) trainable.push_back(item.key());
+  }
+  ASSERT_EQ(trainable.size(), 2U);
+  const auto head = model->named_parameters()[trainable[0]];
+  EXPECT_EQ(head.size(0), 5);  // the class count: the head, not another layer
+  const at::Tensor loss = model->forward(at::randn({2, 3, 32, 32})).sum();
+  loss.backward();
+  for (const auto& item : model->named_parameters()) {
+    EXPECT_EQ(item.value().grad().defined(), item.value().requires_grad()) << item.key();
+  }
+}
+
 TEST(model, unknown_names_and_too_small_inputs_are_data_errors) {
   EXPECT_THROW(make_model({"mnist_cnn", 1, 10, 4, 4}), DataError);
   EXPECT_THROW(make_model({"no_such_model", 1, 10, 28, 28}), DataError);

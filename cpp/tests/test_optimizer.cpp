@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
+#include "kiln/error.hpp"
+
 namespace kiln {
 namespace {
 
@@ -51,6 +55,53 @@ TEST(adadelta, bf16_working_copy_is_the_float32_update_rounded) {
   mixed_optimizer.set_master(0, at::Tensor());
   working.set_data(master);  // as the trainer ends an epoch
   EXPECT_EQ(working.scalar_type(), at::kFloat);
+}
+
+class optimizer_algorithm : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(optimizer_algorithm, fused_cpu_step_matches_the_tensor_op_update) {
+  at::manual_seed(2);
+  at::Tensor fused = at::randn({1000}).set_requires_grad(true);
+  at::Tensor reference = fused.detach().clone().to(at::kDouble).set_requires_grad(true);  // takes the op path
+  const OptimizerOptions options = optimizer_options(GetParam(), 0.01, 0.05, 0.9, GetParam() == "sgd");
+  Optimizer fused_optimizer({fused}, options);
+  Optimizer reference_optimizer({reference}, options);
+  for (int step = 0; step < 20; ++step) {
+    const at::Tensor grad = at::randn({1000});
+    fused.mutable_grad() = grad.clone();
+    reference.mutable_grad() = grad.to(at::kDouble);
+    fused_optimizer.step();
+    reference_optimizer.step();
+  }
+  EXPECT_TRUE(at::allclose(fused.detach().to(at::kDouble), reference.detach(), 1e-5, 1e-6));
+}
+
+TEST_P(optimizer_algorithm, state_dict_round_trips_and_refuses_another_optimizers_state) {
+  at::manual_seed(3);
+  at::Tensor param = at::randn({10}).set_requires_grad(true);
+  Optimizer optimizer({param}, optimizer_options(GetParam(), 0.01));
+  param.mutable_grad() = at::randn({10});
+  optimizer.step();
+  Optimizer restored({param}, optimizer_options(GetParam(), 0.5));
+  restored.load_state_dict(optimizer.state_dict());
+  EXPECT_EQ(restored.lr(), 0.01);
+  const std::string other = GetParam() == "adamw" ? "sgd" : "adamw";
+  Optimizer mismatched({param}, optimizer_options(other, 0.01));
+  try {
+    mismatched.load_state_dict(optimizer.state_dict());
+    FAIL() << "loaded " << GetParam() << "'s state into " << other;
+  } catch (const DataError& error) {
+    EXPECT_NE(std::string(error.what()).find("the optimizer state is " + GetParam() + "'s"), std::string::npos)
+        << error.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(all, optimizer_algorithm, ::testing::Values("adadelta", "sgd", "adamw"),
+                         [](const auto& info) { return info.param; });
+
+TEST(optimizer, unknown_names_and_nesterov_without_momentum_are_data_errors) {
+  EXPECT_THROW(optimizer_options("adam", 0.1), DataError);
+  EXPECT_THROW(optimizer_options("sgd", 0.1, 0.0, 0.0, /*nesterov=*/true), DataError);
 }
 
 }  // namespace

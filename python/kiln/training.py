@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln import distributed as dp
+from kiln import pretrained as kiln_pretrained
 from kiln import tracking
 from kiln.distributed import Distributed
 from kiln.precision import resolve_device, resolve_precision
@@ -92,6 +93,10 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     if group is not None:
         # Every rank checks its own data first: one rank's missing dir fails every rank at once, by name.
         group.check_everywhere(lambda: kiln.read_manifest(Path(cfg["data_dir_path"])), "loading data_dir_path")
+    # pretrained: is resolved (and found) before anything else is touched, like the dataset below.
+    pretrained = cfg.get("pretrained")
+    pretrained_file = kiln_pretrained.resolve(str(pretrained)) if pretrained else None
+    normalization = _normalization(pretrained_file, Path(cfg["data_dir_path"]))
     # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
     trainer = kiln.Trainer(
         Path(cfg["data_dir_path"]),
@@ -106,6 +111,12 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         train_limit=int(cfg["train_limit"] or 0),
         test_limit=int(cfg["test_limit"] or 0),
         process_group=group.group_name if group is not None else "",
+        freeze=str(cfg.get("freeze", "none")),
+        optimizer=str(cfg.get("optimizer", "adadelta")),
+        momentum=float(cfg.get("momentum", 0.9)) if str(cfg.get("optimizer", "adadelta")) == "sgd" else 0.0,
+        nesterov=bool(cfg.get("nesterov", False)),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        **normalization,
     )
     # A worker torchrun restarted goes on with the job's run, from its last checkpoint.
     resume = bool(cfg["resume"]) or dp.restart_count() > 0
@@ -114,7 +125,7 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     else:
         run = group.from_rank0(lambda: _start_tracking(cfg, trial, resume), "setting up MLflow", share=_replica)
     try:
-        return _train(cfg, trainer, precision, run, resume, group)
+        return _train(cfg, trainer, precision, run, resume, group, pretrained_file)
     except BaseException as error:
         tracking.end_failed(run, error)
         raise
@@ -149,8 +160,38 @@ def _start_tracking(cfg: Mapping[str, Any], trial: SweepTrial | None, resume: bo
     return run
 
 
+def _normalization(pretrained_file: Path | None, data_dir: Path) -> dict[str, list[float]]:
+    """Trainer's mean/std: with pretrained weights, the weights' (ImageNet's; for data with other
+    channel counts, their channel averages, as the stem's weights are summed or spread); else none
+    given, so the manifest's."""
+    if pretrained_file is None:
+        return {}
+    import kiln
+
+    channels = kiln.read_manifest(data_dir).image.channels
+    if channels == 3:
+        return {"mean": list(kiln_pretrained.IMAGENET_MEAN), "std": list(kiln_pretrained.IMAGENET_STD)}
+    mean = sum(kiln_pretrained.IMAGENET_MEAN) / 3
+    std = sum(kiln_pretrained.IMAGENET_STD) / 3
+    return {"mean": [mean] * channels, "std": [std] * channels}
+
+
+def _start_from_pretrained(trainer: Trainer, pretrained_file: Path) -> None:
+    state = kiln_pretrained.read_state_dict(pretrained_file)
+    adaptations = trainer.load_pretrained(state, f"pretrained weights '{pretrained_file}'")
+    logger.info("Starting %s from pretrained weights %s", trainer.model_name, pretrained_file)
+    for adaptation in adaptations:
+        logger.info("Pretrained weights: %s", adaptation)
+
+
 def _train(
-    cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: Tracking, resume: bool, group: Distributed | None
+    cfg: Mapping[str, Any],
+    trainer: Trainer,
+    precision: str,
+    run: Tracking,
+    resume: bool,
+    group: Distributed | None,
+    pretrained_file: Path | None = None,
 ) -> dict[str, Any]:
     artifact_dir = Path(cfg["artifact_dir_path"])
     if group is None:
@@ -160,6 +201,8 @@ def _train(
         run, found = _resume_everywhere(trainer, run, artifact_dir, resume, group)
         resumed = found is not None
     if not resumed:
+        if pretrained_file is not None:
+            _start_from_pretrained(trainer, pretrained_file)
         _log_params(cfg, trainer, precision, run)
     checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
     epochs = _epochs_to_train(cfg, trainer, run, checkpoint, group)
@@ -256,6 +299,10 @@ def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: T
             "train_batch_size": cfg["train_bs"],
             "test_batch_size": cfg["test_bs"],
             "model": trainer.model_name,
+            "pretrained": cfg.get("pretrained") or "none",
+            "freeze": cfg.get("freeze", "none"),
+            "optimizer": cfg.get("optimizer", "adadelta"),
+            "weight_decay": cfg.get("weight_decay", 0.0),
             "seed": cfg["seed"],
             "device": trainer.device,
             "precision": precision,

@@ -4,6 +4,7 @@
 
 #include <torch/nn/module.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,5 +50,9 @@ std::vector<std::string> model_names();
 
 // Builds an initialised model; throws kiln::DataError for an unknown name or an input too small.
 std::shared_ptr<Classifier> make_model(const ModelSpec& spec);
+
+// Stops gradients for every parameter but the classifier head's (the model's last layer, registered
+// last by every kiln model): fine-tuning with a frozen backbone. Returns the parameters left to train.
+std::int64_t freeze_backbone(Classifier& model);
 
 }  // namespace kiln

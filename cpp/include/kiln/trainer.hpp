@@ -44,6 +44,9 @@ class Trainer {
   // Restores model, optimizer, schedule, RNG state, epoch counter and history. Throws
   // kiln::DataError if the checkpoint is not for this model and dataset.
   void load_checkpoint(const std::filesystem::path& path);
+  // Starts the model from pretrained weights before the first epoch (kiln::load_pretrained: the head
+  // kept new for another class count, the stem adapted to the channels); returns what was adapted.
+  std::vector<std::string> load_pretrained(const c10::IValue& state, const std::string& source);
 
   std::int64_t epoch() const;
   const std::vector<EpochMetrics>& history() const;

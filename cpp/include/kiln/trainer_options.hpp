@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "kiln/precision.hpp"
 
@@ -24,6 +25,18 @@ struct TrainerOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   Precision precision = Precision::fp32;  // fp32 or bf16; int8 is inference only
   bool channels_last = true;
+  // The normalisation images train with, one value per channel (empty: the manifest's, measured on
+  // the training split). Pretrained weights bring their own (ImageNet's); the checkpoint records it
+  // so inference normalises the same way.
+  std::vector<double> mean;
+  std::vector<double> std;
+  // "none" or "backbone": only the classifier head (the model's last layer) trains.
+  std::string freeze = "none";
+  // "adadelta" (the template's), "sgd" or "adamw" (kiln/optimizer.hpp).
+  std::string optimizer = "adadelta";
+  double momentum = 0.0;  // sgd
+  bool nesterov = false;  // sgd
+  double weight_decay = 0.0;
   std::string train_split = "train";
   std::string test_split = "test";
   // Use only the first N images of each split in a seeded random order (0 = all): quick runs, tests.
