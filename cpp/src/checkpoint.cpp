@@ -403,7 +403,16 @@ TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, cons
   const Entries top(checkpoint, "", where);
   TrainingState state;
   state.model = checkpoint_model(checkpoint, path);
-  top.dict("optimizer");
+  // The layout every torch.optim state_dict shares; the optimizer checks its own entries.
+  const Entries optimizer = top.dict("optimizer");
+  optimizer.dict("state");
+  const std::size_t groups = optimizer.list("param_groups").size();
+  if (groups == 0) throw_data_error(where + ": 'optimizer.param_groups' is empty");
+  for (std::size_t i = 0; i < groups; ++i) {
+    const Entries group = optimizer.item_dict("param_groups", i);
+    group.number("lr");
+    group.number("weight_decay");
+  }
   state.optimizer = top.value("optimizer");
   const Entries scheduler = top.dict("scheduler");
   const auto first = [&scheduler, &where](const char* key) {

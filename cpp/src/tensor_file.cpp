@@ -66,10 +66,15 @@ std::string zip_problem(const std::vector<char>& bytes) {
   }
   // The end-of-central-directory record closes every zip: within its 22 bytes plus a comment of at
   // most 64 KiB from the end.
-  const std::size_t tail = std::min<std::size_t>(data.size(), 22 + 65535);
-  if (data.substr(data.size() - tail).rfind(kEndOfCentralDirectory) == std::string_view::npos) {
-    return "truncated (zip central directory missing)";
-  }
+  constexpr std::size_t kRecordSize = 22;
+  const std::size_t tail = std::min<std::size_t>(data.size(), kRecordSize + 65535);
+  const auto found = data.substr(data.size() - tail).rfind(kEndOfCentralDirectory);
+  if (found == std::string_view::npos) return "truncated (zip central directory missing)";
+  const std::size_t record = data.size() - tail + found;
+  if (record + kRecordSize > data.size()) return "truncated (zip central directory cut short)";
+  const std::size_t comment = static_cast<unsigned char>(data[record + 20]) |
+                              static_cast<std::size_t>(static_cast<unsigned char>(data[record + 21])) << 8;
+  if (record + kRecordSize + comment > data.size()) return "truncated (zip central directory cut short)";
   return {};
 }
 
@@ -84,6 +89,9 @@ std::string one_line(const std::exception& error) {
   }
   if (const auto bug = text.find("please report a bug to PyTorch. "); bug != std::string::npos) {
     text.erase(0, bug + std::string_view("please report a bug to PyTorch. ").size());
+  }
+  if (text.find("failed finding central directory") != std::string::npos) {
+    return "truncated or damaged (zip central directory not found)";
   }
   if (const auto located = text.find("failed locating file "); located != std::string::npos) {
     const auto name_end = text.find(": file not found", located);

@@ -49,7 +49,11 @@ TrainingState small_state() {
   written.model.state_dict = module_state_dict(*make_model(written.model.spec));
   written.model.calibration = {{1.5, 2.5, 3.5}, 40};
   c10::impl::GenericDict optimizer(c10::StringType::get(), c10::AnyType::get());
-  optimizer.insert("state", std::string("any"));
+  c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
+  group.insert("lr", 1.3);
+  group.insert("weight_decay", 0.0);
+  optimizer.insert("state", c10::impl::GenericDict(c10::IntType::get(), c10::AnyType::get()));
+  optimizer.insert("param_groups", detail::plain_list(std::vector<c10::IValue>{group}));
   written.optimizer = optimizer;
   written.base_lr = 1.3;
   written.gamma = 0.7;
@@ -77,7 +81,8 @@ TEST(checkpoint, training_state_reads_back_as_written) {
   EXPECT_EQ(read.model.epoch, 2);
   EXPECT_EQ(read.model.calibration.activation_max, written.model.calibration.activation_max);
   EXPECT_EQ(read.model.calibration.images, 40);
-  EXPECT_EQ(read.optimizer.toGenericDict().at("state").toStringRef(), "any");
+  const auto group = read.optimizer.toGenericDict().at("param_groups").toListRef().at(0).toGenericDict();
+  EXPECT_EQ(group.at("lr").toDouble(), 1.3);
   EXPECT_EQ(read.base_lr, 1.3);
   EXPECT_EQ(read.gamma, 0.7);
   EXPECT_EQ(read.lr, written.lr);
@@ -160,6 +165,8 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
   cases.emplace_back(file("empty.pt"), "empty file (0 bytes)");
   write_bytes(file("half.pt"), bytes.substr(0, bytes.size() / 2));
   cases.emplace_back(file("half.pt"), "truncated (zip central directory missing)");
+  write_bytes(file("cut.pt"), bytes.substr(0, bytes.size() - 10));
+  cases.emplace_back(file("cut.pt"), "truncated (zip central directory cut short)");
   write_bytes(file("text.pt"), "model weights: see the wiki\n");
   cases.emplace_back(file("text.pt"), "not a zip archive as torch.save writes (it starts with bytes 6d 6f 64");
   fs::create_directory(file("folder.pt"));
@@ -205,6 +212,12 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
     c.insert_or_assign("rng", std::int64_t{1});
   });
   cases.emplace_back(file("rng.pt"), "'rng' is an int, expected a dict");
+  edited(good, file("optimizer.pt"), [](auto& c) {
+    c10::impl::GenericDict optimizer(c10::StringType::get(), c10::AnyType::get());
+    optimizer.insert("state", c10::impl::GenericDict(c10::IntType::get(), c10::AnyType::get()));
+    c.insert_or_assign("optimizer", optimizer);
+  });
+  cases.emplace_back(file("optimizer.pt"), "has no 'optimizer.param_groups' entry");
   edited(good, file("shape.pt"), [](auto& c) {
     drop(c, "integrity");
     dict_at(dict_at(c, "model"), "state_dict").insert_or_assign("fc2.bias", at::zeros({3}));
