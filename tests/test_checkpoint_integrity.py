@@ -161,6 +161,37 @@ def test_resume_from_a_damaged_checkpoint_fails_in_one_line_and_keeps_the_file(
     assert checkpoint.read_bytes() == before
 
 
+LOAD_AND_REPORT_PEAK_MEMORY = textwrap.dedent(
+    """
+    import resource, sys
+    import kiln
+
+    try:
+        kiln.Predictor(sys.argv[1])
+    except ValueError as error:
+        print(error)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """
+)
+
+
+def test_a_length_claim_in_the_pickle_is_refused_before_any_allocation(
+    tmp_path: Path, trained_checkpoint: Path
+) -> None:
+    """data.pkl's "format" string claiming 4 GiB - 16: LibTorch's unpickler would zero-fill that much first."""
+    data = trained_checkpoint.read_bytes()
+    key = b"X\x06\x00\x00\x00format"
+    assert key in data
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(data.replace(key, b"X\xf0\xff\xff\xff" + key[5:], 1))
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_REPORT_PEAK_MEMORY, str(bad)], capture_output=True, text=True, timeout=120
+    )
+    message, peak_mib = result.stdout.splitlines()
+    assert message.startswith(f"checkpoint '{bad}' is damaged: data.pkl claims 4294967280 bytes at byte ")
+    assert int(peak_mib) < 1024, result.stdout
+
+
 def test_checkpoints_written_before_checksums_still_load(tmp_path: Path, trained_checkpoint: Path) -> None:
     old = tmp_path / "checkpoint.pt"
     old.write_bytes(edited(trained_checkpoint, lambda saved: saved.pop("integrity")))

@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "kiln/detail/tensor_file.hpp"
+#include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 #include "kiln/precision.hpp"
 #include "kiln/trainer.hpp"
@@ -211,9 +212,9 @@ void verify_integrity(const Dict& checkpoint, const std::string& where) {
   std::unordered_set<std::string> verified;
   each_tensor(checkpoint, "", [&](const std::string& path, const at::Tensor& tensor) {
     if (!sums.has(path)) {
-      throw_data_error(where + ": tensor '" + path +
-                       "' has no checksum, so the file was changed after kiln wrote it (delete its '" +
-                       kIntegrityKey + "' entry to load it unverified)");
+      throw_data_error(where + ": tensor '" + detail::printable_utf8(path) +
+                       "' has no checksum: the file was damaged or edited after kiln wrote it (an edited "
+                       "checkpoint loads unverified once its '" + kIntegrityKey + "' entry is deleted)");
     }
     if (sums.integer(path) != tensor_checksum(tensor)) {
       throw_data_error(where + ": tensor '" + path + "' does not match its checksum; the file is damaged");
@@ -222,8 +223,9 @@ void verify_integrity(const Dict& checkpoint, const std::string& where) {
   });
   for (const auto& entry : sums.keys()) {
     if (!verified.count(entry)) {
-      throw_data_error(where + ": tensor '" + entry +
-                       "' is missing, though its checksums list it; the file was changed after kiln wrote it");
+      throw_data_error(where + ": tensor '" + detail::printable_utf8(entry) +
+                       "' is missing, though its checksums list it: the file was damaged or edited after kiln "
+                       "wrote it");
     }
   }
 }

@@ -1,14 +1,17 @@
 #include "kiln/detail/tensor_file.hpp"
 
 #include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/in_memory_adapter.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <string_view>
 
 #include "kiln/detail/files.hpp"
+#include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::detail {
@@ -75,7 +78,116 @@ std::string zip_problem(const std::vector<char>& bytes) {
   const std::size_t comment = static_cast<unsigned char>(data[record + 20]) |
                               static_cast<std::size_t>(static_cast<unsigned char>(data[record + 21])) << 8;
   if (record + kRecordSize + comment > data.size()) return "truncated (zip central directory cut short)";
+  // torch.save stores every record uncompressed: a compressed one could inflate to any size.
+  const auto u16 = [&data](std::size_t at) {
+    return static_cast<std::size_t>(static_cast<unsigned char>(data[at])) |
+           static_cast<std::size_t>(static_cast<unsigned char>(data[at + 1])) << 8;
+  };
+  const auto u32 = [&u16](std::size_t at) { return u16(at) | u16(at + 2) << 16; };
+  const std::size_t entries = u16(record + 10);
+  std::size_t entry = u32(record + 16);
+  if (entry == 0xFFFFFFFF) return {};  // zip64 (over 4 GiB): left to the zip reader
+  constexpr std::string_view kCentralHeader("PK\x01\x02", 4);
+  constexpr std::size_t kHeaderSize = 46;
+  for (std::size_t i = 0; i < entries; ++i) {
+    if (entry + kHeaderSize > record || data.substr(entry, 4) != kCentralHeader) {
+      return "damaged (zip central directory entry " + std::to_string(i) + " is not where the directory says)";
+    }
+    const std::size_t name_size = u16(entry + 28);
+    if (u16(entry + 10) != 0) {
+      const auto name = data.substr(entry + kHeaderSize, std::min(name_size, record - entry - kHeaderSize));
+      return "record '" + printable_utf8(name) + "' is compressed; torch.save stores records uncompressed";
+    }
+    entry += kHeaderSize + name_size + u16(entry + 30) + u16(entry + 32);
+  }
   return {};
+}
+
+// Why the pickle `data` is not one the unpickler can read within its bytes, or empty: every length
+// it claims (strings, bytes, ints) must fit in what follows, every memo slot must be the next one or
+// an earlier one, and it must end with STOP. Checked before unpickling because LibTorch's unpickler
+// allocates (and zero-fills) a claimed length before it finds the data missing.
+std::string pickle_problem(std::string_view data) {
+  std::size_t at = 0;
+  std::uint64_t memo = 0;
+  const auto little_endian = [&data](std::size_t from, int bytes) {
+    std::uint64_t value = 0;
+    for (int i = bytes - 1; i >= 0; --i) value = value << 8 | static_cast<unsigned char>(data[from + i]);
+    return value;
+  };
+  while (at < data.size()) {
+    const std::size_t opcode_at = at;
+    const auto opcode = static_cast<unsigned char>(data[at++]);
+    int fixed = 0;         // bytes of argument
+    int length_bytes = 0;  // bytes of a length, followed by that many bytes
+    int lines = 0;         // newline-terminated arguments
+    switch (opcode) {
+      case '.':
+        return {};
+      case '(': case '0': case '1': case '2': case 'N': case 0x88: case 0x89: case ']': case 'a': case 'e':
+      case 'l': case ')': case 't': case 0x85: case 0x86: case 0x87: case '}': case 'd': case 's': case 'u':
+      case 0x8f: case 0x90: case 0x91: case 'b': case 'R': case 'Q': case 0x81: case 0x92: case 0x93: case 'o':
+      case 0x97: case 0x98:
+        break;
+      case 0x94:  // MEMOIZE
+        ++memo;
+        break;
+      case 'K': case 'h': case 'q': case 0x82: case 0x80:
+        fixed = 1;
+        break;
+      case 'M': case 0x83:
+        fixed = 2;
+        break;
+      case 'J': case 'j': case 'r': case 0x84:
+        fixed = 4;
+        break;
+      case 'G': case 0x95:
+        fixed = 8;
+        break;
+      case 'U': case 0x8c: case 'C': case 0x8a:
+        length_bytes = 1;
+        break;
+      case 'T': case 'X': case 'B': case 0x8b:
+        length_bytes = 4;
+        break;
+      case 0x8d: case 0x8e: case 0x96:
+        length_bytes = 8;
+        break;
+      case 'I': case 'L': case 'F': case 'S': case 'V': case 'P': case 'g': case 'p':
+        lines = 1;
+        break;
+      case 'c': case 'i':
+        lines = 2;
+        break;
+      default:
+        return "unknown pickle opcode " + std::to_string(opcode) + " at byte " + std::to_string(opcode_at) +
+               " of data.pkl";
+    }
+    const std::size_t left = data.size() - at;
+    const auto cut = [&] { return "data.pkl is cut short at byte " + std::to_string(opcode_at); };
+    if (static_cast<std::size_t>(fixed + length_bytes) > left) return cut();
+    if (opcode == 'q' || opcode == 'r') {
+      const std::uint64_t slot = little_endian(at, fixed);
+      if (slot > memo) return "data.pkl stores memo slot " + std::to_string(slot) + " out of order";
+      memo = std::max(memo, slot + 1);
+    }
+    at += fixed;
+    if (length_bytes) {
+      const std::uint64_t length = little_endian(at, length_bytes);
+      at += length_bytes;
+      if (length > data.size() - at) {
+        return "data.pkl claims " + std::to_string(length) + " bytes at byte " + std::to_string(opcode_at) + ", " +
+               std::to_string(data.size() - at) + " are left";
+      }
+      at += length;
+    }
+    for (int line = 0; line < lines; ++line) {
+      const auto end = data.find('\n', at);
+      if (end == std::string_view::npos) return cut();
+      at = end + 1;
+    }
+  }
+  return "data.pkl ends without STOP";
 }
 
 // The first line of a LibTorch error, without its C++ backtrace, "INTERNAL ASSERT FAILED at <file>"
@@ -90,6 +202,12 @@ std::string one_line(const std::exception& error) {
   if (const auto bug = text.find("please report a bug to PyTorch. "); bug != std::string::npos) {
     text.erase(0, bug + std::string_view("please report a bug to PyTorch. ").size());
   }
+  for (const std::string_view noise : {"  (Could this error message be improved?", " (Could this error message"}) {
+    if (const auto at = text.find(noise); at != std::string::npos) text.resize(at);
+  }
+  if (text.rfind("[enforce fail at ", 0) == 0) {
+    if (const auto end = text.find("] . "); end != std::string::npos) text.erase(0, end + 4);
+  }
   if (text.find("failed finding central directory") != std::string::npos) {
     return "truncated or damaged (zip central directory not found)";
   }
@@ -97,10 +215,10 @@ std::string one_line(const std::exception& error) {
     const auto name_end = text.find(": file not found", located);
     if (name_end != std::string::npos) {
       const auto start = located + std::string_view("failed locating file ").size();
-      return "record '" + text.substr(start, name_end - start) + "' is missing from the zip archive";
+      return "record '" + printable_utf8(text.substr(start, name_end - start)) + "' is missing from the zip archive";
     }
   }
-  return text;
+  return printable_utf8(text);
 }
 
 }  // namespace
@@ -111,7 +229,15 @@ c10::IValue load_ivalue(const std::filesystem::path& path, std::string_view kind
   if (std::string error = read_file(path, bytes); !error.empty()) throw_data_error(where + ": " + error);
   if (std::string problem = zip_problem(bytes); !problem.empty()) throw_data_error(where + ": " + problem);
   try {
+    using caffe2::serialize::MemoryReadAdapter;
+    caffe2::serialize::PyTorchStreamReader archive(std::make_unique<MemoryReadAdapter>(bytes.data(), bytes.size()));
+    const auto [pickle, pickle_size] = archive.getRecord("data.pkl");
+    const std::string problem =
+        pickle_problem(std::string_view(static_cast<const char*>(pickle.get()), pickle_size));
+    if (!problem.empty()) throw_data_error(where + " is damaged: " + problem);
     return torch::jit::pickle_load(bytes);
+  } catch (const DataError&) {
+    throw;
   } catch (const std::exception& error) {
     throw_data_error(where + " is damaged: " + one_line(error));
   }

@@ -177,6 +177,16 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
   }
   write_bytes(file("record.pt"), renamed);
   cases.emplace_back(file("record.pt"), "record 'data/0' is missing from the zip archive");
+  std::string claims = bytes;  // the pickle's "format" string claiming 2 GiB: refused before any allocation
+  const std::string format_key("X\x06\0\0\0format", 11);
+  ASSERT_NE(claims.find(format_key), std::string::npos);
+  claims.replace(claims.find(format_key), 5, std::string("X\xff\xff\xff\x7f", 5));
+  write_bytes(file("claims.pt"), claims);
+  cases.emplace_back(file("claims.pt"), "is damaged: data.pkl claims 2147483647 bytes at byte ");
+  std::string compressed = bytes;  // the first record marked deflated in the central directory
+  compressed[compressed.find(std::string("PK\x01\x02", 4)) + 10] = 8;
+  write_bytes(file("compressed.pt"), compressed);
+  cases.emplace_back(file("compressed.pt"), "/data.pkl' is compressed; torch.save stores records uncompressed");
   c10::impl::GenericDict other(c10::StringType::get(), c10::AnyType::get());
   other.insert("weights", at::ones({3}));
   detail::save_ivalue(file("other.pt"), other);
