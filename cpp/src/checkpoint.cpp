@@ -4,6 +4,7 @@
 #include <c10/core/GradMode.h>
 #include <libdeflate.h>
 
+#include <algorithm>
 #include <climits>
 #include <functional>
 #include <optional>
@@ -377,6 +378,12 @@ CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const
   CheckpointModel result;
   const Entries model = top.dict("model");
   result.spec.name = model.string("name");
+  if (const auto known = model_names(); std::find(known.begin(), known.end(), result.spec.name) == known.end()) {
+    std::string list;
+    for (const auto& name : known) list += (list.empty() ? "" : ", ") + name;
+    throw_data_error(where + ": 'model.name' is '" + detail::printable_utf8(result.spec.name) +
+                     "', a model this kiln does not know (known: " + list + ")");
+  }
   result.spec.in_channels = model.size_entry("in_channels");
   result.spec.num_classes = model.size_entry("num_classes");
   result.spec.height = model.size_entry("height");

@@ -202,6 +202,8 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
   cases.emplace_back(file("version.pt"), "'format_version' is a str, expected an int");
   edited(good, file("height.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("height", std::string("12")); });
   cases.emplace_back(file("height.pt"), "'model.height' is a str, expected an int");
+  edited(good, file("name.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("name", std::string("nnist")); });
+  cases.emplace_back(file("name.pt"), "'model.name' is 'nnist', a model this kiln does not know (known: mnist_cnn, ");
   edited(good, file("width.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("width", std::int64_t{-5}); });
   cases.emplace_back(file("width.pt"), "'model.width' is -5, expected a positive int");
   edited(good, file("weights.pt"), [](auto& c) {
