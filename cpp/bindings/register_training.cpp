@@ -3,6 +3,7 @@
 
 #include "kiln/optimizer.hpp"
 #include "kiln/precision.hpp"
+#include "kiln/scripted_model.hpp"
 #include "kiln/trainer.hpp"
 
 namespace kiln::bindings {
@@ -173,6 +174,12 @@ void register_training(py::module_& m) {
       .def_property_readonly("world_size", &Trainer::world_size);
 
   m.def("model_names", &model_names, "Names of the models Trainer(model=...) accepts.");
+  m.def(
+      "register_scripted_model",
+      [](const std::string& name, const py::bytes& archive) { register_scripted_model(name, std::string(archive)); },
+      py::arg("name"), py::arg("archive"),
+      "Makes a TorchScript archive (torch.jit.save's bytes) the model `name` ('python:<module>:<callable>') "
+      "for Trainer(model=name) in this process; kiln.custom_model does this for python: models.");
 
   py::class_<Adadelta>(m, "Adadelta", "kiln's C++ Adadelta, as the Trainer uses it (exposed for testing).")
       .def(py::init([](std::vector<at::Tensor> params, double lr, double rho, double eps, double weight_decay) {

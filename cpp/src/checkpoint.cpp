@@ -14,6 +14,7 @@
 #include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 #include "kiln/precision.hpp"
+#include "kiln/scripted_model.hpp"
 #include "kiln/trainer.hpp"
 
 namespace kiln {
@@ -293,6 +294,17 @@ void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
   model.insert("height", static_cast<std::int64_t>(saved.spec.height));
   model.insert("width", static_cast<std::int64_t>(saved.spec.width));
   model.insert("state_dict", std::move(saved.state_dict));
+  if (is_scripted_model_name(saved.spec.name)) {
+    // A model from Python: its TorchScript archive, so inference rebuilds it from the checkpoint alone.
+    const auto archive = scripted_model_archive(saved.spec.name);
+    if (!archive) {
+      throw TrainingError("not writing " + where_of(path) + ": model '" + saved.spec.name +
+                          "' has no TorchScript archive");
+    }
+    at::Tensor bytes = at::empty({static_cast<std::int64_t>(archive->size())}, at::kByte);
+    std::copy(archive->begin(), archive->end(), reinterpret_cast<char*>(bytes.data_ptr<std::uint8_t>()));
+    model.insert("script", bytes);
+  }
 
   Dict normalization = string_dict();
   normalization.insert("mean", detail::plain_list(saved.mean));
@@ -378,7 +390,16 @@ CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const
   CheckpointModel result;
   const Entries model = top.dict("model");
   result.spec.name = model.string("name");
-  if (const auto known = model_names(); std::find(known.begin(), known.end(), result.spec.name) == known.end()) {
+  if (is_scripted_model_name(result.spec.name)) {
+    // A model from Python: the checkpoint's TorchScript archive is the model (its module is not imported).
+    const at::Tensor bytes = model.tensor("script");
+    if (bytes.scalar_type() != at::kByte || bytes.dim() != 1) {
+      throw_data_error(where + ": 'model.script' is not a 1-D uint8 tensor (a TorchScript archive)");
+    }
+    const at::Tensor dense = bytes.contiguous();
+    register_scripted_model(result.spec.name, std::string(reinterpret_cast<const char*>(dense.data_ptr<std::uint8_t>()),
+                                                          static_cast<std::size_t>(dense.numel())));
+  } else if (const auto known = model_names(); std::find(known.begin(), known.end(), result.spec.name) == known.end()) {
     std::string list;
     for (const auto& name : known) list += (list.empty() ? "" : ", ") + name;
     throw_data_error(where + ": 'model.name' is '" + detail::printable_utf8(result.spec.name) +

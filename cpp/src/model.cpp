@@ -8,6 +8,7 @@
 #include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/torchvision_models.hpp"
 #include "kiln/error.hpp"
+#include "kiln/scripted_model.hpp"
 
 namespace kiln {
 namespace {
@@ -86,6 +87,7 @@ std::shared_ptr<Classifier> make_model(const ModelSpec& spec) {
     throw_data_error("a model needs at least 1 input channel and 2 classes, got " + std::to_string(spec.in_channels) +
                      " channel(s) and " + std::to_string(spec.num_classes) + " class(es)");
   }
+  if (is_scripted_model_name(spec.name)) return make_scripted_model(spec.name);
   if (spec.name == "mnist_cnn") return detail::mnist_cnn::make(spec);
   if (spec.name == "resnet8") return std::make_shared<ResNet8>(spec);
   if (spec.name == "resnet18" || spec.name == "resnet34" || spec.name == "resnet50") return detail::make_resnet(spec);

@@ -18,9 +18,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln import custom_model, tracking
 from kiln import distributed as dp
 from kiln import pretrained as kiln_pretrained
-from kiln import tracking
 from kiln.distributed import Distributed
 from kiln.precision import resolve_device, resolve_precision
 from kiln.progress import ProgressBar
@@ -97,6 +97,9 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     pretrained = cfg.get("pretrained")
     pretrained_file = kiln_pretrained.resolve(str(pretrained)) if pretrained else None
     normalization = _normalization(pretrained_file, Path(cfg["data_dir_path"]))
+    if custom_model.is_custom(str(cfg["model"])):
+        # model=python:<module>:<callable> is compiled to TorchScript before the trainer starts.
+        custom_model.register(str(cfg["model"]), Path(cfg["data_dir_path"]), int(cfg["seed"]))
     # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
     trainer = kiln.Trainer(
         Path(cfg["data_dir_path"]),
