@@ -19,6 +19,7 @@ import torch
 
 import kiln
 from conftest import REPO, SAMPLE, run_app
+from test_serving import IMAGES, ModelServer, call, expected, json_batch
 from test_train_model import client_for, only_run, steps, train_args
 
 MODEL = "python:custom_models:build"
@@ -26,17 +27,24 @@ MODEL = "python:custom_models:build"
 WITH_MODELS = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_python_model_trains_and_batch_inference_predicts_from_the_checkpoint_alone(
-    tmp_path: Path, processed_sample: Path
-) -> None:
+@pytest.fixture(scope="module")
+def python_checkpoint(tmp_path_factory: pytest.TempPathFactory, processed_sample: Path) -> Path:
+    """The checkpoint of 3 epochs of `python src/train_model.py model=python:custom_models:build`."""
+    root = tmp_path_factory.mktemp("python-model")
     result = run_app(
         "train_model.py",
-        *train_args(processed_sample, tmp_path, f"model={MODEL}", "setup_mlflow=false", "epochs=3"),
-        cwd=tmp_path,
+        *train_args(processed_sample, root, f"model={MODEL}", "setup_mlflow=false", "epochs=3"),
+        cwd=root,
         env=WITH_MODELS,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    checkpoint = tmp_path / "models" / "checkpoint.pt"
+    return root / "models" / "checkpoint.pt"
+
+
+def test_python_model_trains_and_batch_inference_predicts_from_the_checkpoint_alone(
+    tmp_path: Path, processed_sample: Path, python_checkpoint: Path
+) -> None:
+    checkpoint = python_checkpoint
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] == 3 and saved["model"]["name"] == MODEL
     assert saved["model"]["script"].dtype == torch.uint8
@@ -90,6 +98,22 @@ def test_python_model_trains_and_batch_inference_predicts_from_the_checkpoint_al
     torch.save(saved, edited)
     with pytest.raises(kiln.DataError, match=r"tensor 'model\.script' does not match its checksum"):
         kiln.Predictor(edited)
+
+
+def test_python_model_is_served_without_its_module(python_checkpoint: Path) -> None:
+    # The server's environment has no PYTHONPATH to tests/: the checkpoint's TorchScript is the model.
+    env = {"PRED_MODEL_PATH": str(python_checkpoint), "PRED_MODEL_UUID": "python-model"}
+    server = ModelServer(python_checkpoint.parent, env, workers=1)
+    try:
+        server.wait_ready()
+        status, body = call(f"{server.url}/api/v1/model/predict", json_batch(IMAGES))
+    finally:
+        server.stop()
+    assert status == 200, body
+    labels, probabilities = expected(python_checkpoint, IMAGES)
+    assert [item["prediction"] for item in body["data"]] == labels
+    for item, row in zip(body["data"], probabilities, strict=True):
+        assert item["probability"] == pytest.approx(float(row.max()), abs=2e-3)
 
 
 def test_python_model_resumes_after_sigkill(tmp_path: Path, processed_sample: Path, mlflow_server: str) -> None:
