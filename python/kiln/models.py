@@ -13,7 +13,8 @@ A model is named the ways the template's users name it:
   model folder (``.../model/artifacts/checkpoint.pt``);
 - an MLflow URI: ``runs:/<run id>/model`` (or ``runs:/<run id>``) and ``models:/<name>/<version>``.
 
-Checkpoints are read by the C++ predictor, which never unpickles code.
+Checkpoints are read by the C++ predictor, which never unpickles code; a ``model=python:...`` checkpoint
+carries its model as a TorchScript archive, which the predictor runs (trusted sources only).
 
     python -m kiln.models download <run id> --dst models/ [--tracking-uri http://mlflow:5000]
 """
