@@ -94,7 +94,7 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         # Every rank checks its own data first: one rank's missing dir fails every rank at once, by name.
         group.check_everywhere(lambda: kiln.read_manifest(Path(cfg["data_dir_path"])), "loading data_dir_path")
     # pretrained: is resolved (and found) before anything else is touched, like the dataset below.
-    pretrained = cfg.get("pretrained")
+    pretrained = cfg["pretrained"]
     pretrained_file = kiln_pretrained.resolve(str(pretrained)) if pretrained else None
     normalization = _normalization(pretrained_file, Path(cfg["data_dir_path"]))
     if custom_model.is_custom(str(cfg["model"])):
@@ -114,11 +114,11 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         train_limit=int(cfg["train_limit"] or 0),
         test_limit=int(cfg["test_limit"] or 0),
         process_group=group.group_name if group is not None else "",
-        freeze=str(cfg.get("freeze", "none")),
-        optimizer=str(cfg.get("optimizer", "adadelta")),
-        momentum=float(cfg.get("momentum", 0.9)) if str(cfg.get("optimizer", "adadelta")) == "sgd" else 0.0,
-        nesterov=bool(cfg.get("nesterov", False)),
-        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        freeze=str(cfg["freeze"]),
+        optimizer=str(cfg["optimizer"]),
+        momentum=float(cfg["momentum"]) if str(cfg["optimizer"]) == "sgd" else 0.0,
+        nesterov=bool(cfg["nesterov"]),
+        weight_decay=float(cfg["weight_decay"]),
         **normalization,
     )
     # A worker torchrun restarted goes on with the job's run, from its last checkpoint.
@@ -302,10 +302,10 @@ def _log_params(cfg: Mapping[str, Any], trainer: Trainer, precision: str, run: T
             "train_batch_size": cfg["train_bs"],
             "test_batch_size": cfg["test_bs"],
             "model": trainer.model_name,
-            "pretrained": cfg.get("pretrained") or "none",
-            "freeze": cfg.get("freeze", "none"),
-            "optimizer": cfg.get("optimizer", "adadelta"),
-            "weight_decay": cfg.get("weight_decay", 0.0),
+            "pretrained": cfg["pretrained"] or "none",
+            "freeze": cfg["freeze"],
+            "optimizer": cfg["optimizer"],
+            "weight_decay": cfg["weight_decay"],
             "seed": cfg["seed"],
             "device": trainer.device,
             "precision": precision,
