@@ -71,5 +71,7 @@ void register_dataset(py::module_& m);
 void register_training(py::module_& m);
 void register_inference(py::module_& m);
 void register_models(py::module_& m);
+void register_augment(py::module_& m);
+void register_loader(py::module_& m);
 
 }  // namespace kiln::bindings

@@ -45,4 +45,6 @@ PYBIND11_MODULE(_core, m) {
   kiln::bindings::register_training(m);
   kiln::bindings::register_inference(m);
   kiln::bindings::register_models(m);
+  kiln::bindings::register_augment(m);
+  kiln::bindings::register_loader(m);
 }

@@ -18,17 +18,41 @@ struct FileNote {
   bool operator==(const FileNote&) const = default;
 };
 
-struct SplitInfo {
-  std::string name;
+// How a processed dataset stores its images: `decoded`, uint8 pixels of the dataset's image shape (the
+// fastest to train from), or `encoded`, each image's bytes (PNG/JPEG re-encoded at the image shape, or the
+// raw file as it was), several times smaller and decoded by the loader's threads while training.
+enum class Storage { decoded, encoded };
+std::string to_string(Storage storage);
+
+// One shard file of a split, in torch.save's zip format (torch.load(path, weights_only=True) reads it):
+//   decoded: {"images": uint8 [count, C, H, W], "labels": int64 [count]}
+//   encoded: {"data": uint8 [total bytes], "offsets": int64 [count + 1], "labels": int64 [count]}
+//            (image i is data[offsets[i]:offsets[i + 1]])
+struct ShardInfo {
   std::string file;  // relative to the processed dir
   std::int64_t count = 0;
-  std::int64_t bytes = 0;  // size of `file`, checked when loading
+  std::int64_t bytes = 0;  // size of `file`, checked when it is opened
+  bool operator==(const ShardInfo&) const = default;
+};
+
+struct SplitInfo {
+  std::string name;
+  std::string file;  // format version 1 only: the split's one file (relative to the processed dir)
+  std::int64_t count = 0;
+  std::int64_t bytes = 0;  // total size of the split's files, checked when loading
   std::map<std::string, std::int64_t> class_counts;
+  // Format version 2: the split's shards, in sample order (version 1's one file is read as one shard).
+  std::vector<ShardInfo> shards;
 };
 
 struct Manifest {
-  static constexpr int kFormatVersion = 1;
+  // 2: splits in shards, `storage`; 1: one <split>.pt per split, decoded (still read).
+  static constexpr int kFormatVersion = 2;
   int format_version = kFormatVersion;
+  Storage storage = Storage::decoded;
+  // Encoded storage: "png", "jpeg" (re-encoded at the image shape) or "original" (the raw file's bytes,
+  // any size; decoding brings them to the image shape).
+  std::string encoding;
   std::string kiln_version;
   std::string source_dir;
   std::vector<std::string> classes;

@@ -1,0 +1,2 @@
+// Being written (issue 14); replaced before this lands.
+#include "kiln/loader.hpp"
