@@ -25,7 +25,7 @@ class SampleRandom {
   // Seeded from a run's seed, an epoch and a sample's position in that epoch: independent streams.
   SampleRandom(std::uint64_t seed, std::uint64_t epoch, std::uint64_t position);
   std::uint64_t next();
-  double uniform(double low = 0.0, double high = 1.0);  // [low, high)
+  double uniform(double low = 0.0, double high = 1.0);        // [low, high)
   std::int64_t integer(std::int64_t low, std::int64_t high);  // [low, high]
 
  private:
@@ -75,8 +75,42 @@ struct TrainTransformOptions {
   std::optional<ColorJitterOptions> color_jitter;
   std::optional<RandomErasingOptions> random_erasing;
 
-  // Whether any random transform is configured.
+  // Whether any random transform is configured (a probability or jitter of 0 counts as none).
   bool any() const;
+};
+
+// A rectangle of an image, in pixels.
+struct CropBox {
+  int top = 0;
+  int left = 0;
+  int height = 0;
+  int width = 0;
+  bool operator==(const CropBox&) const = default;
+};
+
+// torchvision.transforms.v2.RandomResizedCrop's make_params: up to 10 attempts at an area drawn uniformly
+// from scale x image area and an aspect ratio drawn log-uniformly from ratio, then the central crop of
+// the image clamped to the ratio range. Always inside the image.
+CropBox random_resized_crop_params(int height, int width, const RandomResizedCropOptions& options,
+                                   SampleRandom& random);
+// torchvision.transforms.v2.RandomErasing's make_params once it has decided to erase: up to 10 attempts,
+// nullopt when none fits (the image is then left as it is). Height or width may be 0, as in torchvision.
+std::optional<CropBox> random_erasing_params(int height, int width, const RandomErasingOptions& options,
+                                             SampleRandom& random);
+
+enum class ColorAdjustment : std::uint8_t { brightness, contrast, saturation };
+struct ColorStep {
+  ColorAdjustment adjustment = ColorAdjustment::brightness;
+  double factor = 1;
+};
+
+// What one call of a training transform drew, in the order it applies them; evaluation draws nothing.
+struct TransformDraw {
+  std::optional<CropBox> resized_crop;  // random_resized_crop's box in the input image
+  bool horizontal_flip = false;
+  std::array<ColorStep, 3> color_steps{};  // color_jitter's adjustments in their random order
+  int color_step_count = 0;
+  std::optional<CropBox> erase;  // random_erasing's box in the output image
 };
 
 // The transforms one split is read with: train (augmentation, then nothing else; without a
@@ -91,7 +125,7 @@ class ImageTransform {
 
   // The (height, width) this transform outputs for inputs of (height, width).
   std::pair<int, int> output_size(int height, int width) const;
-  bool random() const;  // whether apply() uses `random`
+  bool random() const;    // whether apply() uses `random`
   bool identity() const;  // no transform at all: output = input
 
   // Transforms one uint8 image `in` (C x height x width, contiguous) into `out`, which holds
@@ -99,6 +133,11 @@ class ImageTransform {
   void apply(const std::uint8_t* in, int height, int width, std::uint8_t* out, SampleRandom& random) const;
   // For tensors: uint8 [C, H, W] -> uint8 [C, H', W'].
   at::Tensor apply(const at::Tensor& image, SampleRandom& random) const;
+
+  // The parameters apply() draws from `random` for an input of (height, width); apply(in, ..., random)
+  // is apply(in, ..., draw(height, width, random)), so tests can redo a call with torchvision.
+  TransformDraw draw(int height, int width, SampleRandom& random) const;
+  void apply(const std::uint8_t* in, int height, int width, std::uint8_t* out, const TransformDraw& drawn) const;
 
   const TrainTransformOptions& train_options() const { return train_; }
   const EvalTransformOptions& eval_options() const { return eval_; }
@@ -112,7 +151,10 @@ class ImageTransform {
 
 // The functional forms, torchvision.transforms.v2.functional's, on uint8 [C, H, W] tensors; the parity
 // tests compare these with torchvision for the same parameters.
+// Sizes come as (height, width); pixels outside the image (crop and center_crop boxes reaching past it)
+// are 0, as torchvision pads them. They run on the calling thread only: no ATen intra-op threads.
 namespace transforms {
+at::Tensor crop(const at::Tensor& image, int top, int left, int height, int width);
 at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, int width, int out_height,
                         int out_width);
 at::Tensor resize(const at::Tensor& image, int out_height, int out_width);
@@ -122,6 +164,9 @@ at::Tensor adjust_brightness(const at::Tensor& image, double factor);
 at::Tensor adjust_contrast(const at::Tensor& image, double factor);
 at::Tensor adjust_saturation(const at::Tensor& image, double factor);
 at::Tensor erase(const at::Tensor& image, int top, int left, int height, int width, const std::vector<int>& value);
+// torchvision.transforms.v2.Resize's output size: `size` (height, width), or with width 0 the shorter edge
+// brought to height and the longer one to int(height * longer / shorter).
+std::pair<int, int> resize_output_size(int height, int width, std::pair<int, int> size);
 }  // namespace transforms
 
 }  // namespace kiln
