@@ -1,6 +1,10 @@
 #include "kiln/dataset.hpp"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
 
 #include <algorithm>
 #include <array>
@@ -8,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -16,6 +21,7 @@
 #include "kiln/detail/files.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
+#include "kiln/shard.hpp"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -242,49 +248,100 @@ struct ChannelStats {
   }
 };
 
-struct SplitBuffers {
-  at::Tensor images;
-  at::Tensor labels;
-  std::vector<std::size_t> file_of_row;
+// The files [begin, end) of tree.files to decode in one go, and where their results go.
+struct Chunk {
+  std::size_t begin = 0;
+  std::size_t end = 0;
+  // Decoded storage: the file at index i goes to row i - begin of this [end - begin, C, H, W] buffer.
+  // Null for encoded storage: each worker decodes into its own scratch image and keeps the bytes to store.
+  std::uint8_t* pixels = nullptr;
+  // Encoded storage: the bytes to store of each file (index i - begin).
+  std::vector<std::vector<std::uint8_t>>* encoded = nullptr;
+  // Encoded storage: no more files are started once this many bytes are encoded, so a chunk holds about a
+  // shard whatever the images' sizes.
+  std::int64_t byte_budget = 0;
 };
 
-// Decodes every candidate into its split's preallocated tensor on `workers` threads, while the
-// calling thread reports progress. Returns the per-file outcome; accumulates normalisation stats.
-std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, std::vector<SplitBuffers>& splits,
-                                     const std::vector<std::int64_t>& row_of_file, int stats_split, int workers,
-                                     std::int64_t max_image_pixels, const ProgressFn& progress, ChannelStats& stats) {
+struct Encoding {
+  std::string name;  // png, jpeg or original
+  int jpeg_quality = 90;
+};
+
+// PNG's compression level is fixed so the same pixels always give the same bytes; 3 is zlib's fast end
+// with most of the size gain of higher levels on photos.
+constexpr int kPngCompression = 3;
+
+// The pixels `chw` (RGB order) encoded as `encoding` (png or jpeg). OpenCV encodes HWC in BGR order. No
+// encoder option that could vary between runs is left to its default's future.
+std::vector<std::uint8_t> encode_pixels(const std::uint8_t* chw, const ImageSpec& spec, const Encoding& encoding) {
+  const int plane_size = spec.height * spec.width;
+  std::vector<cv::Mat> planes;
+  for (int c = spec.channels - 1; c >= 0; --c) {
+    // cv::Mat over our own buffer, read only by merge below.
+    planes.emplace_back(spec.height, spec.width, CV_8UC1, const_cast<std::uint8_t*>(chw) + c * plane_size);
+  }
+  cv::Mat image;
+  cv::merge(planes, image);
+  std::vector<std::uint8_t> bytes;
+  const bool png = encoding.name == "png";
+  const std::vector<int> parameters = png ? std::vector<int>{cv::IMWRITE_PNG_COMPRESSION, kPngCompression}
+                                          : std::vector<int>{cv::IMWRITE_JPEG_QUALITY,     encoding.jpeg_quality,
+                                                             cv::IMWRITE_JPEG_OPTIMIZE,    0,
+                                                             cv::IMWRITE_JPEG_PROGRESSIVE, 0};
+  if (!cv::imencode(png ? ".png" : ".jpg", image, bytes, parameters)) {
+    throw_data_error("OpenCV could not encode a " + to_string(spec) + " image as " + encoding.name);
+  }
+  return bytes;
+}
+
+// Decodes the files of `chunk` on `workers` threads, while the calling thread reports progress (`done_before`
+// files of `total` were done by earlier chunks). Fills `results` for the files it decoded and accumulates
+// the normalisation stats. Returns the end of the files it decoded: chunk.end, or fewer when the chunk's
+// byte budget was reached first.
+std::size_t decode_chunk(const Tree& tree, const ImageSpec& spec, const Chunk& chunk, const Encoding& encoding,
+                         int stats_split, int workers, std::int64_t max_image_pixels, const ProgressFn& progress,
+                         std::size_t done_before, std::vector<DecodeResult>& results, ChannelStats& stats) {
   const std::size_t total = tree.files.size();
-  std::vector<DecodeResult> results(total);
-  std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> next{chunk.begin};
   std::atomic<std::size_t> done{0};
+  std::atomic<std::int64_t> encoded_bytes{0};
   std::atomic<bool> stop{false};
   std::mutex mutex;
   std::condition_variable finished;
   std::exception_ptr failure;
   int running = workers;
-  constexpr std::size_t kChunk = 64;
+  // Files claimed at a time: many for pixels (their room is fixed), one for encoded bytes so the budget is
+  // overshot by at most one file per worker.
+  const std::size_t claim = chunk.pixels ? 64 : 1;
 
   auto work = [&] {
     ChannelStats local;
     std::vector<std::uint8_t> buffer;
+    std::vector<std::uint8_t> scratch(chunk.pixels ? 0 : static_cast<std::size_t>(spec.bytes()));
     // Files are opened relative to their class folder: one path component to resolve, not five.
     detail::OpenDirectory folder;
     try {
       while (!stop.load(std::memory_order_relaxed)) {
-        const std::size_t begin = next.fetch_add(kChunk);
-        if (begin >= total) break;
-        const std::size_t end = std::min(total, begin + kChunk);
+        if (chunk.byte_budget > 0 && encoded_bytes.load() >= chunk.byte_budget) break;
+        const std::size_t begin = next.fetch_add(claim);
+        if (begin >= chunk.end) break;
+        const std::size_t end = std::min(chunk.end, begin + claim);
         for (std::size_t i = begin; i < end; ++i) {
           const Candidate& file = tree.files[i];
-          auto& split = splits[file.split];
-          std::uint8_t* out = split.images.data_ptr<std::uint8_t>() + row_of_file[i] * spec.bytes();
+          std::uint8_t* out = chunk.pixels ? chunk.pixels + (i - chunk.begin) * spec.bytes() : scratch.data();
           if (std::string error = detail::read_file_at(folder.open(tree.dirs[file.dir]), file.name(), buffer);
               !error.empty()) {
             results[i].error = std::move(error);
             continue;
           }
           results[i] = decode_into(buffer, spec, out, max_image_pixels);
-          if (results[i].ok && file.split == stats_split) local.add(out, spec);
+          if (!results[i].ok) continue;
+          if (file.split == stats_split) local.add(out, spec);
+          if (chunk.encoded) {
+            auto& stored = (*chunk.encoded)[i - chunk.begin];
+            stored = encoding.name == "original" ? buffer : encode_pixels(out, spec, encoding);
+            encoded_bytes += static_cast<std::int64_t>(stored.size());
+          }
         }
         done.fetch_add(end - begin, std::memory_order_relaxed);
       }
@@ -308,7 +365,7 @@ std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, st
       finished.wait_for(lock, std::chrono::milliseconds(100));
       if (progress && !cancelled && running > 0) {
         lock.unlock();
-        cancelled = !progress(static_cast<std::int64_t>(done.load()), static_cast<std::int64_t>(total));
+        cancelled = !progress(static_cast<std::int64_t>(done_before + done.load()), static_cast<std::int64_t>(total));
         lock.lock();
         if (cancelled) stop = true;
       }
@@ -317,30 +374,146 @@ std::vector<DecodeResult> decode_all(const Tree& tree, const ImageSpec& spec, st
   for (auto& thread : threads) thread.join();
   if (failure) std::rethrow_exception(failure);
   if (cancelled) throw Cancelled("data preparation cancelled");
-  if (progress && !progress(static_cast<std::int64_t>(total), static_cast<std::int64_t>(total))) {
+  // Every claimed file was decoded: the claims are contiguous from chunk.begin.
+  const std::size_t reached = std::min(next.load(), chunk.end);
+  if (progress &&
+      !progress(static_cast<std::int64_t>(done_before + (reached - chunk.begin)), static_cast<std::int64_t>(total))) {
     throw Cancelled("data preparation cancelled");
   }
-  return results;
+  return reached;
 }
 
-// Removes the rows of skipped files, keeping order; copies only when something was skipped so the
-// saved tensor owns exactly its rows.
-void compact(SplitBuffers& split, const std::vector<DecodeResult>& results, const ImageSpec& spec) {
-  const std::int64_t rows = split.images.size(0);
-  std::uint8_t* images = split.images.data_ptr<std::uint8_t>();
-  std::int64_t* labels = split.labels.data_ptr<std::int64_t>();
-  std::int64_t kept = 0;
-  for (std::int64_t row = 0; row < rows; ++row) {
-    if (!results[split.file_of_row[row]].ok) continue;
-    if (kept != row) {
-      std::memmove(images + kept * spec.bytes(), images + row * spec.bytes(), spec.bytes());
-      labels[kept] = labels[row];
-    }
-    ++kept;
+// Writes a split's shards, <split>-00000.pt, <split>-00001.pt, ..., into the staging dir, each one as soon
+// as it is complete, and keeps the split's counts.
+class ShardWriter {
+ public:
+  ShardWriter(fs::path dir, SplitInfo& info, const std::vector<std::string>& classes, std::int64_t shard_bytes)
+      : dir_(std::move(dir)), info_(info), classes_(classes), shard_bytes_(shard_bytes) {
+    for (const auto& class_name : classes) info_.class_counts[class_name] = 0;
   }
-  if (kept != rows) {
-    split.images = split.images.narrow(0, 0, kept).clone();
-    split.labels = split.labels.narrow(0, 0, kept).clone();
+
+  // Decoded storage: `images` [N, C, H, W] and `labels` [N] (exactly their storage) as the next shard.
+  void write_decoded(const at::Tensor& images, const at::Tensor& labels) {
+    c10::Dict<std::string, at::Tensor> content;
+    content.insert("images", images);
+    content.insert("labels", labels);
+    save(content, labels);
+  }
+
+  // Encoded storage: adds the next sample, cutting a shard first when it would take this one past
+  // shard_bytes.
+  void add_encoded(const std::vector<std::uint8_t>& bytes, std::int64_t label) {
+    if (!labels_.empty() && static_cast<std::int64_t>(data_.size() + bytes.size()) > shard_bytes_) flush();
+    data_.insert(data_.end(), bytes.begin(), bytes.end());
+    offsets_.push_back(static_cast<std::int64_t>(data_.size()));
+    labels_.push_back(label);
+  }
+
+  // Encoded storage: writes the samples not yet in a shard.
+  void flush() {
+    if (labels_.empty()) return;
+    const auto count = static_cast<std::int64_t>(labels_.size());
+    // Tensors over the pending buffers without copying them: save_ivalue has written them when it returns.
+    const at::Tensor labels = at::from_blob(labels_.data(), {count}, at::kLong);
+    c10::Dict<std::string, at::Tensor> content;
+    content.insert("data", at::from_blob(data_.data(), {static_cast<std::int64_t>(data_.size())}, at::kByte));
+    content.insert("offsets", at::from_blob(offsets_.data(), {count + 1}, at::kLong));
+    content.insert("labels", labels);
+    save(content, labels);
+    data_.clear();
+    offsets_.assign(1, 0);
+    labels_.clear();
+  }
+
+ private:
+  void save(const c10::Dict<std::string, at::Tensor>& content, const at::Tensor& labels) {
+    const auto count = labels.size(0);
+    std::array<char, 16> number{};
+    std::snprintf(number.data(), number.size(), "-%05zu.pt", info_.shards.size());
+    ShardInfo shard{info_.name + number.data(), count, 0};
+    shard.bytes = detail::save_ivalue(dir_ / shard.file, c10::IValue(content));
+    const std::int64_t* label = labels.data_ptr<std::int64_t>();
+    for (std::int64_t i = 0; i < count; ++i) ++info_.class_counts[classes_[label[i]]];
+    info_.count += count;
+    info_.bytes += shard.bytes;
+    info_.shards.push_back(std::move(shard));
+  }
+
+  fs::path dir_;
+  SplitInfo& info_;
+  const std::vector<std::string>& classes_;
+  std::int64_t shard_bytes_;
+  std::vector<std::uint8_t> data_;
+  std::vector<std::int64_t> offsets_{0};
+  std::vector<std::int64_t> labels_;
+};
+
+// Decodes the files [begin, end) of one split in chunks of about a shard and writes the split's shards as
+// the chunks complete, so memory holds a chunk and a shard whatever the split's size.
+void prepare_split(const Tree& tree, std::size_t begin, std::size_t end, const ImageSpec& spec, Storage storage,
+                   const Encoding& encoding, const PrepareOptions& options, int stats_split, const ProgressFn& progress,
+                   ShardWriter& writer, std::vector<DecodeResult>& results, ChannelStats& stats) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int configured = options.num_workers > 0 ? options.num_workers : cores;
+  const auto workers_for = [&](std::size_t files) {
+    return std::clamp(configured, 1, static_cast<int>(std::max<std::size_t>(1, files / 64 + 1)));
+  };
+  // Decoded: a shard's worth of rows. Encoded: the byte budget ends a chunk first, bar tiny images.
+  const std::size_t rows_per_shard =
+      static_cast<std::size_t>(std::max<std::int64_t>(1, options.shard_bytes / spec.bytes()));
+  constexpr std::size_t kMaxEncodedChunkFiles = 65536;
+  while (begin < end) {
+    if (storage == Storage::decoded) {
+      const std::size_t chunk_end = std::min(end, begin + rows_per_shard);
+      const auto rows = static_cast<std::int64_t>(chunk_end - begin);
+      at::Tensor images = at::empty({rows, spec.channels, spec.height, spec.width}, at::kByte);
+      Chunk chunk{begin, chunk_end, images.data_ptr<std::uint8_t>(), nullptr, 0};
+      decode_chunk(tree, spec, chunk, encoding, stats_split, workers_for(rows), options.max_image_pixels, progress,
+                   begin, results, stats);
+      // Rows of skipped files are removed, keeping order; copied only when something was skipped so the
+      // saved tensor owns exactly its rows.
+      at::Tensor labels = at::empty({rows}, at::kLong);
+      std::uint8_t* pixels = images.data_ptr<std::uint8_t>();
+      std::int64_t* label = labels.data_ptr<std::int64_t>();
+      std::int64_t kept = 0;
+      for (std::int64_t row = 0; row < rows; ++row) {
+        if (!results[begin + row].ok) continue;
+        if (kept != row) std::memmove(pixels + kept * spec.bytes(), pixels + row * spec.bytes(), spec.bytes());
+        label[kept++] = tree.files[begin + row].label;
+      }
+      if (kept > 0 && kept == rows) writer.write_decoded(images, labels);
+      if (kept > 0 && kept < rows) {
+        writer.write_decoded(images.narrow(0, 0, kept).clone(), labels.narrow(0, 0, kept).clone());
+      }
+      begin = chunk_end;
+    } else {
+      std::vector<std::vector<std::uint8_t>> encoded(std::min(end - begin, kMaxEncodedChunkFiles));
+      Chunk chunk{begin, begin + encoded.size(), nullptr, &encoded, options.shard_bytes};
+      const std::size_t reached = decode_chunk(tree, spec, chunk, encoding, stats_split, workers_for(encoded.size()),
+                                               options.max_image_pixels, progress, begin, results, stats);
+      for (std::size_t i = begin; i < reached; ++i) {
+        if (!results[i].ok) continue;
+        writer.add_encoded(encoded[i - begin], tree.files[i].label);
+        encoded[i - begin] = {};
+      }
+      begin = reached;
+    }
+  }
+  writer.flush();
+}
+
+void check_storage_options(const PrepareOptions& options) {
+  if (options.encoding != "png" && options.encoding != "jpeg" && options.encoding != "original") {
+    throw_data_error("encoding must be png, jpeg or original, got '" + options.encoding + "'");
+  }
+  if (options.jpeg_quality < 1 || options.jpeg_quality > 100) {
+    throw_data_error("jpeg_quality must be in 1..100, got " + std::to_string(options.jpeg_quality));
+  }
+  if (options.shard_bytes < 1) {
+    throw_data_error("shard_bytes must be at least one image's bytes, got " + std::to_string(options.shard_bytes));
+  }
+  if (options.auto_decoded_max_bytes < 0) {
+    throw_data_error("auto_decoded_max_bytes must be 0 or more, got " + std::to_string(options.auto_decoded_max_bytes));
   }
 }
 
@@ -390,11 +563,17 @@ void check_destination(const fs::path& raw_dir, const fs::path& out_dir) {
 }  // namespace
 
 Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progress) {
+  check_storage_options(options);
   const std::vector<fs::path> raw_dirs = raw_trees(options);
   for (const auto& raw_dir : raw_dirs) check_destination(raw_dir, options.out_dir);
   Tree tree = scan_tree(raw_dirs);
   const int stats_split = normalization_split(tree);
   const ImageSpec spec = choose_spec(tree, options, stats_split);
+  if (spec.bytes() > options.shard_bytes) {
+    throw_data_error("shard_bytes (" + std::to_string(options.shard_bytes) + ") is smaller than one image of " +
+                     to_string(spec) + " (" + std::to_string(spec.bytes()) +
+                     " bytes); give shards room for at least one");
+  }
 
   Manifest manifest;
   manifest.kiln_version = KILN_VERSION;
@@ -405,32 +584,43 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
   manifest.image = spec;
   manifest.normalization_split = tree.splits[stats_split];
   manifest.skipped = std::move(tree.skipped);
+  // Auto counts every candidate file, before decoding, so the choice never depends on which files turn out bad.
+  const double decoded_bytes = static_cast<double>(tree.files.size()) * static_cast<double>(spec.bytes());
+  manifest.storage = options.storage.value_or(
+      decoded_bytes <= static_cast<double>(options.auto_decoded_max_bytes) ? Storage::decoded : Storage::encoded);
+  if (manifest.storage == Storage::encoded) manifest.encoding = options.encoding;
 
   std::vector<DecodeResult> results(tree.files.size());
-  std::vector<SplitBuffers> buffers(tree.splits.size());
   ChannelStats stats;
-  if (spec.bytes() > 0) {
-    std::vector<std::int64_t> row_of_file(tree.files.size());
-    for (std::size_t i = 0; i < tree.files.size(); ++i) {
-      auto& split = buffers[tree.files[i].split];
-      row_of_file[i] = static_cast<std::int64_t>(split.file_of_row.size());
-      split.file_of_row.push_back(i);
+  std::vector<std::string> split_warnings;
+  detail::remove_stale_staging_dirs(options.out_dir);
+  StagingGuard staging(detail::make_staging_dir(options.out_dir));
+  std::size_t begin = 0;
+  for (std::size_t s = 0; s < tree.splits.size(); ++s) {
+    std::size_t end = begin;
+    while (end < tree.files.size() && tree.files[end].split == static_cast<int>(s)) ++end;
+    SplitInfo info;
+    info.name = tree.splits[s];
+    ShardWriter writer(staging.path(), info, tree.classes, options.shard_bytes);
+    if (spec.bytes() > 0) {
+      prepare_split(tree, begin, end, spec, manifest.storage, {options.encoding, options.jpeg_quality}, options,
+                    stats_split, progress, writer, results, stats);
+    } else {
+      for (std::size_t i = begin; i < end; ++i) results[i].error = "not a decodable image";
     }
-    for (std::size_t s = 0; s < buffers.size(); ++s) {
-      const auto rows = static_cast<std::int64_t>(buffers[s].file_of_row.size());
-      buffers[s].images = at::empty({rows, spec.channels, spec.height, spec.width}, at::kByte);
-      buffers[s].labels = at::empty({rows}, at::kLong);
-      for (std::int64_t row = 0; row < rows; ++row) {
-        buffers[s].labels.data_ptr<std::int64_t>()[row] = tree.files[buffers[s].file_of_row[row]].label;
+    for (const auto& class_name : tree.split_classes[s]) {
+      if (info.class_counts[class_name] == 0) {
+        split_warnings.push_back("class folder '" + info.name + "/" + class_name + "' has no usable images");
       }
     }
-    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    const int workers = std::clamp(options.num_workers > 0 ? options.num_workers : cores, 1,
-                                   static_cast<int>(std::max<std::size_t>(1, tree.files.size() / 64 + 1)));
-    results = decode_all(tree, spec, buffers, row_of_file, stats_split, workers, options.max_image_pixels, progress,
-                         stats);
-  } else {
-    for (auto& result : results) result.error = "not a decodable image";
+    for (const auto& class_name : tree.classes) {
+      if (std::find(tree.split_classes[s].begin(), tree.split_classes[s].end(), class_name) ==
+          tree.split_classes[s].end()) {
+        split_warnings.push_back("split '" + info.name + "' has no folder for class '" + class_name + "'");
+      }
+    }
+    manifest.splits.push_back(std::move(info));
+    begin = end;
   }
 
   std::int64_t usable = 0;
@@ -464,38 +654,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
     manifest.warnings.push_back("split '" + manifest.normalization_split +
                                 "' has no usable images; normalisation uses mean 0 and std 1");
   }
+  manifest.warnings.insert(manifest.warnings.end(), split_warnings.begin(), split_warnings.end());
 
-  detail::remove_stale_staging_dirs(options.out_dir);
-  StagingGuard staging(detail::make_staging_dir(options.out_dir));
-  for (std::size_t s = 0; s < buffers.size(); ++s) {
-    SplitBuffers& split = buffers[s];
-    compact(split, results, spec);
-    SplitInfo info;
-    info.name = tree.splits[s];
-    info.file = info.name + ".pt";
-    info.count = split.images.size(0);
-    for (const auto& class_name : tree.classes) info.class_counts[class_name] = 0;
-    const std::int64_t* labels = split.labels.data_ptr<std::int64_t>();
-    for (std::int64_t row = 0; row < info.count; ++row) ++info.class_counts[tree.classes[labels[row]]];
-    for (const auto& class_name : tree.split_classes[s]) {
-      if (info.class_counts[class_name] == 0) {
-        manifest.warnings.push_back("class folder '" + info.name + "/" + class_name + "' has no usable images");
-      }
-    }
-    for (const auto& class_name : tree.classes) {
-      if (std::find(tree.split_classes[s].begin(), tree.split_classes[s].end(), class_name) ==
-          tree.split_classes[s].end()) {
-        manifest.warnings.push_back("split '" + info.name + "' has no folder for class '" + class_name + "'");
-      }
-    }
-
-    c10::Dict<std::string, at::Tensor> content;
-    content.insert("images", split.images);
-    content.insert("labels", split.labels);
-    info.bytes = detail::save_ivalue(staging.path() / info.file, c10::IValue(content));
-    split = {};  // release the pixels before writing the next split
-    manifest.splits.push_back(std::move(info));
-  }
   write_manifest(manifest, staging.path() / "manifest.json");
   detail::commit_dir(staging.path(), options.out_dir);
   staging.committed();
@@ -504,37 +664,28 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
 
 SplitData load_split(const fs::path& processed_dir, const std::string& split) {
   const Manifest manifest = read_manifest(processed_dir);
-  const SplitInfo& info = manifest.split(split);
-  const fs::path path = processed_dir / info.file;
-  std::error_code error;
-  const auto size = fs::file_size(path, error);
-  if (error) {
-    throw_data_error("cannot read split '" + split + "' from '" + path.string() + "': " + error.message() +
-                     "; run process_data again");
-  }
-  if (static_cast<std::int64_t>(size) != info.bytes) {
-    throw_data_error("split file '" + path.string() + "' has " + std::to_string(size) + " bytes, the manifest says " +
-                     std::to_string(info.bytes) +
-                     "; it is incomplete or was changed after process_data wrote it. "
-                     "Run process_data again");
-  }
-  const c10::IValue value = detail::load_ivalue(path);
-  if (!value.isGenericDict()) throw_data_error("split file '" + path.string() + "' does not hold a dict of tensors");
-  const auto dict = value.toGenericDict();
-  SplitData data;
-  for (const auto& [key, tensor] : {std::pair{"images", &data.images}, std::pair{"labels", &data.labels}}) {
-    if (!dict.contains(key) || !dict.at(key).isTensor()) {
-      throw_data_error("split file '" + path.string() + "' has no tensor '" + key + "'");
-    }
-    *tensor = dict.at(key).toTensor();
-  }
+  const SplitReader reader(processed_dir, manifest, split);
   const ImageSpec& spec = manifest.image;
-  if (data.images.scalar_type() != at::kByte || data.images.dim() != 4 || data.images.size(0) != info.count ||
-      data.images.size(1) != spec.channels || data.images.size(2) != spec.height || data.images.size(3) != spec.width ||
-      data.labels.scalar_type() != at::kLong || data.labels.dim() != 1 || data.labels.size(0) != info.count) {
-    throw_data_error("split file '" + path.string() + "' does not match its manifest (expected " +
-                     std::to_string(info.count) + " images of " + to_string(spec) + " and int64 labels)");
+  SplitData data{at::empty({reader.size(), spec.channels, spec.height, spec.width}, at::kByte), reader.labels()};
+  std::uint8_t* images = data.images.data_ptr<std::uint8_t>();
+  if (reader.storage() == Storage::decoded) {
+    // Reads go straight into the split's one tensor; a grain of many samples keeps them large.
+    at::parallel_for(0, reader.size(), 1024, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t i = begin; i < end; ++i) reader.read(i, images + i * spec.bytes());
+    });
+    return data;
   }
+  at::parallel_for(0, reader.size(), 16, [&](std::int64_t begin, std::int64_t end) {
+    std::vector<std::uint8_t> encoded;
+    for (std::int64_t i = begin; i < end; ++i) {
+      encoded.resize(static_cast<std::size_t>(reader.sample_bytes(i)));
+      reader.read(i, encoded.data());
+      const DecodeResult result = decode_into(encoded, spec, images + i * spec.bytes());
+      if (!result.ok) {
+        throw_data_error("cannot decode " + reader.describe(i) + ": " + result.error + "; run process_data again");
+      }
+    }
+  });
   return data;
 }
 

@@ -142,7 +142,7 @@ TEST(dataset, same_input_gives_byte_identical_output) {
   write_clean_tree(dir.path() / "raw", 40);
   prepare_dataset(options(dir.path() / "raw", dir.path() / "a", [](PrepareOptions& o) { o.num_workers = 1; }));
   prepare_dataset(options(dir.path() / "raw", dir.path() / "b", [](PrepareOptions& o) { o.num_workers = 4; }));
-  for (const char* file : {"train.pt", "test.pt"}) {
+  for (const char* file : {"train-00000.pt", "test-00000.pt", "manifest.json"}) {
     EXPECT_EQ(file_bytes(dir.path() / "a" / file), file_bytes(dir.path() / "b" / file)) << file;
   }
   const Manifest a = read_manifest(dir.path() / "a");
@@ -163,9 +163,8 @@ TEST(dataset, several_raw_dirs_combine_into_one_dataset_with_classes_merged) {
   write_bytes(first / "train/cat/bad.png", {'x'});
   write_bytes(second / "train/cat/bad.png", {'x'});
 
-  const Manifest manifest = prepare_dataset(options({}, dir.path() / "out", [&](PrepareOptions& o) {
-    o.raw_dirs = {first, second};
-  }));
+  const Manifest manifest =
+      prepare_dataset(options({}, dir.path() / "out", [&](PrepareOptions& o) { o.raw_dirs = {first, second}; }));
   EXPECT_EQ(manifest.classes, (std::vector<std::string>{"bird", "cat", "dog"}));
   EXPECT_EQ(manifest.split("train").count, 4);
   EXPECT_EQ(manifest.split("train").class_counts.at("cat"), 2);  // both 0.png, neither lost to the clash
@@ -193,7 +192,7 @@ TEST(dataset, one_raw_dir_in_a_list_gives_the_single_dir_output_byte_for_byte) {
   write_bytes(dir.path() / "raw/train/cat/bad.png", {'x'});
   prepare_dataset(options(dir.path() / "raw", dir.path() / "single"));
   prepare_dataset(options({}, dir.path() / "list", [&](PrepareOptions& o) { o.raw_dirs = {dir.path() / "raw"}; }));
-  for (const char* file : {"train.pt", "test.pt", "manifest.json"}) {
+  for (const char* file : {"train-00000.pt", "test-00000.pt", "manifest.json"}) {
     EXPECT_EQ(file_bytes(dir.path() / "single" / file), file_bytes(dir.path() / "list" / file)) << file;
   }
   EXPECT_EQ(read_manifest(dir.path() / "list").skipped[0].path, "train/cat/bad.png");
@@ -241,7 +240,7 @@ TEST(dataset, rerun_replaces_previous_dataset_whole) {
   detail::remove_tree(dir.path() / "raw/test");
   const Manifest manifest = prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
   EXPECT_EQ(manifest.splits.size(), 1u);
-  EXPECT_FALSE(fs::exists(dir.path() / "out/test.pt"));
+  EXPECT_FALSE(fs::exists(dir.path() / "out/test-00000.pt"));
   for (const auto& entry : fs::directory_iterator(dir.path())) {
     EXPECT_EQ(entry.path().filename().string().find(".staging-"), std::string::npos) << entry.path();
   }
@@ -260,11 +259,11 @@ TEST(dataset, cancelled_run_leaves_previous_dataset_untouched) {
   TempDir dir;
   write_clean_tree(dir.path() / "raw", 200);
   prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
-  const auto before = file_bytes(dir.path() / "out/train.pt");
+  const auto before = file_bytes(dir.path() / "out/train-00000.pt");
   write_image(dir.path() / "raw/train/cat/new.png", pattern(28, 28, 1, 99));
   const ProgressFn cancel = [](std::int64_t, std::int64_t) { return false; };
   EXPECT_THROW(prepare_dataset(options(dir.path() / "raw", dir.path() / "out"), cancel), Cancelled);
-  EXPECT_EQ(file_bytes(dir.path() / "out/train.pt"), before);
+  EXPECT_EQ(file_bytes(dir.path() / "out/train-00000.pt"), before);
   EXPECT_EQ(read_manifest(dir.path() / "out").split("train").count, 400);
 }
 
@@ -289,8 +288,10 @@ TEST(dataset, truncated_split_file_is_refused_on_load) {
   TempDir dir;
   write_clean_tree(dir.path() / "raw");
   prepare_dataset(options(dir.path() / "raw", dir.path() / "out"));
-  fs::resize_file(dir.path() / "out/train.pt", fs::file_size(dir.path() / "out/train.pt") / 2);
-  EXPECT_THROW(load_split(dir.path() / "out", "train"), DataError);
+  const fs::path shard = dir.path() / "out/train-00000.pt";
+  fs::resize_file(shard, fs::file_size(shard) / 2);
+  const std::string message = testing::error_message<DataError>([&] { load_split(dir.path() / "out", "train"); });
+  EXPECT_NE(message.find("shard '" + shard.string() + "': has"), std::string::npos) << message;
   EXPECT_THROW(load_split(dir.path() / "out", "validation"), DataError);
 }
 
