@@ -10,6 +10,7 @@
 #include <optional>
 #include <unordered_set>
 
+#include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
@@ -96,6 +97,26 @@ class Entries {
     }
     return static_cast<int>(v);
   }
+  // An image side: 1 to kMaxCheckpointImageSide pixels.
+  int side(const std::string& key) const { return side_of(value(key), name(key)); }
+  // A list of `min_count` to `max_count` image sides, e.g. 'transform.center_crop': [64, 64].
+  std::vector<int> sides(const std::string& key, std::size_t min_count, std::size_t max_count) const {
+    const auto items = list(key);
+    if (items.size() < min_count || items.size() > max_count) {
+      throw_data_error(where_ + ": '" + name(key) + "' has " + std::to_string(items.size()) + " values, expected " +
+                       (min_count == max_count ? std::to_string(min_count)
+                                               : std::to_string(min_count) + " or " + std::to_string(max_count)));
+    }
+    std::vector<int> result;
+    for (const auto& item : items)
+      result.push_back(side_of(item, name(key) + "[" + std::to_string(result.size()) + "]"));
+    return result;
+  }
+  bool boolean(const std::string& key) const {
+    const c10::IValue v = value(key);
+    if (!v.isBool()) wrong(key, v, "a bool");
+    return v.toBool();
+  }
   double number(const std::string& key) const { return number_of(value(key), name(key)); }
   std::string string(const std::string& key) const {
     const c10::IValue v = value(key);
@@ -123,8 +144,8 @@ class Entries {
     std::vector<std::string> result;
     for (const auto& item : list(key)) {
       if (!item.isString()) {
-        throw_data_error(where_ + ": '" + name(key) + "[" + std::to_string(result.size()) + "]' is " +
-                         a_type(item) + ", expected a str");
+        throw_data_error(where_ + ": '" + name(key) + "[" + std::to_string(result.size()) + "]' is " + a_type(item) +
+                         ", expected a str");
       }
       result.push_back(item.toStringRef());
     }
@@ -144,6 +165,15 @@ class Entries {
   std::string name(const std::string& key) const { return prefix_.empty() ? key : prefix_ + "." + key; }
   [[noreturn]] void wrong(const std::string& key, const c10::IValue& v, const char* expected) const {
     throw_data_error(where_ + ": '" + name(key) + "' is " + a_type(v) + ", expected " + expected);
+  }
+  int side_of(const c10::IValue& v, const std::string& full_name) const {
+    if (!v.isInt()) throw_data_error(where_ + ": '" + full_name + "' is " + a_type(v) + ", expected an int");
+    const std::int64_t side = v.toInt();
+    if (side < 1 || side > kMaxCheckpointImageSide) {
+      throw_data_error(where_ + ": '" + full_name + "' is " + std::to_string(side) +
+                       ", expected an image side of 1 to " + std::to_string(kMaxCheckpointImageSide) + " pixels");
+    }
+    return static_cast<int>(side);
   }
   double number_of(const c10::IValue& v, const std::string& full_name) const {
     if (v.isDouble()) return v.toDouble();
@@ -216,7 +246,8 @@ void verify_integrity(const Dict& checkpoint, const std::string& where) {
     if (!sums.has(path)) {
       throw_data_error(where + ": tensor '" + detail::printable_utf8(path) +
                        "' has no checksum: the file was damaged or edited after kiln wrote it (an edited "
-                       "checkpoint loads unverified once its '" + kIntegrityKey + "' entry is deleted)");
+                       "checkpoint loads unverified once its '" +
+                       kIntegrityKey + "' entry is deleted)");
     }
     if (sums.integer(path) != tensor_checksum(tensor)) {
       throw_data_error(where + ": tensor '" + path + "' does not match its checksum; the file is damaged");
@@ -279,6 +310,139 @@ c10::IValue calibration_to_ivalue(const Int8Calibration& calibration) {
   return dict;
 }
 
+// The transform entry: {image_shape: [C, H, W], resize: [h, w] | [shorter edge] | None, center_crop:
+// [h, w] | None}. A one-value resize is torchvision's Resize([size]): the shorter edge to it.
+constexpr const char* kTransformKey = "transform";
+
+c10::IValue size_to_ivalue(const std::optional<std::pair<int, int>>& size) {
+  if (!size) return c10::IValue();
+  std::vector<std::int64_t> values{size->first};
+  if (size->second != 0) values.push_back(size->second);
+  return detail::plain_list(values);
+}
+
+c10::IValue transform_to_ivalue(const ImageSpec& stored, const EvalTransformOptions& eval) {
+  Dict transform = string_dict();
+  transform.insert("image_shape",
+                   detail::plain_list(std::vector<std::int64_t>{stored.channels, stored.height, stored.width}));
+  transform.insert("resize", size_to_ivalue(eval.resize));
+  transform.insert("center_crop", size_to_ivalue(eval.center_crop));
+  return transform;
+}
+
+std::string size_text(int height, int width) {
+  return std::to_string(height) + "x" + std::to_string(width);
+}
+
+std::string transform_text(const EvalTransformOptions& eval) {
+  std::string text;
+  if (eval.resize) {
+    text = "resize " + (eval.resize->second == 0 ? std::to_string(eval.resize->first) + " (shorter edge)"
+                                                 : size_text(eval.resize->first, eval.resize->second));
+  }
+  if (eval.center_crop) {
+    text += (text.empty() ? "" : ", ") + std::string("center_crop ") +
+            size_text(eval.center_crop->first, eval.center_crop->second);
+  }
+  return text.empty() ? "no transform" : text;
+}
+
+// Throws kiln::DataError (`where`: ...) unless `spec`'s sizes are plausible and `eval` brings `stored`
+// images to the model's input: checked before any model, decode buffer or resized image of these sizes
+// is allocated.
+void check_image_sizes(const ModelSpec& spec, const ImageSpec& stored, const EvalTransformOptions& eval,
+                       const std::string& where) {
+  if (spec.in_channels != 1 && spec.in_channels != 3) {
+    throw_data_error(where + ": 'model.in_channels' is " + std::to_string(spec.in_channels) +
+                     ", expected 1 (grayscale) or 3 (RGB)");
+  }
+  const auto check_area = [&where](const std::string& what, std::int64_t height, std::int64_t width) {
+    if (height > kMaxCheckpointImageSide || width > kMaxCheckpointImageSide ||
+        height * width > kDefaultMaxImagePixels) {
+      throw_data_error(where + ": " + what + " are " + std::to_string(height) + "x" + std::to_string(width) +
+                       ", over kiln's limits (" + std::to_string(kMaxCheckpointImageSide) + " pixels a side, " +
+                       std::to_string(kDefaultMaxImagePixels) + " pixels an image)");
+    }
+  };
+  check_area("the model's input images ('model.height' x 'model.width')", spec.height, spec.width);
+  if (stored.channels != spec.in_channels) {
+    throw_data_error(where + ": 'transform.image_shape' has " + std::to_string(stored.channels) +
+                     " channel(s), the model takes " + std::to_string(spec.in_channels));
+  }
+  check_area("the stored images ('transform.image_shape')", stored.height, stored.width);
+  std::pair<int, int> output;
+  try {
+    if (eval.resize) {
+      const auto resized = ImageTransform::evaluation({eval.resize, std::nullopt}, stored.channels)
+                               .output_size(stored.height, stored.width);
+      check_area("the resized images ('transform.resize')", resized.first, resized.second);
+    }
+    output = ImageTransform::evaluation(eval, stored.channels).output_size(stored.height, stored.width);
+  } catch (const DataError& error) {
+    throw_data_error(where + ": 'transform': " + error.what());
+  }
+  if (output != std::pair{spec.height, spec.width}) {
+    throw_data_error(where + ": its evaluation transform (" + transform_text(eval) + ") makes " +
+                     size_text(output.first, output.second) + " images of the " +
+                     size_text(stored.height, stored.width) + " stored ones ('transform.image_shape'), but the " +
+                     "model takes " + size_text(spec.height, spec.width) + " ('model.height' x 'model.width')");
+  }
+}
+
+// mnist_cnn is the one model whose weights' shapes depend on the input size (fc1 reads the whole pooled
+// conv2 output): an input size its fc1 weight does not fit is refused before the model is built, which
+// for a checkpoint claiming a huge input would allocate an fc1 of that size (tens of GB) first.
+void check_mnist_cnn_weights(const ModelSpec& spec, const Entries& model, const std::string& where) {
+  const auto pooled = detail::mnist_cnn::pooled_size(spec.height, spec.width);
+  if (pooled.height < 1 || pooled.width < 1) return;  // make_model names the minimum size
+  const std::int64_t inputs = std::int64_t{detail::mnist_cnn::kConv2Channels} * pooled.height * pooled.width;
+  const Entries weights = model.dict("state_dict");
+  const at::Tensor fc1 = weights.has("fc1.weight") ? weights.tensor("fc1.weight") : at::Tensor();
+  if (!fc1.defined() || fc1.dim() != 2 || fc1.size(1) != inputs) {
+    throw_data_error(where + ": mnist_cnn's fc1 for " + size_text(spec.height, spec.width) +
+                     " images ('model.height' x 'model.width') reads " + std::to_string(inputs) +
+                     " values, but 'model.state_dict.fc1.weight' " +
+                     (fc1.defined() ? "has shape " + c10::str(fc1.sizes()) : std::string("is missing")));
+  }
+}
+
+// Which torch.optim layout a param group is, by the hyperparameter only that optimizer has (as
+// Optimizer::load_state_dict tells them apart), and the entries that layout holds: checked here, so a
+// missing one is named with the file instead of failing inside the optimizer.
+void check_optimizer_entries(const Entries& optimizer, const Entries& group, const std::string& group_name,
+                             const std::string& where) {
+  std::vector<std::string> slots{"step"};
+  if (group.has("rho")) {
+    group.number("rho");
+    group.number("eps");
+    slots.insert(slots.end(), {"acc_delta", "square_avg"});
+  } else if (group.has("momentum")) {
+    if (group.number("momentum") != 0.0) slots.push_back("momentum_buffer");
+    group.boolean("nesterov");
+  } else if (group.has("betas")) {
+    const c10::IValue betas = group.value("betas");
+    const std::vector<c10::IValue> values = betas.isTuple()  ? betas.toTupleRef().elements().vec()
+                                            : betas.isList() ? betas.toListRef().vec()
+                                                             : std::vector<c10::IValue>{};
+    if (values.size() != 2 ||
+        !std::all_of(values.begin(), values.end(), [](const c10::IValue& v) { return v.isDouble() || v.isInt(); })) {
+      throw_data_error(where + ": '" + group_name + ".betas' is " + a_type(betas) + ", expected two numbers");
+    }
+    group.number("eps");
+    slots.insert(slots.end(), {"exp_avg", "exp_avg_sq"});
+  } else {
+    return;  // the optimizer names it: "the optimizer state is an unknown optimizer's"
+  }
+  for (const auto& entry : optimizer.value("state").toGenericDict()) {
+    const std::string name = "optimizer.state." + detail::printable_utf8(key_text(entry.key()));
+    if (!entry.value().isGenericDict()) {
+      throw_data_error(where + ": '" + name + "' is " + a_type(entry.value()) + ", expected a dict");
+    }
+    const Entries parameter(entry.value().toGenericDict(), name, where);
+    for (const auto& slot : slots) parameter.tensor(slot);
+  }
+}
+
 }  // namespace
 
 void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
@@ -287,6 +451,13 @@ void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
     throw TrainingError("not writing " + where_of(path) + ": the model's " + *bad +
                         " (training diverged); the file keeps what it held");
   }
+  const ImageSpec stored = saved.stored_image.height == 0
+                               ? ImageSpec{saved.spec.in_channels, saved.spec.height, saved.spec.width}
+                               : saved.stored_image;
+  check_image_sizes(saved.spec, stored, saved.eval_transform, "not writing " + where_of(path));
+  // Version 1 unless the transform changes the pixels: older kilns then refuse the file rather than
+  // ignore the transform.
+  const bool transformed = !ImageTransform::evaluation(saved.eval_transform, stored.channels).identity();
   Dict model = string_dict();
   model.insert("name", saved.spec.name);
   model.insert("in_channels", static_cast<std::int64_t>(saved.spec.in_channels));
@@ -339,11 +510,12 @@ void write_checkpoint(const std::filesystem::path& path, TrainingState state) {
 
   Dict checkpoint = string_dict();
   checkpoint.insert("format", std::string(kCheckpointFormat));
-  checkpoint.insert("format_version", static_cast<std::int64_t>(kCheckpointFormatVersion));
+  checkpoint.insert("format_version", std::int64_t{transformed ? kCheckpointFormatVersion : 1});
   checkpoint.insert("kiln_version", std::string(KILN_VERSION));
   checkpoint.insert("model", model);
   checkpoint.insert("classes", detail::plain_list(saved.classes));
   checkpoint.insert("normalization", normalization);
+  checkpoint.insert(kTransformKey, transform_to_ivalue(stored, saved.eval_transform));
   checkpoint.insert("optimizer", std::move(state.optimizer));
   checkpoint.insert("scheduler", scheduler);
   checkpoint.insert("epoch", saved.epoch);
@@ -407,10 +579,29 @@ CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const
   }
   result.spec.in_channels = model.size_entry("in_channels");
   result.spec.num_classes = model.size_entry("num_classes");
-  result.spec.height = model.size_entry("height");
-  result.spec.width = model.size_entry("width");
+  result.spec.height = model.side("height");
+  result.spec.width = model.side("width");
   model.dict("state_dict");
   result.state_dict = model.value("state_dict");
+  if (top.has(kTransformKey)) {
+    const Entries transform = top.dict(kTransformKey);
+    const std::vector<int> shape = transform.sides("image_shape", 3, 3);
+    result.stored_image = {shape[0], shape[1], shape[2]};
+    if (!transform.value("resize").isNone()) {
+      const std::vector<int> resize = transform.sides("resize", 1, 2);
+      result.eval_transform.resize = {resize[0], resize.size() == 2 ? resize[1] : 0};
+    }
+    if (!transform.value("center_crop").isNone()) {
+      // [size] is a square, as torchvision's CenterCrop([size]).
+      const std::vector<int> crop = transform.sides("center_crop", 1, 2);
+      result.eval_transform.center_crop = {crop[0], crop.back()};
+    }
+  } else {
+    // Written before kiln recorded a transform: the model was trained on the stored images as they are.
+    result.stored_image = {result.spec.in_channels, result.spec.height, result.spec.width};
+  }
+  check_image_sizes(result.spec, result.stored_image, result.eval_transform, where);
+  if (result.spec.name == "mnist_cnn") check_mnist_cnn_weights(result.spec, model, where);
   result.classes = top.strings("classes");
   const Entries normalization = top.dict("normalization");
   result.mean = normalization.numbers("mean");
@@ -442,6 +633,7 @@ TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, cons
     const Entries group = optimizer.item_dict("param_groups", i);
     group.number("lr");
     group.number("weight_decay");
+    check_optimizer_entries(optimizer, group, "optimizer.param_groups[" + std::to_string(i) + "]", where);
   }
   state.optimizer = top.value("optimizer");
   const Entries scheduler = top.dict("scheduler");

@@ -45,8 +45,34 @@ DecodedBatch decode_batch(const std::vector<EncodedImage>& encoded, const ImageS
   return batch;
 }
 
+namespace {
+
+// `images` (uint8 [N, C, H, W], contiguous) through `transform` on torch's intra-op threads; the same
+// pixels whichever thread transforms an image, since evaluation transforms draw no random numbers.
+at::Tensor transform_batch(const at::Tensor& images, const ImageTransform& transform, const ImageSpec& input) {
+  const std::int64_t count = images.size(0);
+  const auto height = static_cast<int>(images.size(2));
+  const auto width = static_cast<int>(images.size(3));
+  at::Tensor out = at::empty({count, input.channels, input.height, input.width}, at::kByte);
+  const std::uint8_t* in = images.data_ptr<std::uint8_t>();
+  std::uint8_t* pixels = out.data_ptr<std::uint8_t>();
+  const std::int64_t in_bytes = images.stride(0);
+  // A resize is worth a thread from a few images on; a crop alone is a copy, but cheap either way.
+  constexpr std::int64_t kImagesPerTask = 4;
+  at::parallel_for(0, count, kImagesPerTask, [&](std::int64_t begin, std::int64_t end) {
+    SampleRandom unused(0);
+    for (std::int64_t i = begin; i < end; ++i) {
+      transform.apply(in + i * in_bytes, height, width, pixels + i * input.bytes(), unused);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
 struct Predictor::State {
   CheckpointModel saved;
+  ImageTransform transform;  // the checkpoint's evaluation transform: stored images -> the model's input
   torch::Device device{torch::kCPU};
   Precision precision = Precision::fp32;
   std::string int8_unavailable;
@@ -68,6 +94,7 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
     throw_data_error("unknown device '" + device + "' (expected cpu, cuda or cuda:N)");
   }
   s.saved = checkpoint_model(read_checkpoint(checkpoint), checkpoint);
+  s.transform = ImageTransform::evaluation(s.saved.eval_transform, s.saved.stored_image.channels);
   s.model = make_model(s.saved.spec);
   // Also what checks every weight is there with its shape, for int8 too.
   load_module_state_dict(*s.model, s.saved.state_dict, "checkpoint '" + checkpoint.string() + "'");
@@ -105,10 +132,17 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   at::Tensor batch = images.dim() == 3 ? images.unsqueeze(0) : images;
   if (batch.scalar_type() != at::kByte || batch.dim() != 4 || batch.size(1) != spec.channels ||
       batch.size(2) != spec.height || batch.size(3) != spec.width) {
+    const ImageSpec input = input_spec();
+    const std::string stored = input == spec ? ""
+                                             : " (the processed images the model was trained on; its evaluation "
+                                               "transform brings them to the model's " +
+                                                   to_string(input) + ")";
     throw_data_error("expected uint8 images of shape [N, " + std::to_string(spec.channels) + ", " +
-                     std::to_string(spec.height) + ", " + std::to_string(spec.width) + "], got " +
+                     std::to_string(spec.height) + ", " + std::to_string(spec.width) + "]" + stored + ", got " +
                      std::string(c10::toString(images.scalar_type())) + " " + c10::str(images.sizes()));
   }
+  // The transform reads host memory: pixels on a GPU come to the CPU for it (the model's input goes back).
+  if (!s.transform.identity()) batch = transform_batch(batch.cpu().contiguous(), s.transform, input_spec());
   c10::NoGradGuard no_grad;
   detail::AutocastScope autocast(s.device, s.bf16);
   const auto classes = static_cast<std::int64_t>(s.saved.classes.size());
@@ -119,6 +153,12 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
     return s.model->forward(x);
   });
   return at::softmax(logits, 1).cpu();
+}
+
+DecodedBatch Predictor::preprocess(const std::vector<EncodedImage>& encoded) const {
+  DecodedBatch batch = decode_batch(encoded, image_spec(), max_image_pixels());
+  if (!state_->transform.identity()) batch.images = transform_batch(batch.images, state_->transform, input_spec());
+  return batch;
 }
 
 Predictor::EncodedPredictions Predictor::predict_encoded(const std::vector<EncodedImage>& encoded) const {
@@ -150,8 +190,14 @@ const std::vector<std::string>& Predictor::classes() const {
   return state_->saved.classes;
 }
 ImageSpec Predictor::image_spec() const {
+  return state_->saved.stored_image;
+}
+ImageSpec Predictor::input_spec() const {
   const ModelSpec& spec = state_->saved.spec;
   return {spec.in_channels, spec.height, spec.width};
+}
+const EvalTransformOptions& Predictor::eval_transform() const {
+  return state_->saved.eval_transform;
 }
 const ModelSpec& Predictor::model_spec() const {
   return state_->saved.spec;

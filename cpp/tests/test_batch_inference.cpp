@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "fixtures.hpp"
+#include "kiln/checkpoint.hpp"
 #include "kiln/error.hpp"
 #include "kiln/predictor.hpp"
 
@@ -75,6 +76,29 @@ TEST(batch_inference, writes_one_line_per_file_and_errors_for_bad_ones) {
     if (line.contains("error")) continue;
     const auto direct = predictor.predict_encoded({read_bytes(line["filepath"].get<std::string>())});
     EXPECT_FLOAT_EQ(line["probability"].get<double>(), direct.probabilities[0].max().item<float>());
+  }
+}
+
+TEST(batch_inference, classifies_through_the_checkpoint_s_evaluation_transform) {
+  // A 12x12 model trained on 16x16 processed images center-cropped to 12x12: each file is decoded to
+  // 16x16 and cropped, as Predictor::preprocess shows, not decoded to the model's 12x12.
+  CheckpointedDataset f;
+  TrainingState state = read_training_state(read_checkpoint(f.checkpoint), f.checkpoint);
+  state.model.stored_image = {1, 16, 16};
+  state.model.eval_transform.center_crop = {{12, 12}};
+  write_checkpoint(f.dir.path() / "cropped.pt", std::move(state));
+  const Predictor predictor(f.dir.path() / "cropped.pt");
+  const Predictor untransformed(f.checkpoint);
+
+  BatchInferenceOptions options{f.raw / "train", "*/*", f.dir.path() / "res.jsonl", 64};
+  EXPECT_EQ(classify_directory(predictor, options).classified, 12);
+  const auto lines = read_lines(options.output_path);
+  std::vector<std::vector<std::uint8_t>> bytes;
+  for (const auto& line : lines) bytes.push_back(read_bytes(line["filepath"].get<std::string>()));
+  const std::vector<EncodedImage> encoded(bytes.begin(), bytes.end());
+  const at::Tensor top = std::get<0>(untransformed.predict(predictor.preprocess(encoded).images).max(1));
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    EXPECT_EQ(lines[i]["probability"].get<double>(), top[static_cast<std::int64_t>(i)].item<float>()) << i;
   }
 }
 

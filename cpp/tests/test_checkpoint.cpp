@@ -31,8 +31,16 @@ TEST(checkpoint, holds_the_documented_entries_in_their_order) {
   std::vector<std::string> keys;
   for (const auto& entry : checkpoint) keys.push_back(entry.key().toStringRef());
   EXPECT_EQ(keys, (std::vector<std::string>{"format", "format_version", "kiln_version", "model", "classes",
-                                            "normalization", "optimizer", "scheduler", "epoch", "history", "rng",
-                                            "options", "int8_calibration", "integrity"}));
+                                            "normalization", "transform", "optimizer", "scheduler", "epoch", "history",
+                                            "rng", "options", "int8_calibration", "integrity"}));
+  // No evaluation transform: the version every kiln reads, and the stored images are the model's input.
+  EXPECT_EQ(checkpoint.at("format_version").toInt(), 1);
+  const auto transform = checkpoint.at("transform").toGenericDict();
+  std::vector<std::int64_t> shape;
+  for (const auto& side : transform.at("image_shape").toListRef()) shape.push_back(side.toInt());
+  EXPECT_EQ(shape, (std::vector<std::int64_t>{1, 12, 12}));
+  EXPECT_TRUE(transform.at("resize").isNone());
+  EXPECT_TRUE(transform.at("center_crop").isNone());
   std::vector<std::string> rng;
   for (const auto& entry : checkpoint.at("rng").toGenericDict()) rng.push_back(entry.key().toStringRef());
   EXPECT_EQ(rng, (std::vector<std::string>{"torch_cpu", "dropout_seed", "dropout_offset", "shuffle"}));
@@ -96,8 +104,8 @@ TEST(checkpoint, training_state_reads_back_as_written) {
   EXPECT_EQ(read.dropout_seed, 123u);
   EXPECT_EQ(read.dropout_offset, 4567u);
   const auto weights = read.model.state_dict.toGenericDict();
-  EXPECT_TRUE(at::equal(weights.at("fc2.bias").toTensor(),
-                        written.model.state_dict.toGenericDict().at("fc2.bias").toTensor()));
+  EXPECT_TRUE(
+      at::equal(weights.at("fc2.bias").toTensor(), written.model.state_dict.toGenericDict().at("fc2.bias").toTensor()));
   EXPECT_EQ(read_checkpoint(path).at("options").toGenericDict().at("precision").toStringRef(), "bf16");
 }
 
@@ -106,7 +114,10 @@ TEST(checkpoint, missing_files_other_files_and_other_models_are_refused) {
   const fs::path data = testing::write_halves_dataset(dir.path(), 8);
   Trainer trainer(testing::small_options(data));
   EXPECT_THROW(trainer.load_checkpoint(dir.path() / "missing.pt"), NotFoundError);
-  EXPECT_THROW(trainer.load_checkpoint(data / "train.pt"), DataError);  // a tensor file, not a checkpoint
+  c10::impl::GenericDict tensors(c10::StringType::get(), c10::AnyType::get());
+  tensors.insert("images", at::zeros({2, 1, 12, 12}, at::kByte));
+  detail::save_ivalue(dir.path() / "tensors.pt", tensors);
+  EXPECT_THROW(trainer.load_checkpoint(dir.path() / "tensors.pt"), DataError);  // a tensor file, not a checkpoint
   TrainerOptions options = testing::small_options(data);
   options.model = "resnet8";
   Trainer other(options);
@@ -205,7 +216,7 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
   edited(good, file("name.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("name", std::string("nnist")); });
   cases.emplace_back(file("name.pt"), "'model.name' is 'nnist', a model this kiln does not know (known: mnist_cnn, ");
   edited(good, file("width.pt"), [](auto& c) { dict_at(c, "model").insert_or_assign("width", std::int64_t{-5}); });
-  cases.emplace_back(file("width.pt"), "'model.width' is -5, expected a positive int");
+  cases.emplace_back(file("width.pt"), "'model.width' is -5, expected an image side of 1 to 16384 pixels");
   edited(good, file("weights.pt"), [](auto& c) {
     drop(c, "integrity");
     dict_at(c, "model").insert_or_assign("state_dict", std::int64_t{5});
@@ -215,9 +226,8 @@ TEST(checkpoint, every_damage_is_refused_in_one_line_naming_the_file_and_the_fau
     dict_at(c, "normalization").insert_or_assign("mean", detail::plain_list(std::vector<std::string>{"x"}));
   });
   cases.emplace_back(file("mean.pt"), "'normalization.mean[0]' is a str, expected a number");
-  edited(good, file("history.pt"), [](auto& c) {
-    c.insert_or_assign("history", detail::plain_list(std::vector<std::int64_t>{1}));
-  });
+  edited(good, file("history.pt"),
+         [](auto& c) { c.insert_or_assign("history", detail::plain_list(std::vector<std::int64_t>{1})); });
   cases.emplace_back(file("history.pt"), "'history[0]' is an int, expected a dict");
   edited(good, file("rng.pt"), [](auto& c) {
     drop(c, "integrity");
@@ -285,9 +295,8 @@ TEST(checkpoint, edited_tensors_are_refused_unless_the_checksums_are_removed) {
     dict_at(dict_at(c, "model"), "state_dict").insert_or_assign("extra", at::zeros({1}));
   });
   EXPECT_NE(refusal(path).find("tensor 'model.state_dict.extra' has no checksum"), std::string::npos);
-  const fs::path dropped = edited(dir.path() / "model.pt", dir.path() / "dropped.pt", [](auto& c) {
-    drop(dict_at(c, "rng"), "shuffle");
-  });
+  const fs::path dropped =
+      edited(dir.path() / "model.pt", dir.path() / "dropped.pt", [](auto& c) { drop(dict_at(c, "rng"), "shuffle"); });
   EXPECT_NE(refusal(dropped).find("tensor 'rng.shuffle' is missing, though its checksums list it"), std::string::npos);
 }
 
@@ -314,6 +323,160 @@ TEST(checkpoint, non_finite_weights_are_not_written_and_the_previous_file_is_kep
   EXPECT_THROW(write_checkpoint(path, diverged), TrainingError);
   EXPECT_EQ(read_bytes(path), before);
   EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1);
+}
+
+// small_state's 12x12 model, trained on `stored` images that `eval` brings to 12x12.
+TrainingState transformed_state(ImageSpec stored, EvalTransformOptions eval) {
+  TrainingState state = small_state();
+  state.model.stored_image = stored;
+  state.model.eval_transform = eval;
+  return state;
+}
+
+TEST(checkpoint, an_evaluation_transform_reads_back_as_written) {
+  TempDir dir;
+  const fs::path path = dir.path() / "model.pt";
+  EvalTransformOptions eval;
+  eval.resize = {{14, 0}};  // the shorter edge to 14: 20x30 -> 14x21
+  eval.center_crop = {{12, 12}};
+  write_checkpoint(path, transformed_state({1, 20, 30}, eval));
+  const c10::impl::GenericDict checkpoint = read_checkpoint(path);
+  EXPECT_EQ(checkpoint.at("format_version").toInt(), 2);  // older kilns refuse it instead of ignoring the transform
+  const CheckpointModel model = checkpoint_model(checkpoint, path);
+  EXPECT_EQ(model.stored_image, (ImageSpec{1, 20, 30}));
+  EXPECT_EQ(model.eval_transform, eval);
+  EXPECT_EQ(read_training_state(checkpoint, path).model.eval_transform, eval);
+  // torch.load reads the entry as plain lists: a one-value resize is torchvision's Resize([size]).
+  const auto transform = checkpoint.at("transform").toGenericDict();
+  EXPECT_EQ(transform.at("resize").toListRef().size(), 1u);
+  EXPECT_EQ(transform.at("center_crop").toListRef().size(), 2u);
+}
+
+TEST(checkpoint, checkpoints_written_before_transforms_load_as_the_model_s_input_untransformed) {
+  TempDir dir;
+  write_checkpoint(dir.path() / "model.pt", small_state());
+  const fs::path old = edited(dir.path() / "model.pt", dir.path() / "old.pt", [](auto& c) { drop(c, "transform"); });
+  const CheckpointModel model = checkpoint_model(read_checkpoint(old), old);
+  EXPECT_EQ(model.stored_image, (ImageSpec{1, 12, 12}));
+  EXPECT_EQ(model.eval_transform, EvalTransformOptions{});
+  EXPECT_EQ(refusal(old), "");
+}
+
+TEST(checkpoint, a_transform_that_does_not_make_the_model_s_input_is_neither_written_nor_read) {
+  TempDir dir;
+  const fs::path path = dir.path() / "model.pt";
+  EvalTransformOptions crop10;
+  crop10.center_crop = {{10, 10}};
+  const std::string written =
+      testing::error_message<DataError>([&] { write_checkpoint(path, transformed_state({1, 16, 16}, crop10)); });
+  EXPECT_EQ(written, "not writing checkpoint '" + path.string() +
+                         "': its evaluation transform (center_crop 10x10) makes 10x10 images of the 16x16 stored "
+                         "ones ('transform.image_shape'), but the model takes 12x12 ('model.height' x 'model.width')");
+  EXPECT_FALSE(fs::exists(path));
+
+  EvalTransformOptions crop12;
+  crop12.center_crop = {{12, 12}};
+  write_checkpoint(path, transformed_state({1, 16, 16}, crop12));
+  const auto set = [](c10::impl::GenericDict c, const char* key, c10::IValue value) {
+    dict_at(c, "transform").insert_or_assign(key, std::move(value));
+  };
+  const auto sides = [](std::vector<std::int64_t> values) { return c10::IValue(detail::plain_list(values)); };
+  std::vector<std::pair<fs::path, std::string>> cases;
+  const auto file = [&dir](const char* name) { return dir.path() / name; };
+  edited(path, file("crop.pt"), [&](auto& c) { set(c, "center_crop", sides({10, 10})); });
+  cases.emplace_back(file("crop.pt"), "(center_crop 10x10) makes 10x10 images of the 16x16 stored ones");
+  edited(path, file("no_crop.pt"), [&](auto& c) { set(c, "center_crop", c10::IValue()); });
+  cases.emplace_back(file("no_crop.pt"), "(no transform) makes 16x16 images of the 16x16 stored ones");
+  edited(path, file("channels.pt"), [&](auto& c) { set(c, "image_shape", sides({3, 16, 16})); });
+  cases.emplace_back(file("channels.pt"), "'transform.image_shape' has 3 channel(s), the model takes 1");
+  edited(path, file("zero.pt"), [&](auto& c) { set(c, "image_shape", sides({1, 0, 16})); });
+  cases.emplace_back(file("zero.pt"), "'transform.image_shape[1]' is 0, expected an image side of 1 to 16384 pixels");
+  edited(path, file("two.pt"), [&](auto& c) { set(c, "image_shape", sides({16, 16})); });
+  cases.emplace_back(file("two.pt"), "'transform.image_shape' has 2 values, expected 3");
+  edited(path, file("text.pt"), [&](auto& c) { set(c, "resize", c10::IValue(std::string("16"))); });
+  cases.emplace_back(file("text.pt"), "'transform.resize' is a str, expected a list");
+  edited(path, file("huge.pt"), [&](auto& c) { set(c, "resize", sides({1'000'000})); });
+  cases.emplace_back(file("huge.pt"), "'transform.resize[0]' is 1000000, expected an image side of 1 to 16384 pixels");
+  // A shorter-edge resize of a long thin image: refused before a 16000x16000000 buffer is allocated.
+  edited(path, file("long.pt"), [&](auto& c) {
+    set(c, "image_shape", sides({1, 16, 16000}));
+    set(c, "resize", sides({16000}));
+  });
+  cases.emplace_back(file("long.pt"), "the resized images ('transform.resize') are 16000x16000000, over kiln's limits");
+  for (const auto& [file_path, fault] : cases) {
+    const std::string message = refusal(file_path);
+    EXPECT_NE(message.find(fault), std::string::npos) << file_path << ": " << message;
+    EXPECT_NE(message.find("checkpoint '" + file_path.string() + "'"), std::string::npos) << message;
+  }
+}
+
+TEST(checkpoint, implausible_model_sizes_are_refused_before_any_model_is_built) {
+  // An mnist_cnn of 4096x4096 inputs has an fc1 of 34 billion weights (137 GB): building the model to
+  // find that the file's fc1 does not fit took all the memory there was.
+  TempDir dir;
+  write_checkpoint(dir.path() / "model.pt", small_state());
+  const auto file = [&dir](const char* name) { return dir.path() / name; };
+  const auto resize_model = [](std::int64_t height, std::int64_t width, std::int64_t channels) {
+    return [=](c10::impl::GenericDict& c) {
+      drop(c, "transform");  // as in the checkpoints written before kiln recorded it
+      dict_at(c, "model").insert_or_assign("height", height);
+      dict_at(c, "model").insert_or_assign("width", width);
+      dict_at(c, "model").insert_or_assign("in_channels", channels);
+    };
+  };
+  std::vector<std::pair<fs::path, std::string>> cases;
+  edited(dir.path() / "model.pt", file("fc1.pt"), resize_model(4096, 4096, 1));
+  cases.emplace_back(file("fc1.pt"),
+                     "mnist_cnn's fc1 for 4096x4096 images ('model.height' x 'model.width') reads "
+                     "267911424 values, but 'model.state_dict.fc1.weight' has shape [128, 1024]");
+  edited(dir.path() / "model.pt", file("side.pt"), resize_model(12, 100'000, 1));
+  cases.emplace_back(file("side.pt"), "'model.width' is 100000, expected an image side of 1 to 16384 pixels");
+  edited(dir.path() / "model.pt", file("area.pt"), resize_model(16'000, 16'000, 1));
+  cases.emplace_back(file("area.pt"),
+                     "the model's input images ('model.height' x 'model.width') are 16000x16000, "
+                     "over kiln's limits (16384 pixels a side, 89478485 pixels an image)");
+  edited(dir.path() / "model.pt", file("channels.pt"), resize_model(12, 12, 100'000'000));
+  cases.emplace_back(file("channels.pt"), "'model.in_channels' is 100000000, expected 1 (grayscale) or 3 (RGB)");
+  for (const auto& [path, fault] : cases) {
+    const std::string message = refusal(path);
+    EXPECT_NE(message.find(fault), std::string::npos) << path << ": " << message;
+    EXPECT_NE(message.find("checkpoint '" + path.string() + "'"), std::string::npos) << message;
+  }
+}
+
+TEST(checkpoint, a_missing_optimizer_entry_is_refused_naming_the_file_and_the_entry) {
+  // c10::Dict::at's std::out_of_range reached Python as an IndexError naming neither.
+  TempDir dir;
+  const fs::path data = testing::write_halves_dataset(dir.path(), 8);
+  const fs::path good = dir.path() / "good.pt";
+  {
+    Trainer trainer(testing::small_options(data));  // Adadelta, kiln's default
+    trainer.run_epoch();
+    trainer.save_checkpoint(good);
+  }
+  const auto optimizer = [](c10::impl::GenericDict c) { return dict_at(c, "optimizer"); };
+  const auto group = [&](c10::impl::GenericDict c) {
+    return optimizer(c).at("param_groups").toListRef().at(0).toGenericDict();
+  };
+  std::vector<std::pair<fs::path, std::string>> cases;
+  edited(good, dir.path() / "slot.pt", [&](auto& c) {
+    drop(c, "integrity");
+    optimizer(c).at("state").toGenericDict().at(std::int64_t{3}).toGenericDict().erase("square_avg");
+  });
+  cases.emplace_back(dir.path() / "slot.pt", "has no 'optimizer.state.3.square_avg' entry");
+  edited(good, dir.path() / "step.pt", [&](auto& c) {
+    drop(c, "integrity");
+    optimizer(c).at("state").toGenericDict().at(std::int64_t{0}).toGenericDict().insert_or_assign("step", 1.5);
+  });
+  cases.emplace_back(dir.path() / "step.pt", "'optimizer.state.0.step' is a float, expected a tensor");
+  edited(good, dir.path() / "eps.pt", [&](auto& c) { group(c).erase("eps"); });
+  cases.emplace_back(dir.path() / "eps.pt", "has no 'optimizer.param_groups[0].eps' entry");
+  for (const auto& [path, fault] : cases) {
+    Trainer trainer(testing::small_options(data));
+    const std::string message = testing::error_message<DataError>([&] { trainer.load_checkpoint(path); });
+    EXPECT_NE(message.find(fault), std::string::npos) << path << ": " << message;
+    EXPECT_NE(message.find("checkpoint '" + path.string() + "'"), std::string::npos) << message;
+  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include "fixtures.hpp"
+#include "kiln/augment.hpp"
+#include "kiln/checkpoint.hpp"
 #include "kiln/dataset.hpp"
 #include "kiln/error.hpp"
 
@@ -50,6 +52,60 @@ TEST(predictor, serving_decodes_files_to_the_pixels_training_saw) {
   const auto served = predictor.predict_encoded(encoded);
   EXPECT_TRUE(at::equal(served.probabilities, predictor.predict(train.images)));
   EXPECT_NE(served.conversions[1], "");  // the RGB file was converted as preparation converted it
+  // A checkpoint without an evaluation transform: the model sees the processed pixels as they are.
+  EXPECT_EQ(predictor.input_spec(), predictor.image_spec());
+  EXPECT_TRUE(at::equal(predictor.preprocess(encoded).images, train.images));
+}
+
+// f's (untrained) 12x12 model, as if trained on 16x16 processed images through an evaluation transform
+// of Resize(14) and CenterCrop(12).
+fs::path transformed_checkpoint(const CheckpointedDataset& f) {
+  TrainingState state = read_training_state(read_checkpoint(f.checkpoint), f.checkpoint);
+  state.model.stored_image = {1, 16, 16};
+  state.model.eval_transform.resize = {{14, 14}};
+  state.model.eval_transform.center_crop = {{12, 12}};
+  const fs::path path = f.dir.path() / "transformed.pt";
+  write_checkpoint(path, std::move(state));
+  return path;
+}
+
+TEST(predictor, every_input_goes_through_the_checkpoint_s_evaluation_transform) {
+  CheckpointedDataset f;
+  const Predictor predictor(transformed_checkpoint(f));
+  EXPECT_EQ(predictor.image_spec(), (ImageSpec{1, 16, 16}));
+  EXPECT_EQ(predictor.input_spec(), (ImageSpec{1, 12, 12}));
+  std::vector<std::vector<std::uint8_t>> bytes;
+  for (const auto& file : f.train_files) bytes.push_back(read_bytes(file));
+  const std::vector<EncodedImage> encoded(bytes.begin(), bytes.end());
+
+  // What the model sees: the files decoded to the stored 16x16 as preparation decodes them, then
+  // evaluation's transform, byte for byte.
+  const ImageTransform transform = ImageTransform::evaluation(predictor.eval_transform(), 1);
+  at::Tensor expected = at::empty({12, 1, 12, 12}, at::kByte);
+  std::vector<std::uint8_t> stored(16 * 16);
+  SampleRandom unused(0);
+  for (std::size_t i = 0; i < encoded.size(); ++i) {
+    ASSERT_TRUE(decode_into(encoded[i], {1, 16, 16}, stored.data()).ok) << i;
+    transform.apply(stored.data(), 16, 16, expected[static_cast<std::int64_t>(i)].data_ptr<std::uint8_t>(), unused);
+  }
+  const DecodedBatch seen = predictor.preprocess(encoded);
+  EXPECT_EQ(seen.decoded(), 12);
+  EXPECT_TRUE(at::equal(seen.images, expected));
+  EXPECT_FALSE(at::equal(seen.images, decode_batch(encoded, {1, 12, 12}).images));  // not a decode to 12x12
+
+  // predict() takes the stored images (a processed split's rows) and transforms them itself: the same
+  // answers as the encoded files, which are the model's answers on the transformed pixels.
+  const at::Tensor rows = decode_batch(encoded, predictor.image_spec()).images;
+  const at::Tensor probabilities = predictor.predict(rows);
+  EXPECT_TRUE(at::equal(predictor.predict_encoded(encoded).probabilities, probabilities));
+  EXPECT_TRUE(at::equal(Predictor(f.checkpoint).predict(seen.images), probabilities));
+  EXPECT_TRUE(at::equal(predictor.predict(rows[3]), probabilities.slice(0, 3, 4)));
+
+  const std::string message =
+      testing::error_message<DataError>([&] { predictor.predict(at::zeros({2, 1, 12, 12}, at::kByte)); });
+  EXPECT_EQ(message,
+            "expected uint8 images of shape [N, 1, 16, 16] (the processed images the model was trained on; "
+            "its evaluation transform brings them to the model's 12x12 grayscale), got Byte [2, 1, 12, 12]");
 }
 
 TEST(predictor, in_bf16_agrees_with_fp32) {

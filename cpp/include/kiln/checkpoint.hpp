@@ -3,6 +3,11 @@
 //   format, format_version, kiln_version
 //   model:      {name, in_channels, num_classes, height, width, state_dict: {name: tensor}}
 //   classes, normalization: {mean, std}
+//   transform:  {image_shape: [C, H, W], resize: [h, w] | [shorter edge] | None, center_crop: [h, w] | None}:
+//               the processed images the model was trained on and the evaluation transform
+//               (torchvision.transforms.v2 Resize then CenterCrop) that brings them to the model's
+//               height x width; every inference path applies it. Absent in checkpoints written before
+//               kiln recorded it: the images were the model's input, no transform.
 //   optimizer:  torch.optim.Adadelta's state_dict layout
 //   scheduler:  torch.optim.lr_scheduler.StepLR's state_dict layout
 //   epoch, history: [{epoch, train_loss, train_accuracy, test_loss, test_accuracy, learning_rate}]
@@ -23,13 +28,23 @@
 #include <string>
 #include <vector>
 
+#include "kiln/augment.hpp"
+#include "kiln/decode.hpp"
 #include "kiln/model.hpp"
 #include "kiln/trainer_options.hpp"
 
 namespace kiln {
 
 inline constexpr const char* kCheckpointFormat = "kiln-checkpoint";
-inline constexpr int kCheckpointFormatVersion = 1;
+// The newest format this kiln reads. A checkpoint is written as version 1 (the layout kiln has always
+// read) unless its evaluation transform does something: then as version 2, which older kilns refuse
+// ("newer than this kiln reads; upgrade kiln") instead of ignoring the transform and predicting on
+// pixels the model never saw.
+inline constexpr int kCheckpointFormatVersion = 2;
+
+// The largest image side a checkpoint may claim (model input, processed images, resize): larger ones
+// are refused before any model or buffer of that size is allocated.
+inline constexpr int kMaxCheckpointImageSide = 16384;
 
 // The ranges static int8 inference quantises activations to, measured on `images` test images with
 // the checkpoint's weights (ActivationObserver). Empty in checkpoints of models without an int8 path
@@ -42,6 +57,11 @@ struct Int8Calibration {
 // What inference needs from a checkpoint.
 struct CheckpointModel {
   ModelSpec spec;
+  // The processed images (the dataset manifest's image shape) that `eval_transform` brings to the
+  // model's input, spec.height x spec.width; channels are spec.in_channels. When writing, an unset
+  // one (height 0) means the model's input shape, with no transform.
+  ImageSpec stored_image{0, 0, 0};
+  EvalTransformOptions eval_transform;
   std::vector<std::string> classes;
   std::vector<double> mean;
   std::vector<double> std;
@@ -71,7 +91,8 @@ struct TrainingState {
 // Writes `state` atomically in the layout above, with the checksums of every tensor. Taken by value and
 // moved into the file's dict: the pickler memoizes any object referenced twice, which would change the
 // file's bytes. A model with NaN or infinite weights is not written (kiln::TrainingError naming the
-// tensor): the file keeps the last good checkpoint.
+// tensor): the file keeps the last good checkpoint. A transform whose output is not the model's input
+// size is not written either (kiln::DataError naming the file and the sizes).
 void write_checkpoint(const std::filesystem::path& path, TrainingState state);
 
 // Loads a checkpoint file and verifies its tensors against their checksums; throws kiln::NotFoundError
@@ -79,10 +100,13 @@ void write_checkpoint(const std::filesystem::path& path, TrainingState state);
 // archive, truncated, a missing record, not a kiln checkpoint, a tensor that does not match its checksum.
 c10::impl::GenericDict read_checkpoint(const std::filesystem::path& path);
 // What inference needs; kiln::DataError naming the file and the entry ('model.height') if one is missing
-// or of the wrong type.
+// or of the wrong type, if a size is implausible (a side over kMaxCheckpointImageSide, weights that do
+// not fit the model's input size: refused before a model of that size is built), or if the transform's
+// output is not the model's input size.
 CheckpointModel checkpoint_model(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
 // Everything but `options`; kiln::DataError naming the file and the entry if one is missing or of the
-// wrong type.
+// wrong type, the optimizer's entries included (those of the optimizer its param group's hyperparameters
+// mark: Adadelta's rho, SGD's momentum, AdamW's betas), e.g. 'optimizer.state.3.square_avg'.
 TrainingState read_training_state(const c10::impl::GenericDict& checkpoint, const std::filesystem::path& path);
 
 // Parameters and buffers by their dotted names, as CPU tensors (torch's Module.state_dict()).
