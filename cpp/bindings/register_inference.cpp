@@ -20,6 +20,39 @@ py::list errors_or_none(const std::vector<std::string>& errors) {
   return list;
 }
 
+// Views of the callers' bytes (a sequence of bytes-like objects): nothing is copied. `views` keeps the
+// buffers held while the GIL is released and they are read.
+std::vector<EncodedImage> encoded_views(const py::sequence& images, std::vector<py::buffer_info>& views) {
+  std::vector<EncodedImage> encoded;
+  views.reserve(images.size());
+  encoded.reserve(images.size());
+  for (std::size_t i = 0; i < images.size(); ++i) {
+    py::object item = images[i];
+    if (!PyObject_CheckBuffer(item.ptr())) {
+      throw py::type_error("images[" + std::to_string(i) + "] must be bytes, got " +
+                           std::string(py::str(py::type::of(item).attr("__name__"))));
+    }
+    views.push_back(py::reinterpret_borrow<py::buffer>(item).request());
+    const auto& view = views.back();
+    encoded.emplace_back(static_cast<const std::uint8_t*>(view.ptr),
+                         static_cast<std::size_t>(view.size * view.itemsize));
+  }
+  return encoded;
+}
+
+py::tuple shape_of(const ImageSpec& spec) {
+  return py::make_tuple(spec.channels, spec.height, spec.width);
+}
+
+// [height, width], [shorter edge] (a resize keeping the aspect ratio) or None, as the checkpoint stores it.
+py::object size_or_none(const std::optional<std::pair<int, int>>& size) {
+  if (!size) return py::none();
+  py::list values;
+  values.append(size->first);
+  if (size->second != 0) values.append(size->second);
+  return values;
+}
+
 }  // namespace
 
 void register_inference(py::module_& m) {
@@ -39,26 +72,13 @@ void register_inference(py::module_& m) {
            "run here, the predictor uses `fallback` (the reason is in int8_unavailable), or raises ValueError "
            "naming the reason when there is none.")
       .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
-           "uint8 images [N, C, H, W] (or [C, H, W]) -> float32 probabilities [N, classes].")
+           "uint8 images [N, *image_shape] (or image_shape) -> float32 probabilities [N, classes]; the checkpoint's "
+           "evaluation transform is applied to them first.")
       .def(
           "predict_encoded",
           [](const Predictor& predictor, const py::sequence& images) {
-            // Views of the callers' bytes: nothing is copied, and the GIL is released while they are read.
             std::vector<py::buffer_info> views;
-            std::vector<EncodedImage> encoded;
-            views.reserve(images.size());
-            encoded.reserve(images.size());
-            for (std::size_t i = 0; i < images.size(); ++i) {
-              py::object item = images[i];
-              if (!PyObject_CheckBuffer(item.ptr())) {
-                throw py::type_error("images[" + std::to_string(i) + "] must be bytes, got " +
-                                     std::string(py::str(py::type::of(item).attr("__name__"))));
-              }
-              views.push_back(py::reinterpret_borrow<py::buffer>(item).request());
-              const auto& view = views.back();
-              encoded.emplace_back(static_cast<const std::uint8_t*>(view.ptr),
-                                   static_cast<std::size_t>(view.size * view.itemsize));
-            }
+            const std::vector<EncodedImage> encoded = encoded_views(images, views);
             Predictor::EncodedPredictions result;
             {
               py::gil_scoped_release release;
@@ -68,18 +88,48 @@ void register_inference(py::module_& m) {
           },
           py::arg("images"),
           "Encoded images (a sequence of bytes: PNG, JPEG, ...) -> (probabilities float32 [N, classes], errors). "
-          "Images are decoded and converted exactly as data preparation does; errors[i] is None or why image i "
+          "Images are decoded and converted exactly as data preparation does, then the checkpoint's evaluation "
+          "transform applies (as preprocess shows); errors[i] is None or why image i "
           "could not be decoded (its probability row is then zero), e.g. 'PNG claims 60000x60000, over "
           "max_image_pixels=16777216'. One bad image never fails the others.")
+      .def(
+          "preprocess",
+          [](const Predictor& predictor, const py::sequence& images) {
+            std::vector<py::buffer_info> views;
+            const std::vector<EncodedImage> encoded = encoded_views(images, views);
+            DecodedBatch batch;
+            {
+              py::gil_scoped_release release;
+              batch = predictor.preprocess(encoded);
+            }
+            return py::make_tuple(batch.images, errors_or_none(batch.errors));
+          },
+          py::arg("images"),
+          "Encoded images (a sequence of bytes) -> (pixels uint8 [N, *input_shape], errors): what the model sees, "
+          "decoded to image_shape as predict_encoded decodes them, then the checkpoint's evaluation transform. "
+          "Rows of undecodable images are zero; errors[i] is None or why image i could not be decoded.")
       .def_property("max_image_pixels", &Predictor::max_image_pixels, &Predictor::set_max_image_pixels,
                     "Pixel budget (width x height) of each image predict_encoded and classify_directory decode: an "
                     "image whose header claims more is refused before it is decoded. At least 1; default 89478485.")
       .def_property_readonly("classes", &Predictor::classes)
-      .def_property_readonly("image_shape",
-                             [](const Predictor& predictor) {
-                               const ImageSpec spec = predictor.image_spec();
-                               return py::make_tuple(spec.channels, spec.height, spec.width);
-                             })
+      .def_property_readonly(
+          "image_shape", [](const Predictor& predictor) { return shape_of(predictor.image_spec()); },
+          "(C, H, W) of the images predict takes and encoded images are decoded to: the processed images the model "
+          "was trained on (a processed split's images as they are).")
+      .def_property_readonly(
+          "input_shape", [](const Predictor& predictor) { return shape_of(predictor.input_spec()); },
+          "(C, H, W) of the model's input: image_shape after eval_transform.")
+      .def_property_readonly(
+          "eval_transform",
+          [](const Predictor& predictor) {
+            const EvalTransformOptions& eval = predictor.eval_transform();
+            py::dict transform;
+            transform["resize"] = size_or_none(eval.resize);
+            transform["center_crop"] = size_or_none(eval.center_crop);
+            return transform;
+          },
+          "The checkpoint's evaluation transform, applied to every image before the model (torchvision.transforms.v2 "
+          "Resize then CenterCrop): {'resize': [h, w] | [shorter edge] | None, 'center_crop': [h, w] | None}.")
       .def_property_readonly("model_name", [](const Predictor& predictor) { return predictor.model_spec().name; })
       .def_property_readonly("epoch", &Predictor::epoch)
       .def_property_readonly("precision", [](const Predictor& predictor) { return to_string(predictor.precision()); })

@@ -1,8 +1,9 @@
 """Batch inference behind ``python src/batch_inferencing.py``.
 
 The C++ core lists the matching files, reads and decodes them on all cores exactly as data
-preparation did, predicts in batches and writes the JSON lines; this module resolves the model and
-the paths, shows progress and logs the outcome.
+preparation did, applies the checkpoint's evaluation transform (resize, center crop) as the server
+does, predicts in batches and writes the JSON lines; this module resolves the model and the paths,
+shows progress and logs the outcome.
 """
 
 from __future__ import annotations
@@ -12,14 +13,24 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.models import resolve_checkpoint
 from kiln.precision import load_predictor
 from kiln.processing import max_image_pixels
 from kiln.progress import ProgressBar
 
+if TYPE_CHECKING:
+    from kiln._core import Predictor
+
 logger = logging.getLogger(__name__)
+
+
+def transform_text(predictor: Predictor) -> str:
+    """For logs: ", then resize 72x72, then center_crop 64x64" when the checkpoint has an evaluation
+    transform ("resize 72" alone: the shorter edge), else ""."""
+    steps = [f"{name} {'x'.join(map(str, size))}" for name, size in predictor.eval_transform.items() if size]
+    return "".join(f", then {step}" for step in steps)
 
 
 def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -54,12 +65,14 @@ def batch_infer(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     glob = inference["file_check_glob"]
     logger.info(
-        "Classifying %s/%s with %s (%s, %d classes, %s)",
+        "Classifying %s/%s with %s (%s, %d classes, images %s%s, %s)",
         input_dir,
         glob,
         checkpoint,
         predictor.model_name,
         len(predictor.classes),
+        "x".join(map(str, predictor.image_shape)),
+        transform_text(predictor),
         predictor.precision,
     )
 

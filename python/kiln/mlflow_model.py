@@ -6,6 +6,10 @@ checkpoint artifact, read by the C++ predictor in the precision serving picks wi
 
     model = mlflow.pyfunc.load_model("runs:/<run id>/model")
     model.predict(images)   # uint8 [N, C, H, W] -> DataFrame: prediction, probability, probabilities
+
+``images`` are processed images as the model was trained on them (the predictor's ``image_shape``, a
+processed split's images as they are); the checkpoint's evaluation transform (resize, center crop) is
+applied to them before the model, as batch inference and the server apply it.
 """
 
 from __future__ import annotations

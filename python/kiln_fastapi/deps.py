@@ -26,6 +26,8 @@ class ServedModel:
     checkpoint: Path
     model_uuid: str
     classes: list[str] = field(default_factory=list)
+    # The shape files are decoded to and UINT8 tensors must have: the processed images the model was
+    # trained on, before the checkpoint's evaluation transform.
     image_shape: tuple[int, int, int] = (1, 0, 0)
 
 
@@ -33,6 +35,7 @@ def load_model(settings: Settings) -> ServedModel:
     """Resolve PRED_MODEL_PATH (or download PRED_MODEL_UUID) and load it into the C++ predictor."""
     import torch
 
+    from kiln.inference import transform_text
     from kiln.models import download, resolve_checkpoint
     from kiln.precision import load_predictor
 
@@ -55,12 +58,13 @@ def load_model(settings: Settings) -> ServedModel:
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the model to serve: {error}") from error
     logger.info(
-        "Serving %s (%s, epoch %d, %d classes, images %s, %s) from %s",
+        "Serving %s (%s, epoch %d, %d classes, images %s%s, %s) from %s",
         settings.PRED_MODEL_UUID or checkpoint.name,
         predictor.model_name,
         predictor.epoch,
         len(predictor.classes),
         "x".join(map(str, predictor.image_shape)),
+        transform_text(predictor),
         predictor.precision,
         checkpoint,
     )

@@ -1,7 +1,9 @@
 """What every route shares: encoded images in, class probabilities out, via the C++ predictor.
 
 Images are decoded exactly as data preparation decoded the training images; an image of another
-size or channel count is converted the same way (resized, RGB <-> grayscale), not refused.
+size or channel count is converted the same way (resized, RGB <-> grayscale), not refused. The
+checkpoint's evaluation transform (resize, center crop) then brings them to the model's input, in the
+C++ predictor, the same code batch inference runs.
 """
 
 from __future__ import annotations

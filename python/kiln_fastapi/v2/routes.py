@@ -9,8 +9,10 @@ Each model route also answers under ``/v2/models/{name}/versions/{version}``, wh
 is the served run's id (PRED_MODEL_UUID).
 
 An inference request carries one input: either the pixels, ``datatype: "UINT8"`` with shape
-``[N, C, H, W]`` (or ``[C, H, W]``) in the model's layout, or encoded image files, ``datatype:
-"BYTES"`` with shape ``[N]`` and base64 strings as data. The answer has two outputs:
+``[N, C, H, W]`` (or ``[C, H, W]``) of the processed images the model was trained on (the model
+metadata's UINT8 shape; a processed split's images as they are), or encoded image files, ``datatype:
+"BYTES"`` with shape ``[N]`` and base64 strings as data. Both go through the checkpoint's evaluation
+transform (resize, center crop) before the model, as batch inference does. The answer has two outputs:
 ``probabilities`` (FP32 ``[N, classes]``) and ``prediction`` (BYTES ``[N]``, class names).
 
 Tensors may also travel as binary data after the JSON (the binary tensor data extension, see

@@ -51,11 +51,22 @@ class PredictResponse(BaseModel):
     data: list[Prediction]
 
 
+class EvalTransform(BaseModel):
+    resize: list[int] | None = Field(description="[height, width], [shorter edge] or null: torchvision's Resize")
+    center_crop: list[int] | None = Field(description="[height, width] or null: torchvision's CenterCrop")
+
+
 class ModelVersion(BaseModel):
     model_uuid: str = Field(description="the MLflow run id of the served model (PRED_MODEL_UUID)")
     model_name: str
     epoch: int
     classes: list[str]
+    image_shape: list[int] = Field(
+        description="[C, H, W] images are decoded to (the processed images the model was trained on)"
+    )
+    eval_transform: EvalTransform = Field(
+        description="the checkpoint's evaluation transform, applied to every image before the model"
+    )
 
 
 class VersionResponse(BaseModel):
@@ -164,5 +175,7 @@ async def version(model: Annotated[ServedModel, Depends(get_model)]) -> Any:
             "model_name": model.predictor.model_name,
             "epoch": model.predictor.epoch,
             "classes": model.classes,
+            "image_shape": list(model.image_shape),
+            "eval_transform": model.predictor.eval_transform,
         }
     }
