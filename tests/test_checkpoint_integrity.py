@@ -192,6 +192,44 @@ def test_a_length_claim_in_the_pickle_is_refused_before_any_allocation(
     assert int(peak_mib) < 1024, result.stdout
 
 
+def test_a_huge_claimed_model_size_is_refused_before_the_model_is_built(
+    tmp_path: Path, trained_checkpoint: Path
+) -> None:
+    """model.height/width of 4096: building that mnist_cnn (an fc1 of 137 GB) came before the shape check."""
+
+    def claim_4096(saved: dict) -> None:
+        saved["model"].update(height=4096, width=4096)
+        saved.pop("transform")  # as in checkpoints written before kiln recorded it
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(edited(trained_checkpoint, claim_4096))
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_REPORT_PEAK_MEMORY, str(bad)], capture_output=True, text=True, timeout=120
+    )
+    message, peak_mib = result.stdout.splitlines()
+    assert message == (
+        f"checkpoint '{bad}': mnist_cnn's fc1 for 4096x4096 images ('model.height' x 'model.width') reads "
+        "267911424 values, but 'model.state_dict.fc1.weight' has shape [128, 9216]"
+    )
+    assert int(peak_mib) < 1024, result.stdout
+
+
+def test_resuming_with_a_missing_optimizer_entry_names_the_file_and_the_entry(
+    tmp_path: Path, processed_sample: Path, trained_checkpoint: Path
+) -> None:
+    """It was an IndexError from inside the optimizer ("Argument passed to at() was not in the map")."""
+
+    def drop_square_avg(saved: dict) -> None:
+        del saved["optimizer"]["state"][0]["square_avg"]
+        saved.pop("integrity")
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(edited(trained_checkpoint, drop_square_avg))
+    trainer = kiln.Trainer(processed_sample, train_limit=100, test_limit=50)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint '{bad}': has no 'optimizer.state.0.square_avg' entry")):
+        trainer.load_checkpoint(bad)
+
+
 def test_checkpoints_written_before_checksums_still_load(tmp_path: Path, trained_checkpoint: Path) -> None:
     old = tmp_path / "checkpoint.pt"
     old.write_bytes(edited(trained_checkpoint, lambda saved: saved.pop("integrity")))
