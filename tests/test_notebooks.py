@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
 
 import kiln
@@ -112,7 +111,7 @@ def test_predict_notebook_shows_a_trained_runs_predictions_as_class_names(
 
     assert f"run {run.info.run_id} ({run.info.run_name}), status FINISHED" in text
     classes = kiln.read_manifest(processed_sample).classes
-    labels = torch.load(processed_sample / "test.pt", weights_only=True)["labels"]
+    labels = kiln.load_split(processed_sample, "test")[1]
     rows = re.findall(r"^(\d+)\s+(\S+)\s+(\S+)\s+([0-9.]+)$", text, flags=re.M)
     assert len(rows) == 12
     for index, label, prediction, probability in rows:

@@ -404,6 +404,8 @@ class ShardWriter {
   // shard_bytes.
   void add_encoded(const std::vector<std::uint8_t>& bytes, std::int64_t label) {
     if (!labels_.empty() && static_cast<std::int64_t>(data_.size() + bytes.size()) > shard_bytes_) flush();
+    // Room for a whole shard up front: growing by doubling would copy it and hold up to twice its size.
+    if (data_.capacity() == 0) data_.reserve(static_cast<std::size_t>(shard_bytes_));
     data_.insert(data_.end(), bytes.begin(), bytes.end());
     offsets_.push_back(static_cast<std::int64_t>(data_.size()));
     labels_.push_back(label);

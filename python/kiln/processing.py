@@ -74,6 +74,38 @@ def max_image_pixels(value: Any, key: str) -> int:
     return value
 
 
+STORAGES = ("auto", "decoded", "encoded")
+ENCODINGS = ("png", "jpeg", "original")
+
+
+def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = cfg[key]
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _megabytes(cfg: Mapping[str, Any], key: str, *, zero_allowed: bool) -> int:
+    """A size in MiB from the config, as bytes; fractions are fine (shard_size_mb=0.5)."""
+    value = cfg[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value >= 0 if zero_allowed else value > 0)
+        or value == float("inf")
+    ):
+        bound = "0 or more" if zero_allowed else "above 0"
+        raise ValueError(f"{key} must be a number of MiB, {bound}, got {value!r}")
+    return int(value * 2**20)
+
+
+def _jpeg_quality(cfg: Mapping[str, Any]) -> int:
+    value = cfg["jpeg_quality"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ValueError(f"jpeg_quality must be a whole number in 1..100, got {value!r}")
+    return value
+
+
 def process_data(cfg: Mapping[str, Any]):
     """Prepare ``cfg["raw_data_dir_path"]`` into ``cfg["processed_data_dir_path"]``.
 
@@ -88,6 +120,13 @@ def process_data(cfg: Mapping[str, Any]):
 
     raw_dir = _raw_dirs(cfg["raw_data_dir_path"])
     pixel_budget = max_image_pixels(cfg.get("max_image_pixels"), "max_image_pixels")
+    storage_options = {
+        "storage": _choice(cfg, "storage", STORAGES),
+        "encoding": _choice(cfg, "encoding", ENCODINGS),
+        "jpeg_quality": _jpeg_quality(cfg),
+        "shard_bytes": _megabytes(cfg, "shard_size_mb", zero_allowed=False),
+        "auto_decoded_max_bytes": _megabytes(cfg, "auto_decoded_max_mb", zero_allowed=True),
+    }
     out_dir = Path(cfg["processed_data_dir_path"])
     for path in raw_dir if isinstance(raw_dir, list) else [raw_dir]:
         if not path.exists():
@@ -112,6 +151,7 @@ def process_data(cfg: Mapping[str, Any]):
             channels=cfg["channels"],
             num_workers=int(cfg["num_workers"] or 0),
             max_image_pixels=pixel_budget,
+            **storage_options,
             progress=progress,
         )
     finally:
@@ -138,4 +178,10 @@ def process_data(cfg: Mapping[str, Any]):
         len(manifest.skipped),
         len(manifest.converted),
     )
+    shards = sum(len(split.shards) for split in manifest.splits)
+    stored_mb = sum(split.bytes for split in manifest.splits) / 2**20
+    if manifest.storage == "encoded":
+        logger.info("Stored %s-encoded in %d shards (%.1f MiB)", manifest.encoding, shards, stored_mb)
+    else:
+        logger.info("Stored decoded in %d shards (%.1f MiB)", shards, stored_mb)
     return manifest
