@@ -72,8 +72,8 @@ void register_inference(py::module_& m) {
            "run here, the predictor uses `fallback` (the reason is in int8_unavailable), or raises ValueError "
            "naming the reason when there is none.")
       .def("predict", &Predictor::predict, py::arg("images"), py::call_guard<py::gil_scoped_release>(),
-           "uint8 images [N, *image_shape] (or image_shape) -> float32 probabilities [N, classes]; the checkpoint's "
-           "evaluation transform is applied to them first.")
+           "uint8 images [N, C, H, W] of image_shape (or one image) -> float32 probabilities [N, classes]; the "
+           "checkpoint's evaluation transform is applied to them first.")
       .def(
           "predict_encoded",
           [](const Predictor& predictor, const py::sequence& images) {
@@ -105,8 +105,8 @@ void register_inference(py::module_& m) {
             return py::make_tuple(batch.images, errors_or_none(batch.errors));
           },
           py::arg("images"),
-          "Encoded images (a sequence of bytes) -> (pixels uint8 [N, *input_shape], errors): what the model sees, "
-          "decoded to image_shape as predict_encoded decodes them, then the checkpoint's evaluation transform. "
+          "Encoded images (a sequence of bytes) -> (pixels uint8 [N, C, H, W] of input_shape, errors): what the model "
+          "sees, decoded to image_shape as predict_encoded decodes them, then the checkpoint's evaluation transform. "
           "Rows of undecodable images are zero; errors[i] is None or why image i could not be decoded.")
       .def_property("max_image_pixels", &Predictor::max_image_pixels, &Predictor::set_max_image_pixels,
                     "Pixel budget (width x height) of each image predict_encoded and classify_directory decode: an "
