@@ -3,6 +3,9 @@ the precision rules (auto, explicit int8, checkpoints that cannot run in int8)."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,21 @@ def test_batch_inferencing_with_int8_forced_on_an_old_checkpoint_exits_naming_wh
     assert result.returncode == 1
     assert "no int8 calibration" in result.stderr + result.stdout
     assert not (tmp_path / "outputs" / "batch-infer-res.jsonl").exists()
+
+
+def test_an_avx2_isa_limit_makes_auto_behave_as_on_a_cpu_without_vnni(trained_checkpoint: Path) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 (with ATEN_CPU_CAPABILITY=avx2) is how an AVX2-only CPU is emulated: kiln's
+    own VNNI check honours it, so auto picks what such a CPU gets (fp32: no native bf16 either) and says why."""
+    int8_or_skip(trained_checkpoint)
+    script = (
+        "import logging, kiln\n"
+        "from kiln.inference import load_predictor\n"
+        f"p = load_predictor({str(trained_checkpoint)!r}, no_cuda=True)\n"
+        "print(p.precision, '|', p.int8_unavailable)\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    precision, reason = (part.strip() for part in result.stdout.strip().splitlines()[-1].split("|"))
+    assert precision == "fp32"
+    assert reason == "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from VNNI int8 instructions"

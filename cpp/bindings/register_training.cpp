@@ -19,6 +19,7 @@ py::dict metrics_dict(const EpochMetrics& m) {
   d["learning_rate"] = m.learning_rate;
   d["seconds"] = m.seconds;
   d["communication_seconds"] = m.communication_seconds;
+  d["data_wait_seconds"] = m.data_wait_seconds;
   return d;
 }
 
@@ -63,7 +64,9 @@ void register_training(py::module_& m) {
                        const std::string& device, const std::string& precision, bool channels_last,
                        std::int64_t train_limit, std::int64_t test_limit, const std::string& process_group,
                        const std::vector<double>& mean, const std::vector<double>& std, const std::string& freeze,
-                       const std::string& optimizer, double momentum, bool nesterov, double weight_decay) {
+                       const std::string& optimizer, double momentum, bool nesterov, double weight_decay,
+                       std::int64_t data_memory_budget, int num_workers, const py::object& train_transform,
+                       const py::object& eval_transform) {
              TrainerOptions options;
              options.data_dir = data_dir;
              options.model = model;
@@ -85,6 +88,10 @@ void register_training(py::module_& m) {
              options.momentum = momentum;
              options.nesterov = nesterov;
              options.weight_decay = weight_decay;
+             options.data_memory_budget = data_memory_budget;
+             options.num_workers = num_workers;
+             if (!train_transform.is_none()) options.train_transform = train_transform.cast<TrainTransformOptions>();
+             if (!eval_transform.is_none()) options.eval_transform = eval_transform.cast<EvalTransformOptions>();
              py::gil_scoped_release release;
              return std::make_unique<Trainer>(options);
            }),
@@ -95,7 +102,13 @@ void register_training(py::module_& m) {
            py::arg("process_group") = "", py::arg("mean") = std::vector<double>{},
            py::arg("std") = std::vector<double>{}, py::arg("freeze") = "none", py::arg("optimizer") = "adadelta",
            py::arg("momentum") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
-           "mean/std: the normalisation to train with, one value per channel (empty: the manifest's); it is "
+           py::arg("data_memory_budget") = 0, py::arg("num_workers") = 0, py::arg("train_transform") = py::none(),
+           py::arg("eval_transform") = py::none(),
+           "data_memory_budget: bytes of decoded training and test images kept resident; a dataset over it is "
+           "streamed from its shards (0: no limit). num_workers: the loader's threads (0: one per core). "
+           "train_transform / eval_transform: kiln.TrainTransformOptions / kiln.EvalTransformOptions "
+           "(kiln.transforms builds them from the YAML's transforms group); the model's input size is their "
+           "output size. mean/std: the normalisation to train with, one value per channel (empty: the manifest's); it is "
            "checkpointed for inference. freeze: 'none' or 'backbone' (only the classifier head trains). "
            "optimizer: 'adadelta', 'sgd' (momentum, nesterov) or 'adamw', with weight_decay. "
            "process_group: the group_name of a torch.distributed process group (torch.distributed.group.WORLD."
@@ -170,6 +183,14 @@ void register_training(py::module_& m) {
       .def_property_readonly("device", &Trainer::device)
       .def_property_readonly("train_size", &Trainer::train_size)
       .def_property_readonly("test_size", &Trainer::test_size)
+      .def_property_readonly("streams_data", &Trainer::streams_data)
+      .def_property_readonly("data_wait_seconds", &Trainer::data_wait_seconds,
+                             "Seconds this epoch's training has waited for the loader so far.")
+      .def_property_readonly("input_shape",
+                             [](const Trainer& trainer) {
+                               const ModelSpec& spec = trainer.model_spec();
+                               return py::make_tuple(spec.in_channels, spec.height, spec.width);
+                             })
       .def_property_readonly("rank", &Trainer::rank)
       .def_property_readonly("world_size", &Trainer::world_size);
 

@@ -6,6 +6,9 @@
 #include <ATen/core/stack.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -19,9 +22,37 @@ constexpr const char* kConvOp = "onednn::qconv2d_pointwise";
 constexpr const char* kLinearOp = "onednn::qlinear_pointwise";
 using detail::mnist_cnn::kConv2Channels;
 
+// How far oneDNN may go, from ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA): oneDNN's own
+// ladder, so that `ONEDNN_MAX_CPU_ISA=AVX2` makes kiln behave as on an AVX2-only CPU, as oneDNN does.
+enum class IsaCap { below_vnni, avx2_vnni, avx512_vnni };
+
+// The ISA limit set in the environment, empty when none is.
+std::string onednn_isa_limit() {
+  for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+    const char* value = std::getenv(name);
+    if (value != nullptr && *value != '\0') return std::string(name) + "=" + value;
+  }
+  return {};
+}
+
+IsaCap onednn_isa_cap() {
+  const std::string limit = onednn_isa_limit();
+  if (limit.empty()) return IsaCap::avx512_vnni;
+  std::string isa = limit.substr(limit.find('=') + 1);
+  std::transform(isa.begin(), isa.end(), isa.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  for (const char* below : {"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"}) {
+    if (isa == below) return IsaCap::below_vnni;
+  }
+  if (isa == "AVX2_VNNI" || isa == "AVX2_VNNI_2") return IsaCap::avx2_vnni;
+  return IsaCap::avx512_vnni;  // AVX512_CORE_VNNI and above, ALL, DEFAULT, or a name oneDNN added later
+}
+
+// Whether oneDNN's int8 kernels run with VNNI here: the CPU has it and ONEDNN_MAX_CPU_ISA allows it.
 bool cpu_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+  const IsaCap cap = onednn_isa_cap();
+  return (cap == IsaCap::avx512_vnni && __builtin_cpu_supports("avx512vnni")) ||
+         (cap != IsaCap::below_vnni && __builtin_cpu_supports("avxvnni"));
 #else
   return false;
 #endif
@@ -67,7 +98,10 @@ std::string int8_unavailable_reason(const CheckpointModel& saved) {
     return "the checkpoint carries no int8 calibration (kiln's evaluation records one in every checkpoint it "
            "writes now; train one more epoch with resume=true to add it)";
   }
-  if (!cpu_has_vnni()) return "this CPU has no VNNI int8 instructions";
+  if (!cpu_has_vnni()) {
+    return onednn_isa_cap() == IsaCap::avx512_vnni ? "this CPU has no VNNI int8 instructions"
+                                                   : onednn_isa_limit() + " keeps oneDNN from VNNI int8 instructions";
+  }
   if (!find_op(kConvOp) || !find_op(kLinearOp)) return "this LibTorch has no oneDNN int8 kernels";
   return {};
 }

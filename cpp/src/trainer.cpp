@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/activation_observer.hpp"
@@ -16,6 +18,7 @@
 #include "kiln/detail/random_stream.hpp"
 #include "kiln/distributed.hpp"
 #include "kiln/error.hpp"
+#include "kiln/loader.hpp"
 #include "kiln/normalize.hpp"
 #include "kiln/optimizer.hpp"
 #include "kiln/pretrained.hpp"
@@ -142,7 +145,15 @@ struct Trainer::State {
   std::shared_ptr<Classifier> model;
   std::unique_ptr<Optimizer> optimizer;
   double base_lr = 0;
+  // Resident splits (on the training device) when they fit data_memory_budget and need no per-epoch
+  // transform; otherwise a loader per split reads them (from memory or from the shards) on its threads.
   at::Tensor train_images, train_labels, test_images, test_labels;
+  std::unique_ptr<BatchLoader> train_loader, test_loader;
+  // Streamed splits with train_limit/test_limit: the subset's sample indices (undefined: all samples).
+  at::Tensor train_subset, test_subset;
+  std::int64_t train_count = 0, test_count = 0;
+  bool streamed = false;  // the splits are read from their shards each epoch (over data_memory_budget)
+  ImageTransform train_transform, eval_transform;
   Normalizer normalizer;
   at::Generator shuffle;
   at::Tensor torch_stream;   // this trainer's state of torch's CPU generator (init, dropout on the CPU)
@@ -188,6 +199,16 @@ struct Trainer::State {
     return options.channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
   }
 
+  // Loads the splits resident, or opens them for streaming, and sets up the transforms and loaders.
+  void load_data();
+  // The next training or test batch: uint8 pixels and labels on the training device.
+  std::pair<at::Tensor, at::Tensor> loaded_batch(BatchLoader& loader) const {
+    std::optional<Batch> batch = loader.next();
+    TORCH_CHECK(batch, "the loader ended its epoch early");
+    const bool pinned = device.is_cuda();
+    return {batch->images.to(device, /*non_blocking=*/pinned), batch->labels.to(device, /*non_blocking=*/pinned)};
+  }
+
   bool bf16() const { return options.precision == Precision::bf16; }
 
   at::Tensor forward(const at::Tensor& x) {
@@ -206,6 +227,84 @@ struct Trainer::State {
                                      [&](const at::Tensor& slice) { return evaluated.forward(slice); });
   }
 };
+
+void Trainer::State::load_data() {
+  const TrainerOptions& o = options;
+  const ImageSpec& image = manifest.image;
+  train_transform = ImageTransform(o.train_transform, o.eval_transform, image.channels);
+  eval_transform = ImageTransform::evaluation(o.eval_transform, image.channels);
+  const auto train_size = train_transform.output_size(image.height, image.width);
+  const auto eval_size = eval_transform.output_size(image.height, image.width);
+  if (train_size != eval_size) {
+    throw_data_error("training's transforms give " + std::to_string(train_size.first) + "x" +
+                     std::to_string(train_size.second) + " images but evaluation's give " +
+                     std::to_string(eval_size.first) + "x" + std::to_string(eval_size.second) +
+                     " (from the dataset's " + to_string(image) +
+                     "); the model takes one input size: make transforms.train.random_resized_crop.size equal "
+                     "transforms.eval's output");
+  }
+  const SplitInfo& train_info = manifest.split(o.train_split);
+  const SplitInfo& test_info = manifest.split(o.test_split);
+  if (train_info.count == 0 || test_info.count == 0) {
+    throw_data_error("processed dataset '" + o.data_dir.string() + "' has an empty '" +
+                     (train_info.count == 0 ? o.train_split : o.test_split) + "' split");
+  }
+  const auto limited = [](std::int64_t count, std::int64_t limit) { return limit > 0 ? std::min(count, limit) : count; };
+  train_count = limited(train_info.count, o.train_limit);
+  test_count = limited(test_info.count, o.test_limit);
+  const std::int64_t decoded_bytes = (train_count + test_count) * image.bytes();
+  const bool resident = o.data_memory_budget <= 0 || decoded_bytes <= o.data_memory_budget;
+  if (o.data_memory_budget < 0) {
+    throw_data_error("data_memory_budget must be 0 (no limit) or a number of bytes, got " +
+                     std::to_string(o.data_memory_budget));
+  }
+  LoaderOptions loader_options;
+  loader_options.seed = o.seed;
+  loader_options.num_workers = o.num_workers;
+  loader_options.pin_memory = device.is_cuda();
+  const auto make_loader = [&](SampleSource source, const ImageTransform& transform, std::int64_t batch_size) {
+    loader_options.batch_size = batch_size;
+    return std::make_unique<BatchLoader>(std::move(source), transform, loader_options);
+  };
+  if (resident) {
+    SplitData train = load_split(o.data_dir, o.train_split);
+    SplitData test = load_split(o.data_dir, o.test_split);
+    if (at::Tensor subset = random_subset(train.images.size(0), o.train_limit, o.seed); subset.defined()) {
+      train.images = train.images.index_select(0, subset);
+      train.labels = train.labels.index_select(0, subset);
+    }
+    if (at::Tensor subset = random_subset(test.images.size(0), o.test_limit, o.seed + 1); subset.defined()) {
+      test.images = test.images.index_select(0, subset);
+      test.labels = test.labels.index_select(0, subset);
+    }
+    // Whole-dataset residency: uint8 pixels stay on the training device and batches are gathered
+    // there, unless every epoch transforms them (then the loader's threads do, from CPU memory).
+    if (train_transform.identity()) {
+      train_images = train.images.to(device);
+      train_labels = train.labels.to(device);
+    } else {
+      train_loader = make_loader(SampleSource::resident(train.images, train.labels), train_transform,
+                                 o.train_batch_size);
+    }
+    if (eval_transform.identity()) {
+      test_images = test.images.to(device);
+      test_labels = test.labels.to(device);
+    } else {
+      test_loader = make_loader(SampleSource::resident(test.images, test.labels), eval_transform, o.test_batch_size);
+    }
+    return;
+  }
+  // Streamed: the same samples in the same order as resident training would use, read from the shards.
+  streamed = true;
+  train_subset = random_subset(train_info.count, o.train_limit, o.seed);
+  test_subset = random_subset(test_info.count, o.test_limit, o.seed + 1);
+  train_loader = make_loader(
+      SampleSource::streamed(std::make_shared<const SplitReader>(o.data_dir, manifest, o.train_split)),
+      train_transform, o.train_batch_size);
+  test_loader = make_loader(
+      SampleSource::streamed(std::make_shared<const SplitReader>(o.data_dir, manifest, o.test_split)),
+      eval_transform, o.test_batch_size);
+}
 
 Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   State& s = *state_;
@@ -230,26 +329,7 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   }
 
   s.manifest = read_manifest(o.data_dir);
-  SplitData train = load_split(o.data_dir, o.train_split);
-  SplitData test = load_split(o.data_dir, o.test_split);
-  if (train.images.size(0) == 0 || test.images.size(0) == 0) {
-    throw_data_error("processed dataset '" + o.data_dir.string() + "' has an empty '" +
-                     (train.images.size(0) == 0 ? o.train_split : o.test_split) + "' split");
-  }
-  if (at::Tensor subset = random_subset(train.images.size(0), o.train_limit, o.seed); subset.defined()) {
-    train.images = train.images.index_select(0, subset);
-    train.labels = train.labels.index_select(0, subset);
-  }
-  if (at::Tensor subset = random_subset(test.images.size(0), o.test_limit, o.seed + 1); subset.defined()) {
-    test.images = test.images.index_select(0, subset);
-    test.labels = test.labels.index_select(0, subset);
-  }
-  // Whole-dataset residency: uint8 pixels stay on the training device; batches are gathered there.
-  s.train_images = train.images.to(s.device);
-  s.train_labels = train.labels.to(s.device);
-  s.test_images = test.images.to(s.device);
-  s.test_labels = test.labels.to(s.device);
-
+  s.load_data();
   const ImageSpec& image = s.manifest.image;
   if (!o.mean.empty() || !o.std.empty()) {
     if (o.mean.size() != static_cast<std::size_t>(image.channels) || o.std.size() != o.mean.size()) {
@@ -266,7 +346,9 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   s.torch_stream = seeded_stream(o.seed, torch::kCPU);
   if (s.device.is_cuda()) s.device_stream = seeded_stream(o.seed, s.device);
   s.shuffle = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  s.spec = ModelSpec{o.model, image.channels, static_cast<int>(s.manifest.classes.size()), image.height, image.width};
+  // The model's input: the images as the transforms leave them (load_data checked that both agree).
+  const auto [input_height, input_width] = s.eval_transform.output_size(image.height, image.width);
+  s.spec = ModelSpec{o.model, image.channels, static_cast<int>(s.manifest.classes.size()), input_height, input_width};
   {
     RandomStreamScope stream(s.torch_stream, torch::kCPU);
     s.model = make_model(s.spec);
@@ -337,7 +419,7 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
   s.model->train();
   // Every rank draws the same permutation; with W ranks, DistributedSampler's rule: padded to a
   // multiple of W by repeating it from the start, rank r takes positions r, r + W, r + 2W, ...
-  at::Tensor order = at::randperm(s.train_images.size(0), s.shuffle, at::TensorOptions().dtype(at::kLong));
+  at::Tensor order = at::randperm(s.train_count, s.shuffle, at::TensorOptions().dtype(at::kLong));
   const std::int64_t world = s.world_size();
   if (world > 1) {
     const std::int64_t padded = (order.size(0) + world - 1) / world * world;
@@ -347,8 +429,15 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
     }
     order = order.slice(0, s.rank(), padded, world);
   }
-  order = order.to(s.device);
   const std::int64_t train_size = order.size(0);  // this rank's share of the epoch
+  if (s.train_loader) {
+    // The loader reads the samples of this order (the subset's indices when train_limit picked one);
+    // the epoch seeds each sample's augmentation.
+    s.train_loader->start_epoch(s.train_subset.defined() ? s.train_subset.index_select(0, order) : order,
+                                static_cast<std::uint64_t>(s.epoch));
+  } else {
+    order = order.to(s.device);
+  }
   const std::int64_t batches = (train_size + batch_size - 1) / batch_size;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
   at::Tensor correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(s.device));
@@ -363,9 +452,15 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
   std::optional<StepWindow> window;
   if (on_steps) window.emplace(s.epoch * batches, s.optimizer->lr(), s.device);
   for (std::int64_t batch = 0; batch < batches; ++batch) {
-    const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
-    const at::Tensor x = s.normalise(s.train_images.index_select(0, indices));
-    const at::Tensor y = s.train_labels.index_select(0, indices);
+    at::Tensor pixels, y;
+    if (s.train_loader) {
+      std::tie(pixels, y) = s.loaded_batch(*s.train_loader);
+    } else {
+      const at::Tensor indices = order.slice(0, batch * batch_size, std::min(train_size, (batch + 1) * batch_size));
+      pixels = s.train_images.index_select(0, indices);
+      y = s.train_labels.index_select(0, indices);
+    }
+    const at::Tensor x = s.normalise(pixels);
     s.optimizer->zero_grad();
     const at::Tensor logits = s.forward(x);
     const at::Tensor loss = at::cross_entropy_loss(logits.to(at::kFloat), y);
@@ -374,14 +469,15 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
     s.optimizer->step();
     {
       c10::NoGradGuard no_grad;
-      loss_sum.add_(loss.detach() * static_cast<double>(indices.size(0)));
+      loss_sum.add_(loss.detach() * static_cast<double>(y.size(0)));
       correct.add_(logits.argmax(1).eq(y).sum());
     }
     // On the CPU the loss is at hand, so divergence is caught at once; on a GPU at the epoch's end.
     if (s.device.is_cpu() && !std::isfinite(loss.item<float>())) throw divergence(metrics, batch + 1, batches);
-    if (window) window->add(loss, indices.size(0), every_n_steps, on_steps);
+    if (window) window->add(loss, y.size(0), every_n_steps, on_steps);
     if (progress) throttle.report(batch + 1, batches, /*force=*/batch + 1 == batches);
   }
+  if (s.train_loader) metrics.data_wait_seconds = s.train_loader->wait_seconds();
   if (reducer) s.communication_seconds += reducer->wait_seconds();
   reducer.reset();
   s.dropout.row_start = 0;
@@ -422,17 +518,27 @@ void Trainer::evaluate(EpochMetrics& metrics) {
     }
     Classifier& model;
   } evaluation(*evaluated, observer);
-  const std::int64_t test_size = s.test_images.size(0);
+  const std::int64_t test_size = s.test_count;
   const auto classes = static_cast<std::int64_t>(s.manifest.classes.size());
   at::Tensor test_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(s.device));
   at::Tensor pairs = at::zeros({classes * classes}, at::TensorOptions().dtype(at::kLong).device(s.device));
   // Each rank evaluates its contiguous share of the test split; the sums are reduced below.
   const std::int64_t shard_begin = test_size * s.rank() / s.world_size();
   const std::int64_t shard_end = test_size * (s.rank() + 1) / s.world_size();
+  if (s.test_loader) {
+    at::Tensor shard = at::arange(shard_begin, shard_end, at::TensorOptions().dtype(at::kLong));
+    s.test_loader->start_epoch(s.test_subset.defined() ? s.test_subset.index_select(0, shard) : shard, 0);
+  }
   for (std::int64_t begin = shard_begin; begin < shard_end; begin += s.options.test_batch_size) {
     const std::int64_t end = std::min(shard_end, begin + s.options.test_batch_size);
-    const at::Tensor x = s.normalise(s.test_images.slice(0, begin, end));
-    const at::Tensor y = s.test_labels.slice(0, begin, end);
+    at::Tensor pixels, y;
+    if (s.test_loader) {
+      std::tie(pixels, y) = s.loaded_batch(*s.test_loader);
+    } else {
+      pixels = s.test_images.slice(0, begin, end);
+      y = s.test_labels.slice(0, begin, end);
+    }
+    const at::Tensor x = s.normalise(pixels);
     const at::Tensor logits = s.evaluation_logits(*evaluated, x);
     test_loss.add_(at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum));
     pairs.add_(at::bincount(y * classes + logits.argmax(1), {}, classes * classes));
@@ -483,6 +589,8 @@ void Trainer::save_checkpoint(const std::filesystem::path& path) const {
   state.model.classes = s.manifest.classes;
   state.model.mean = s.manifest.mean;
   state.model.std = s.manifest.std;
+  state.model.stored_image = s.manifest.image;
+  state.model.eval_transform = s.options.eval_transform;
   state.model.epoch = s.epoch;
   state.model.state_dict = module_state_dict(*s.model);
   state.model.calibration = s.calibration;
@@ -557,10 +665,16 @@ std::string Trainer::device() const {
   return state_->device.str();
 }
 std::int64_t Trainer::train_size() const {
-  return state_->train_images.size(0);
+  return state_->train_count;
 }
 std::int64_t Trainer::test_size() const {
-  return state_->test_images.size(0);
+  return state_->test_count;
+}
+double Trainer::data_wait_seconds() const {
+  return state_->train_loader ? state_->train_loader->wait_seconds() : 0.0;
+}
+bool Trainer::streams_data() const {
+  return state_->streamed;
 }
 int Trainer::rank() const {
   return state_->rank();

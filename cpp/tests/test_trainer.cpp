@@ -149,5 +149,54 @@ TEST(trainer, bf16_evaluation_matches_the_bf16_predictor_and_leaves_torch_s_gene
   EXPECT_DOUBLE_EQ(accuracy, metrics.test_accuracy);
 }
 
+TEST(trainer, streamed_training_over_the_memory_budget_gives_the_resident_metrics) {
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 24);
+  for (const std::int64_t limit : {std::int64_t{0}, std::int64_t{30}}) {
+    TrainerOptions options = small_options(data);
+    options.train_limit = limit;
+    options.test_limit = limit;
+    Trainer resident(options);
+    options.data_memory_budget = 1;  // one byte: nothing fits, every split streams from its shards
+    options.num_workers = 2;
+    Trainer streamed(options);
+    EXPECT_FALSE(resident.streams_data());
+    EXPECT_TRUE(streamed.streams_data());
+    EXPECT_EQ(streamed.train_size(), resident.train_size());
+    for (int epoch = 0; epoch < 2; ++epoch) {
+      const EpochMetrics a = resident.run_epoch();
+      const EpochMetrics b = streamed.run_epoch();
+      EXPECT_EQ(a.train_loss, b.train_loss) << "limit " << limit;
+      EXPECT_EQ(a.train_accuracy, b.train_accuracy);
+      EXPECT_EQ(a.test_loss, b.test_loss);
+      EXPECT_EQ(a.test_accuracy, b.test_accuracy);
+      EXPECT_EQ(a.data_wait_seconds, 0.0);
+      EXPECT_GE(b.data_wait_seconds, 0.0);
+    }
+  }
+}
+
+TEST(trainer, trains_on_augmented_images_at_the_transforms_output_size) {
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 24);
+  TrainerOptions options = small_options(data);
+  options.train_transform.random_resized_crop = RandomResizedCropOptions{10, 10, 0.6, 1.0};
+  options.train_transform.horizontal_flip = 0.5;
+  options.eval_transform.center_crop = std::pair{10, 10};
+  Trainer trainer(options);
+  EXPECT_EQ(trainer.model_spec().height, 10);
+  EXPECT_EQ(trainer.model_spec().width, 10);
+  EpochMetrics last;
+  for (int epoch = 0; epoch < 3; ++epoch) last = trainer.run_epoch();
+  EXPECT_GT(last.test_accuracy, 0.8);
+  // Augmentation draws follow the seed: a second trainer gives the same metrics.
+  Trainer again(options);
+  for (int epoch = 0; epoch < 3; ++epoch) again.run_epoch();
+  EXPECT_EQ(again.history().back().train_loss, last.train_loss);
+
+  options.eval_transform.center_crop = std::pair{8, 8};
+  EXPECT_THROW(Trainer{options}, DataError);  // 10x10 training images, 8x8 evaluation images
+}
+
 }  // namespace
 }  // namespace kiln

@@ -390,6 +390,9 @@ def find_checkpoint(local: Path, run_id: str | None) -> Path | None:
 def log_epoch(tracking: Tracking, epoch_metrics: Mapping[str, float]) -> None:
     """Log one epoch's :data:`TRAINING_METRICS` at ``step = epoch``."""
     metrics = {key: float(epoch_metrics[key]) for key in TRAINING_METRICS}
+    # How long training waited on the loader (kiln's, not the template's; absent from checkpoints' history).
+    if "data_wait_seconds" in epoch_metrics:
+        metrics["data_wait_seconds"] = float(epoch_metrics["data_wait_seconds"])
     tracking.log("log_metrics", metrics=metrics, step=epoch_metrics["epoch"])
 
 

@@ -23,6 +23,7 @@ from kiln import distributed as dp
 from kiln import pretrained as kiln_pretrained
 from kiln.distributed import Distributed
 from kiln.precision import resolve_device, resolve_precision
+from kiln import loader
 from kiln.progress import ProgressBar
 from kiln.tracking import CHECKPOINT_ARTIFACT_DIR, SweepTrial, Tracking, TrackingError
 
@@ -100,6 +101,7 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     if custom_model.is_custom(str(cfg["model"])):
         # model=python:<module>:<callable> is compiled to TorchScript before the trainer starts.
         custom_model.register(str(cfg["model"]), Path(cfg["data_dir_path"]), int(cfg["seed"]))
+    train_transform, eval_transform = loader.transform_options(cfg["transforms"])
     # The dataset is loaded before MLflow is touched: a wrong data_dir_path leaves no failed run behind.
     trainer = kiln.Trainer(
         Path(cfg["data_dir_path"]),
@@ -119,6 +121,10 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         momentum=float(cfg["momentum"]) if str(cfg["optimizer"]) == "sgd" else 0.0,
         nesterov=bool(cfg["nesterov"]),
         weight_decay=float(cfg["weight_decay"]),
+        data_memory_budget=loader.data_memory_budget(cfg["data_memory_budget"]),
+        num_workers=int(cfg["num_workers"]),
+        train_transform=train_transform,
+        eval_transform=eval_transform,
         **normalization,
     )
     # A worker torchrun restarted goes on with the job's run, from its last checkpoint.
@@ -328,10 +334,11 @@ def _train_epochs(
 ) -> dict[str, float]:
     """``epochs`` more epochs; each is checkpointed (by rank 0), then logged. Returns the last one's metrics."""
     logger.info(
-        "Training %s on %d images (%d test) for %d epoch(s) on %s, %s, lr %s, batch %s%s",
+        "Training %s on %d images (%d test, %s) for %d epoch(s) on %s, %s, lr %s, batch %s%s",
         trainer.model_name,
         trainer.train_size,
         trainer.test_size,
+        "streamed from the shards: over data_memory_budget" if trainer.streams_data else "resident",
         epochs,
         trainer.device,
         precision,
@@ -346,7 +353,16 @@ def _train_epochs(
     epoch_metrics: dict[str, float] = {}
     for _ in range(epochs):
         # Other ranks show no bar; their callback still lets Ctrl-C stop the epoch.
-        bar = ProgressBar(f"Epoch {trainer.epoch + 1}", unit="batch") if writes else _SilentProgress()
+        bar = (
+            ProgressBar(
+                f"Epoch {trainer.epoch + 1}",
+                unit="img",
+                scale=int(cfg["train_bs"]),
+                postfix=lambda: _data_wait_postfix(trainer),
+            )
+            if writes
+            else _SilentProgress()
+        )
         try:
             epoch_metrics = trainer.run_epoch(bar, on_steps=on_steps, every_n_steps=int(cfg["log_every_n_steps"]))
         finally:
@@ -367,6 +383,12 @@ def _train_epochs(
             epoch_metrics["seconds"],
         )
     return epoch_metrics
+
+
+def _data_wait_postfix(trainer: Trainer) -> str:
+    """The bar's note of how long the loop has waited on the loader this epoch (none while it never has)."""
+    waited = trainer.data_wait_seconds
+    return f"data wait {waited:.1f}s" if waited >= 0.05 else ""
 
 
 class _SilentProgress:

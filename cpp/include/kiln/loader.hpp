@@ -42,6 +42,7 @@ struct LoaderOptions {
   int prefetch_batches = 2;    // batches ready ahead of the loop, per worker
   std::uint64_t seed = 1;
   std::int64_t max_image_pixels = kDefaultMaxImagePixels;  // for encoded samples
+  bool pin_memory = false;  // batch buffers in page-locked memory, for fast copies to a GPU
 };
 
 struct Batch {

@@ -1,5 +1,6 @@
 // The training loop behind `python src/train_model.py`: the processed dataset resident in memory (or
-// on the GPU), shuffled index batches from a seeded generator, one call per epoch.
+// on the GPU) when it fits data_memory_budget, else streamed from its shards by kiln::BatchLoader's
+// threads; shuffled index batches from a seeded generator (the same samples either way), one call per epoch.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -55,6 +56,10 @@ class Trainer {
   std::string device() const;
   std::int64_t train_size() const;
   std::int64_t test_size() const;
+  // Whether the data is streamed from the dataset's shards (it is over data_memory_budget) rather than
+  // resident, and how long this epoch's training has waited for the loader so far.
+  bool streams_data() const;
+  double data_wait_seconds() const;
   // Data-parallel (TrainerOptions::process_group): this process's rank and the group's size; 0 and 1
   // in one process.
   int rank() const;

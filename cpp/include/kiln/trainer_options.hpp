@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kiln/augment.hpp"
 #include "kiln/precision.hpp"
 
 namespace kiln {
@@ -42,6 +43,15 @@ struct TrainerOptions {
   // Use only the first N images of each split in a seeded random order (0 = all): quick runs, tests.
   std::int64_t train_limit = 0;
   std::int64_t test_limit = 0;
+  // Decoded bytes of training and test images kept resident (in memory, or on the GPU); a dataset over
+  // it is streamed from its shards by the loader's threads instead. 0: no limit, always resident.
+  std::int64_t data_memory_budget = 0;
+  // The loader's threads (read, decode, augment, collate) when streaming or augmenting; 0: one per core.
+  int num_workers = 0;
+  // Augmentation (training only) and the evaluation transform (evaluation, and after training every
+  // inference path: it is saved in the checkpoint). The model's input size is their output size.
+  TrainTransformOptions train_transform;
+  EvalTransformOptions eval_transform;
   // Data-parallel training: the name of a torch.distributed process group in this process
   // (ProcessGroup.group_name; empty: one process, no communication). Every rank builds a Trainer
   // with the same options; each trains on its shard of every epoch (DistributedSampler's rule) with
@@ -63,6 +73,9 @@ struct EpochMetrics {
   // Data-parallel: seconds this rank waited for gradient all-reduces that backward did not hide, and
   // for the epoch's metric reductions and broadcasts (0 in one process). Not saved in checkpoints.
   double communication_seconds = 0;
+  // Seconds the training loop waited for the loader's batches (0 when the data is resident and not
+  // augmented). Not saved in checkpoints.
+  double data_wait_seconds = 0;
 };
 
 // The training batches since the last report, summarised while an epoch trains.
