@@ -460,7 +460,8 @@ void prepare_split(const Tree& tree, std::size_t begin, std::size_t end, const I
   const auto workers_for = [&](std::size_t files) {
     return std::clamp(configured, 1, static_cast<int>(std::max<std::size_t>(1, files / 64 + 1)));
   };
-  // Decoded: a shard's worth of rows. Encoded: the byte budget ends a chunk first, bar tiny images.
+  // Decoded: a chunk is a shard's worth of rows. Encoded: a chunk ends once a shard's worth of bytes is
+  // encoded, or at kMaxEncodedChunkFiles files (tiny images), which bounds its per-file byte vectors.
   const std::size_t rows_per_shard =
       static_cast<std::size_t>(std::max<std::int64_t>(1, options.shard_bytes / spec.bytes()));
   constexpr std::size_t kMaxEncodedChunkFiles = 65536;
