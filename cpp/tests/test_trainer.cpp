@@ -198,5 +198,27 @@ TEST(trainer, trains_on_augmented_images_at_the_transforms_output_size) {
   EXPECT_THROW(Trainer{options}, DataError);  // 10x10 training images, 8x8 evaluation images
 }
 
+TEST(trainer, resuming_streamed_augmented_training_continues_exactly) {
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 24);
+  TrainerOptions options = small_options(data);
+  options.data_memory_budget = 1;
+  options.num_workers = 2;
+  options.train_transform.random_resized_crop = RandomResizedCropOptions{10, 10, 0.6, 1.0};
+  options.train_transform.color_jitter = ColorJitterOptions{0.3, 0.3, 0.0};
+  options.eval_transform.resize = std::pair{10, 0};
+  Trainer straight(options);
+  straight.run_epoch();
+  straight.save_checkpoint(dir.path() / "epoch1.pt");
+  const EpochMetrics expected = straight.run_epoch();
+
+  options.num_workers = 1;  // another worker count: the same batches
+  Trainer resumed(options);
+  resumed.load_checkpoint(dir.path() / "epoch1.pt");
+  const EpochMetrics actual = resumed.run_epoch();
+  EXPECT_EQ(actual.train_loss, expected.train_loss);
+  EXPECT_EQ(actual.test_loss, expected.test_loss);
+}
+
 }  // namespace
 }  // namespace kiln

@@ -121,6 +121,10 @@ class Trainer:
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        data_memory_budget: int = 0,
+        num_workers: int = 0,
+        train_transform: TrainTransformOptions | None = None,
+        eval_transform: EvalTransformOptions | None = None,
     ) -> None: ...
     def run_epoch(
         self,
@@ -133,6 +137,12 @@ class Trainer:
     def load_checkpoint(self, path: str | PathLike[str]) -> None: ...
     def load_pretrained(self, state_dict: dict[str, torch.Tensor], source: str = "the state dict") -> list[str]: ...
     def confusion_matrix(self) -> torch.Tensor: ...
+    @property
+    def streams_data(self) -> bool: ...
+    @property
+    def data_wait_seconds(self) -> float: ...
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
     @property
     def epoch(self) -> int: ...
     @property
@@ -361,3 +371,24 @@ class _Transforms:
     ) -> torch.Tensor: ...
 
 transforms: _Transforms
+
+class BatchLoader:
+    def __init__(
+        self,
+        data_dir: str | PathLike[str],
+        split: str,
+        *,
+        batch_size: int = 32,
+        train_transform: TrainTransformOptions | None = None,
+        eval_transform: EvalTransformOptions | None = None,
+        augment: bool = True,
+        num_workers: int = 0,
+        seed: int = 1,
+        prefetch_batches: int = 2,
+    ) -> None: ...
+    def start_epoch(self, order: torch.Tensor, epoch: int) -> None: ...
+    def next(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    @property
+    def wait_seconds(self) -> float: ...
+    @property
+    def output_shape(self) -> tuple[int, int, int]: ...
