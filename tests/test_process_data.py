@@ -321,6 +321,7 @@ def test_jpeg_storage_keeps_the_sample_close(tmp_path: Path, small_raw: Path) ->
         ("jpeg_quality=101", "jpeg_quality must be a whole number in 1..100, got 101"),
         ("shard_size_mb=0", "shard_size_mb must be a number of MiB, above 0, got 0"),
         ("auto_decoded_max_mb=-1", "auto_decoded_max_mb must be a number of MiB, 0 or more, got -1"),
+        ("shard_size_mb=0.0001", "shard_size_mb in conf/process_data.yaml) is 104 bytes, smaller than one image"),
     ],
 )
 def test_bad_storage_keys_fail_naming_the_key(tmp_path: Path, small_raw: Path, override: str, message: str) -> None:

@@ -573,8 +573,8 @@ Manifest prepare_dataset(const PrepareOptions& options, const ProgressFn& progre
   const int stats_split = normalization_split(tree);
   const ImageSpec spec = choose_spec(tree, options, stats_split);
   if (spec.bytes() > options.shard_bytes) {
-    throw_data_error("shard_bytes (" + std::to_string(options.shard_bytes) + ") is smaller than one image of " +
-                     to_string(spec) + " (" + std::to_string(spec.bytes()) +
+    throw_data_error("shard_bytes (shard_size_mb in conf/process_data.yaml) is " + std::to_string(options.shard_bytes) +
+                     " bytes, smaller than one image of " + to_string(spec) + " (" + std::to_string(spec.bytes()) +
                      " bytes); give shards room for at least one");
   }
 
