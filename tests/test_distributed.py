@@ -104,6 +104,45 @@ def test_two_ranks_hold_bitwise_identical_weights_and_report_the_same_metrics(
         assert reports[0]["metrics"][key] == reports[1]["metrics"][key], key
 
 
+# Trains one epoch resident and one streamed from the shards (data_memory_budget=1) on the torchrun group.
+STREAMED_WORKER = textwrap.dedent(
+    """
+    import sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    import kiln
+
+    data, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    metrics = {}
+    for name, budget in (("resident", 0), ("streamed", 1)):
+        trainer = kiln.Trainer(data, train_batch_size=32, seed=7, train_limit=512, test_limit=200,
+                               data_memory_budget=budget, num_workers=1,
+                               process_group=dist.group.WORLD.group_name)
+        assert trainer.streams_data == (budget == 1)
+        metrics[name] = trainer.run_epoch()
+    torch.save(metrics, f"{out}/rank{dist.get_rank()}.streamed.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_ranks_streaming_from_the_shards_train_as_two_resident_ranks(tmp_path: Path, processed_sample: Path) -> None:
+    """Each rank's loader reads only its share of every global batch (DistributedSampler's rule on the
+    same permutation), so streamed and resident data-parallel epochs give the same metrics."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(STREAMED_WORKER)
+    result = run_torchrun(str(worker), str(processed_sample), str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        metrics = torch.load(tmp_path / f"rank{rank}.streamed.pt", weights_only=False)
+        for key in EPOCH_METRICS:
+            assert metrics["streamed"][key] == metrics["resident"][key], (rank, key)
+
+
 def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batches(
     tmp_path: Path, processed_sample: Path
 ) -> None:
