@@ -122,13 +122,16 @@ def ensure_raw_tree(raw: Path | None, cache: Path) -> Path:
     return cache
 
 
-def same_arrays(a: Path, b: Path) -> bool:
+def same_arrays(kiln_dir: Path, baseline_dir: Path) -> bool:
+    """kiln's splits (in shards) hold the baseline's <split>.pt pixels and labels."""
     import torch
 
-    for split_file in sorted(p.name for p in a.glob("*.pt")):
-        left = torch.load(a / split_file, weights_only=True)
-        right = torch.load(b / split_file, weights_only=True)
-        if not (torch.equal(left["images"], right["images"]) and torch.equal(left["labels"], right["labels"])):
+    import kiln
+
+    for split_file in sorted(p.name for p in baseline_dir.glob("*.pt")):
+        images, labels = kiln.load_split(kiln_dir, split_file.removesuffix(".pt"))
+        right = torch.load(baseline_dir / split_file, weights_only=True)
+        if not (torch.equal(images, right["images"]) and torch.equal(labels, right["labels"])):
             return False
     return True
 

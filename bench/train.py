@@ -174,8 +174,7 @@ def in_memory(processed: Path, args, channels_last: bool):
     mean, std = manifest["normalization"]["mean"][0], manifest["normalization"]["std"][0]
 
     def load(split: str, limit: int):
-        data = torch.load(processed / f"{split}.pt", weights_only=True)
-        images, labels = data["images"], data["labels"]
+        images, labels = kiln.load_split(processed, split)
         if limit:
             chosen = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))[:limit]
             images, labels = images[chosen], labels[chosen]
