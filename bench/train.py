@@ -170,6 +170,8 @@ def contender_template(processed: Path, raw: Path, args) -> list[dict]:
 def in_memory(processed: Path, args, channels_last: bool):
     import torch
 
+    import kiln
+
     manifest = json.loads((processed / "manifest.json").read_text())
     mean, std = manifest["normalization"]["mean"][0], manifest["normalization"]["std"][0]
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,34 @@ def run_app(
         text=True,
         timeout=timeout,
     )
+
+
+def client_for(uri: str):
+    """An MlflowClient of the tracking server or store at ``uri``."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which ``key`` was logged to the run, sorted."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def wait_for_logged_epoch(client, experiment: str, job: subprocess.Popen, timeout: float = 240) -> str:
+    """Waits while ``job`` (a train_model.py process) runs until its run in ``experiment`` has logged an
+    epoch's test_accuracy; returns the run's id. Fails if the job ends or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    run_id = None
+    while time.monotonic() < deadline and job.poll() is None:
+        record = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([record.experiment_id]) if record else []
+        if runs:
+            run_id = runs[0].info.run_id
+            if steps(client, run_id, "test_accuracy"):
+                return run_id
+        time.sleep(0.2)
+    raise AssertionError(f"training did not log an epoch in time (run {run_id}, exit code {job.poll()})")
 
 
 def copy_sample(destination: Path, per_class: int, classes: int = 10) -> Path:

@@ -11,16 +11,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import kiln
-from conftest import REPO, SAMPLE, run_app
+from conftest import REPO, SAMPLE, client_for, run_app, steps, wait_for_logged_epoch
 from test_serving import IMAGES, ModelServer, call, expected, json_batch
-from test_train_model import client_for, only_run, steps, train_args
+from test_train_model import only_run, train_args
 
 MODEL = "python:custom_models:build"
 # The test's model module is importable the way a project's own package is: on PYTHONPATH.
@@ -139,17 +138,7 @@ def test_python_model_resumes_after_sigkill(tmp_path: Path, processed_sample: Pa
         stderr=subprocess.DEVNULL,
     )
     client = client_for(mlflow_server)
-    deadline = time.monotonic() + 240
-    run_id = None
-    while time.monotonic() < deadline and job.poll() is None:
-        experiment_record = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([experiment_record.experiment_id]) if experiment_record else []
-        if runs:
-            run_id = runs[0].info.run_id
-            if steps(client, run_id, "test_accuracy"):
-                break
-        time.sleep(0.2)
-    assert run_id is not None and job.poll() is None, "training did not log an epoch in time"
+    run_id = wait_for_logged_epoch(client, experiment, job)
     job.send_signal(signal.SIGKILL)
     job.wait()
     checkpoint = tmp_path / "models" / run_id / "checkpoint.pt"

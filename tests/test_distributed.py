@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kiln
-from conftest import REPO
+from conftest import REPO, client_for, steps
 from kiln.cli import compose_config
 
 # What one torchrun may take at most here (2 cores, two processes, a few epochs of the sample).
@@ -130,7 +130,9 @@ STREAMED_WORKER = textwrap.dedent(
 )
 
 
-def test_two_ranks_streaming_from_the_shards_train_as_two_resident_ranks(tmp_path: Path, processed_sample: Path) -> None:
+def test_two_ranks_streaming_from_the_shards_train_as_two_resident_ranks(
+    tmp_path: Path, processed_sample: Path
+) -> None:
     """Each rank's loader reads only its share of every global batch (DistributedSampler's rule on the
     same permutation), so streamed and resident data-parallel epochs give the same metrics."""
     worker = tmp_path / "worker.py"
@@ -189,19 +191,9 @@ def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batches
     assert (state(tmp_path / "other.pt")["fc2.weight"] - distributed["fc2.weight"]).abs().max() > 0.05
 
 
-def client_for(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
 def runs_of(client, experiment: str):
     record = client.get_experiment_by_name(experiment)
     return client.search_runs([record.experiment_id]) if record else []
-
-
-def steps(client, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def train_model_args(processed: Path, tmp_path: Path, uri: str, experiment: str, *overrides: str) -> list[str]:

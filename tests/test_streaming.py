@@ -190,7 +190,12 @@ def test_bad_data_loading_settings_fail_before_training_naming_the_key(
     tmp_path: Path, processed_sample: Path, overrides: list[str], message: str
 ) -> None:
     result = run_app(
-        "train_model.py", f"data_dir_path={processed_sample}", "setup_mlflow=false", "epochs=1", *overrides, cwd=tmp_path
+        "train_model.py",
+        f"data_dir_path={processed_sample}",
+        "setup_mlflow=false",
+        "epochs=1",
+        *overrides,
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     assert message in result.stdout + result.stderr

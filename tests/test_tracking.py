@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import free_port
+from conftest import client_for, free_port, steps
 from kiln import general_utils, tracking
 from kiln.tracking import SweepTrial, Tracking, TrackingError
 
@@ -43,18 +43,12 @@ def open_run(uri: str, experiment: str, *, resume: bool = False, hptuning_tag: s
     return tracking.open_run(uri, experiment, "train-model", autolog=False, resume=resume, hptuning_tag=hptuning_tag)
 
 
-def client_for(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
 def make_run(client, experiment: str, name: str, metrics: dict[str, list[int]] | None = None) -> str:
     """A finished run called ``name`` with each metric logged at the given steps; returns its id."""
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     run_id = client.create_run(experiment_id, run_name=name).info.run_id
-    for key, steps in (metrics or {}).items():
-        for step in steps:
+    for key, logged_steps in (metrics or {}).items():
+        for step in logged_steps:
             client.log_metric(run_id, key, 0.5, step=step)
     client.set_terminated(run_id)
     time.sleep(0.01)  # start times are in ms: the next run is newer
@@ -70,10 +64,6 @@ def epoch(number: int, loss: float) -> dict[str, float]:
         "test_accuracy": 0.6,
         "seconds": 1.0,
     }
-
-
-def steps(client, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_run_name_gets_hp_only_for_tuning_and_job_tags_leave_out_unset_values(

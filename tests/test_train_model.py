@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import kiln
-from conftest import run_app
+from conftest import client_for, run_app, steps, wait_for_logged_epoch
 from kiln.cli import compose_config
 from kiln.training import train
 
@@ -57,20 +57,10 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def client_for(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
 def only_run(client, experiment: str = "kiln"):
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
-
-
-def steps(client, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_tracked_run_logs_params_metrics_artifacts_and_a_loadable_model(
@@ -286,17 +276,7 @@ def test_sigkill_mid_epoch_then_resume_gives_contiguous_steps(
         stderr=subprocess.DEVNULL,
     )
     client = client_for(mlflow_server)
-    deadline = time.monotonic() + 240
-    run_id = None
-    while time.monotonic() < deadline and job.poll() is None:
-        experiment_record = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([experiment_record.experiment_id]) if experiment_record else []
-        if runs:
-            run_id = runs[0].info.run_id
-            if steps(client, run_id, "test_accuracy"):
-                break
-        time.sleep(0.2)
-    assert run_id is not None and job.poll() is None, "training did not log an epoch in time"
+    run_id = wait_for_logged_epoch(client, experiment, job)
     time.sleep(0.4)  # into the next epoch
     job.send_signal(signal.SIGKILL)
     job.wait()

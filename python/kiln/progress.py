@@ -10,9 +10,7 @@ from tqdm import tqdm
 class ProgressBar:
     """A tqdm bar created on the first report, fed by the core's progress callback."""
 
-    def __init__(
-        self, description: str, unit: str, scale: int = 1, postfix: Callable[[], str] | None = None
-    ) -> None:
+    def __init__(self, description: str, unit: str, scale: int = 1, postfix: Callable[[], str] | None = None) -> None:
         """``scale``: units per reported step (a batch's images, to show images/s); ``postfix``: a note
         shown after the rate, asked for at each report."""
         self._description = description

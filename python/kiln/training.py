@@ -18,12 +18,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln import custom_model, tracking
+from kiln import custom_model, loader, tracking
 from kiln import distributed as dp
 from kiln import pretrained as kiln_pretrained
 from kiln.distributed import Distributed
 from kiln.precision import resolve_device, resolve_precision
-from kiln import loader
 from kiln.progress import ProgressBar
 from kiln.tracking import CHECKPOINT_ARTIFACT_DIR, SweepTrial, Tracking, TrackingError
 
