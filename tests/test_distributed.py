@@ -115,34 +115,46 @@ STREAMED_WORKER = textwrap.dedent(
 
     import kiln
 
-    data, out = sys.argv[1], sys.argv[2]
+    data, out, model, freeze = sys.argv[1:5]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     metrics = {}
     for name, budget in (("resident", 0), ("streamed", 1)):
-        trainer = kiln.Trainer(data, train_batch_size=32, seed=7, train_limit=512, test_limit=200,
-                               data_memory_budget=budget, num_workers=1,
+        trainer = kiln.Trainer(data, model=model, freeze=freeze, train_batch_size=32, seed=7, train_limit=512,
+                               test_limit=200, data_memory_budget=budget, num_workers=1,
                                process_group=dist.group.WORLD.group_name)
         assert trainer.streams_data == (budget == 1)
         metrics[name] = trainer.run_epoch()
+        trainer.save_checkpoint(f"{out}/rank{dist.get_rank()}.{name}.pt")
     torch.save(metrics, f"{out}/rank{dist.get_rank()}.streamed.pt")
     dist.destroy_process_group()
     """
 )
 
 
+@pytest.mark.parametrize(("model", "freeze"), [("mnist_cnn", "none"), ("resnet8", "backbone")])
 def test_two_ranks_streaming_from_the_shards_train_as_two_resident_ranks(
-    tmp_path: Path, processed_sample: Path
+    tmp_path: Path, processed_sample: Path, model: str, freeze: str
 ) -> None:
     """Each rank's loader reads only its share of every global batch (DistributedSampler's rule on the
-    same permutation), so streamed and resident data-parallel epochs give the same metrics."""
+    same permutation), so streamed and resident data-parallel epochs give the same metrics. With a frozen
+    backbone only the head trains, on both ranks alike."""
     worker = tmp_path / "worker.py"
     worker.write_text(STREAMED_WORKER)
-    result = run_torchrun(str(worker), str(processed_sample), str(tmp_path), cwd=tmp_path)
+    result = run_torchrun(str(worker), str(processed_sample), str(tmp_path), model, freeze, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         metrics = torch.load(tmp_path / f"rank{rank}.streamed.pt", weights_only=False)
         for key in EPOCH_METRICS:
             assert metrics["streamed"][key] == metrics["resident"][key], (rank, key)
+    first, second = state(tmp_path / "rank0.resident.pt"), state(tmp_path / "rank1.resident.pt")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    if freeze == "backbone":
+        untrained = kiln.Trainer(processed_sample, model=model, seed=7, train_limit=512, test_limit=200)
+        untrained.save_checkpoint(tmp_path / "untrained.pt")
+        initial = state(tmp_path / "untrained.pt")
+        changed = {n for n, t in first.items() if t.is_floating_point() and not torch.equal(t, initial[n])}
+        assert changed and all(n.startswith("fc.") or "running_" in n for n in changed), changed
 
 
 def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batches(

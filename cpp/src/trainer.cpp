@@ -364,9 +364,7 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   }
   s.base_lr = o.lr;
   if (o.freeze == "backbone") {
-    if (!o.process_group.empty()) {
-      throw_data_error("freeze=backbone does not train data-parallel yet; train it in one process");
-    }
+    // Data-parallel too: the gradient reducer buckets only the parameters that train (the head).
     freeze_backbone(*s.model);
   } else if (o.freeze != "none") {
     throw_data_error("unknown freeze '" + o.freeze + "' (expected none or backbone)");
