@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,22 @@ def test_resnet18_fine_tunes_from_a_pretrained_file_with_a_frozen_backbone(
     # Training evaluates in its precision (bf16 where the CPU has it), the predictor in fp32: a few
     # borderline images may differ, a wrong normalisation would not be this close.
     assert (predicted == labels).float().mean().item() == pytest.approx(accuracies[-1], abs=0.01)
+
+    # Batch inference classifies the raw test photos (28 px grayscale, brought to 64 px RGB as process_data
+    # brought them) with the resnet18 checkpoint, as accurately as the evaluation did.
+    raw_test = rgb64.parent / "raw" / "test"
+    result = run_app(
+        "batch_inferencing.py",
+        f"inference.model_path={checkpoint_path}",
+        f"inference.input_data_dir={raw_test}",
+        "inference.file_check_glob=**/*.png",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "outputs" / "batch-infer-res.jsonl").read_text().splitlines()]
+    assert len(lines) == len(labels)
+    right = [Path(line["image_filepath"]).parent.name == line["prediction"] for line in lines]
+    assert sum(right) / len(right) == pytest.approx(accuracies[-1], abs=0.02)
 
     mlflow.set_tracking_uri(tracking_uri)
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
