@@ -15,52 +15,75 @@ import torch
 
 import kiln
 from conftest import SAMPLE, copy_sample, run_app
+from kiln._core import EvalTransformOptions
 from kiln.inference import load_predictor
 from test_serving import ModelServer, call
 
-# The sample trained at 28x28 and served from 32x32 processed images: Resize([30]) then CenterCrop(28).
-TRANSFORM = {"image_shape": [1, 32, 32], "resize": [30], "center_crop": [28, 28]}
-
 
 @pytest.fixture(scope="module")
-def transformed_checkpoint(tmp_path_factory: pytest.TempPathFactory, trained_checkpoint: Path) -> Path:
-    """The session's trained checkpoint with TRANSFORM written into it, as Python users edit checkpoints."""
-    checkpoint = torch.load(trained_checkpoint, weights_only=True)
-    checkpoint["transform"] = TRANSFORM
-    checkpoint["format_version"] = 2
-    path = tmp_path_factory.mktemp("transformed") / "checkpoint.pt"
-    torch.save(checkpoint, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def processed_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], torch.Tensor]:
-    """Sample test files and their rows of a 32x32 processed test split, in the same order."""
+def processed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The sample at 32x32 (two images per class and split) and its test files in the test split's row order."""
     root = tmp_path_factory.mktemp("processed-32")
     raw = copy_sample(root / "raw", per_class=2)
     kiln.prepare_dataset(raw, root / "processed", image_size=(32, 32))
-    files = [file for folder in sorted((raw / "test").iterdir()) for file in sorted(folder.iterdir())]
-    images, _ = kiln.load_split(root / "processed", "test")
+    return root / "processed", [
+        file for folder in sorted((raw / "test").iterdir()) for file in sorted(folder.iterdir())
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, processed: tuple[Path, list[Path]]) -> tuple[Path, float]:
+    """A model trained on the 32x32 images through transforms.eval Resize(30) (the shorter edge) and
+    CenterCrop(28): its checkpoint and the test accuracy training's evaluation measured."""
+    data, _ = processed
+    transform = EvalTransformOptions(resize=(30, 0), center_crop=(28, 28))
+    trainer = kiln.Trainer(data, seed=3, eval_transform=transform)
+    metrics = trainer.run_epoch()
+    checkpoint = tmp_path_factory.mktemp("transformed") / "checkpoint.pt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint, metrics["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def transformed_checkpoint(trained: tuple[Path, float]) -> Path:
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def processed_files(processed: tuple[Path, list[Path]]) -> tuple[list[Path], torch.Tensor]:
+    """The test files and their rows of the 32x32 processed test split, in the same order."""
+    data, files = processed
+    images, _ = kiln.load_split(data, "test")
     assert images.shape == (len(files), 1, 32, 32)
     return files, images
 
 
-def test_the_predictor_applies_the_transform_to_files_and_processed_pixels(
-    transformed_checkpoint: Path, trained_checkpoint: Path, processed_files: tuple[list[Path], torch.Tensor]
+def test_the_predictor_applies_the_transform_training_evaluated_with(
+    tmp_path: Path, trained: tuple[Path, float], processed: tuple[Path, list[Path]]
 ) -> None:
-    files, rows = processed_files
-    predictor = kiln.Predictor(transformed_checkpoint)
+    checkpoint, test_accuracy = trained
+    data, files = processed
+    predictor = kiln.Predictor(checkpoint)
     assert predictor.image_shape == (1, 32, 32)
     assert predictor.input_shape == (1, 28, 28)
     assert predictor.eval_transform == {"resize": [30], "center_crop": [28, 28]}
+    rows, labels = kiln.load_split(data, "test")
     probabilities = predictor.predict(rows)
+    # The pixels training evaluated: the same accuracy as its last evaluation.
+    assert (probabilities.argmax(1) == labels).double().mean().item() == pytest.approx(test_accuracy, abs=1e-12)
+
     encoded = [file.read_bytes() for file in files]
     from_files, errors = predictor.predict_encoded(encoded)
     assert errors == [None] * len(files)
     assert torch.equal(from_files, probabilities)
     seen, errors = predictor.preprocess(encoded)
     assert seen.shape == (len(files), 1, 28, 28) and errors == [None] * len(files)
-    assert torch.equal(kiln.Predictor(trained_checkpoint).predict(seen), probabilities)
+    # The same weights without a transform, given the preprocessed pixels: the same answers.
+    untransformed = torch.load(checkpoint, weights_only=True)
+    untransformed["transform"] = {"image_shape": [1, 28, 28], "resize": None, "center_crop": None}
+    untransformed["format_version"] = 1
+    torch.save(untransformed, tmp_path / "untransformed.pt")
+    assert torch.equal(kiln.Predictor(tmp_path / "untransformed.pt").predict(seen), probabilities)
     with pytest.raises(ValueError, match=r"\[N, 1, 32, 32\] \(the processed images the model was trained on"):
         predictor.predict(seen)
 
