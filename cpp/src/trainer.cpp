@@ -627,6 +627,12 @@ void Trainer::load_checkpoint(const std::filesystem::path& path) {
     throw_data_error("checkpoint '" + path.string() + "' was trained on other classes than '" +
                      s.options.data_dir.string() + "' holds");
   }
+  // Resuming under another evaluation transform would change what the checkpoint says inference applies.
+  if (saved.model.stored_image != s.manifest.image || saved.model.eval_transform != s.options.eval_transform) {
+    throw_data_error("checkpoint '" + path.string() + "' was trained on " + to_string(saved.model.stored_image) +
+                     " images with another evaluation transform (transforms.eval) than this run's on " +
+                     to_string(s.manifest.image) + "; resume with the same processed images and transforms.eval");
+  }
   try {
     load_module_state_dict(*s.model, saved.model.state_dict, "checkpoint '" + path.string() + "'");
     s.optimizer->load_state_dict(saved.optimizer);

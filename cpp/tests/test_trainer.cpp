@@ -220,5 +220,23 @@ TEST(trainer, resuming_streamed_augmented_training_continues_exactly) {
   EXPECT_EQ(actual.test_loss, expected.test_loss);
 }
 
+TEST(trainer, resuming_under_another_evaluation_transform_is_refused) {
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 8);
+  TrainerOptions options = small_options(data);
+  options.eval_transform.center_crop = std::pair{10, 10};
+  Trainer cropped(options);
+  cropped.save_checkpoint(dir.path() / "cropped.pt");
+  options.eval_transform.center_crop.reset();
+  options.eval_transform.resize = std::pair{10, 10};
+  Trainer resized(options);
+  try {
+    resized.load_checkpoint(dir.path() / "cropped.pt");
+    FAIL() << "expected a DataError";
+  } catch (const DataError& error) {
+    EXPECT_NE(std::string(error.what()).find("another evaluation transform (transforms.eval)"), std::string::npos);
+  }
+}
+
 }  // namespace
 }  // namespace kiln
