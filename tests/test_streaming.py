@@ -56,10 +56,12 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train_peak_rss(tmp_path: Path, data: Path, *overrides: str) -> tuple[int, str]:
     """Runs train_model.py in a process of its own; returns its peak RSS in bytes and its output."""
+    # VmHWM: this process image's peak RSS. (getrusage's ru_maxrss survives exec: a child of a large pytest
+    # process reports the parent's size.)
     script = (
-        "import atexit, resource, runpy, sys\n"
-        "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        " file=sys.stderr))\n"
+        "import atexit, re, runpy, sys\n"
+        "atexit.register(lambda: print('PEAK_RSS_KB', re.search(r'VmHWM:\\s*(\\d+)', "
+        "open('/proc/self/status').read()).group(1), file=sys.stderr))\n"
         f"sys.argv = [{str(REPO / 'src' / 'train_model.py')!r}] + sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )

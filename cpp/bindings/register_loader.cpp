@@ -13,7 +13,8 @@ void register_loader(py::module_& m) {
                           "transform, collate), in the order start_epoch() gives. Use kiln.loader.DataLoader.")
       .def(py::init([](const std::filesystem::path& data_dir, const std::string& split, std::int64_t batch_size,
                        const py::object& train_transform, const py::object& eval_transform, bool augment,
-                       int num_workers, std::uint64_t seed, int prefetch_batches) {
+                       int num_workers, std::uint64_t seed, int prefetch_batches, const std::vector<double>& mean,
+                       const std::vector<double>& std, bool channels_last) {
              TrainTransformOptions train;
              EvalTransformOptions eval;
              if (!train_transform.is_none()) train = train_transform.cast<TrainTransformOptions>();
@@ -29,12 +30,19 @@ void register_loader(py::module_& m) {
              options.num_workers = num_workers;
              options.seed = seed;
              options.prefetch_batches = prefetch_batches;
+             options.mean = mean;
+             options.std = std;
+             options.channels_last = channels_last;
              return std::make_unique<BatchLoader>(SampleSource::streamed(std::move(reader)), std::move(transform),
                                                   options);
            }),
            py::arg("data_dir"), py::arg("split"), py::kw_only(), py::arg("batch_size") = 32,
            py::arg("train_transform") = py::none(), py::arg("eval_transform") = py::none(), py::arg("augment") = true,
-           py::arg("num_workers") = 0, py::arg("seed") = 1, py::arg("prefetch_batches") = 2)
+           py::arg("num_workers") = 0, py::arg("seed") = 1, py::arg("prefetch_batches") = 2,
+           py::arg("mean") = std::vector<double>{}, py::arg("std") = std::vector<double>{},
+           py::arg("channels_last") = false,
+           "mean/std (one per channel, [0, 1] scale): float32 batches normalised by the workers, NHWC with "
+           "channels_last; empty: uint8 batches.")
       .def("start_epoch", &BatchLoader::start_epoch, py::arg("order"), py::arg("epoch"),
            py::call_guard<py::gil_scoped_release>(),
            "Starts an epoch over `order` (int64 sample indices); `epoch` seeds the random transforms.")
@@ -49,8 +57,8 @@ void register_loader(py::module_& m) {
             if (!batch) return py::none();
             return py::make_tuple(batch->images, batch->labels);
           },
-          "The next (images uint8 [B, C, H, W], labels int64 [B]), valid until the following call; None at the "
-          "epoch's end.")
+          "The next (images [B, C, H, W]: uint8, or float32 when normalising; labels int64 [B]), valid until the "
+          "following call; None at the epoch's end.")
       .def_property_readonly("wait_seconds", &BatchLoader::wait_seconds)
       .def_property_readonly("output_shape", [](const BatchLoader& loader) {
         const ImageSpec image = loader.output_image();

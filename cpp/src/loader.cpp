@@ -68,6 +68,9 @@ struct BatchLoader::State {
   ImageTransform transform;
   LoaderOptions options;
   ImageSpec output;
+  // Normalisation in the workers (LoaderOptions::mean/std): pixel * scale[c] + offset[c].
+  std::vector<float> scale;
+  std::vector<float> offset;
 
   std::mutex mutex;
   std::condition_variable work_ready;  // workers wait for a batch to fill
@@ -89,7 +92,10 @@ struct BatchLoader::State {
   Slot& slot_of(std::int64_t batch) { return slots[static_cast<std::size_t>(batch % std::ssize(slots))]; }
 
   void fill(const Slot& slot, std::int64_t batch, const std::int64_t* order_data, std::int64_t order_size,
-            std::uint64_t epoch_number, std::vector<std::uint8_t>& stored, std::vector<std::uint8_t>& decoded) const;
+            std::uint64_t epoch_number, std::vector<std::uint8_t>& stored, std::vector<std::uint8_t>& decoded,
+            std::vector<std::uint8_t>& transformed) const;
+  // Writes one uint8 CHW image of the output's shape as normalised floats into batch row `row`.
+  void normalise_into(const std::uint8_t* pixels, float* images, std::int64_t row) const;
   void work();
 };
 
@@ -97,24 +103,27 @@ struct BatchLoader::State {
 // this worker's until it is marked ready.
 void BatchLoader::State::fill(const Slot& slot, std::int64_t batch, const std::int64_t* order_data,
                               std::int64_t order_size, std::uint64_t epoch_number, std::vector<std::uint8_t>& stored,
-                              std::vector<std::uint8_t>& decoded) const {
+                              std::vector<std::uint8_t>& decoded, std::vector<std::uint8_t>& transformed) const {
   const std::int64_t begin = batch * options.batch_size;
   const std::int64_t rows = std::min(order_size, begin + options.batch_size) - begin;
   const ImageSpec& image = source.image();
   const std::int64_t out_bytes = output.bytes();
-  std::uint8_t* out = slot.images.data_ptr<std::uint8_t>();
+  const bool normalising = !scale.empty();
+  std::uint8_t* out = normalising ? nullptr : slot.images.data_ptr<std::uint8_t>();
   std::int64_t* labels = slot.labels.data_ptr<std::int64_t>();
   const std::int64_t* all_labels = source.labels().data_ptr<std::int64_t>();
   const SplitReader* reader = source.reader();
   const bool encoded = reader && reader->storage() == Storage::encoded;
-  const bool identity = transform.identity();
+  // Without normalisation, identity samples go straight into the batch; otherwise through a row buffer.
+  const bool identity = transform.identity() && !normalising;
+  if (normalising) transformed.resize(static_cast<std::size_t>(out_bytes));
   for (std::int64_t row = 0; row < rows; ++row) {
     const std::int64_t index = order_data[begin + row];
     if (index < 0 || index >= source.size()) {
       throw_data_error("sample index " + std::to_string(index) + " is outside the split's " +
                        std::to_string(source.size()) + " samples");
     }
-    std::uint8_t* destination = out + row * out_bytes;
+    std::uint8_t* destination = normalising ? transformed.data() : out + row * out_bytes;
     // The sample's pixels at the dataset's image shape: in memory, read from its shard, or decoded.
     const std::uint8_t* pixels = nullptr;
     if (!reader) {
@@ -131,20 +140,40 @@ void BatchLoader::State::fill(const Slot& slot, std::int64_t batch, const std::i
       if (!result.ok) throw_data_error(reader->describe(index) + " does not decode: " + result.error);
       pixels = target;
     }
-    if (identity) {
-      if (pixels != destination) std::memcpy(destination, pixels, static_cast<std::size_t>(out_bytes));
-    } else {
+    if (!transform.identity()) {
       // Seeded by the sample's position in the epoch: the same draws whichever worker transforms it.
       SampleRandom random(options.seed, epoch_number, static_cast<std::uint64_t>(begin + row));
       transform.apply(pixels, image.height, image.width, destination, random);
+      pixels = destination;
+    } else if (!normalising && pixels != destination) {
+      std::memcpy(destination, pixels, static_cast<std::size_t>(out_bytes));
     }
+    if (normalising) normalise_into(pixels, slot.images.data_ptr<float>(), row);
     labels[row] = all_labels[index];
+  }
+}
+
+void BatchLoader::State::normalise_into(const std::uint8_t* pixels, float* images, std::int64_t row) const {
+  const std::int64_t channels = output.channels;
+  const std::int64_t plane = std::int64_t{output.height} * output.width;
+  float* out = images + row * channels * plane;
+  for (std::int64_t c = 0; c < channels; ++c) {
+    const float a = scale[static_cast<std::size_t>(c)];
+    const float b = offset[static_cast<std::size_t>(c)];
+    const std::uint8_t* in = pixels + c * plane;
+    if (options.channels_last) {
+      for (std::int64_t i = 0; i < plane; ++i) out[i * channels + c] = static_cast<float>(in[i]) * a + b;
+    } else {
+      float* channel = out + c * plane;
+      for (std::int64_t i = 0; i < plane; ++i) channel[i] = static_cast<float>(in[i]) * a + b;
+    }
   }
 }
 
 void BatchLoader::State::work() {
   std::vector<std::uint8_t> stored;
   std::vector<std::uint8_t> decoded;
+  std::vector<std::uint8_t> transformed;
   std::unique_lock lock(mutex);
   while (true) {
     work_ready.wait(lock, [&] {
@@ -162,7 +191,7 @@ void BatchLoader::State::work() {
     lock.unlock();
     std::exception_ptr error;
     try {
-      fill(slot, batch, order_now.data_ptr<std::int64_t>(), order_now.size(0), epoch_now, stored, decoded);
+      fill(slot, batch, order_now.data_ptr<std::int64_t>(), order_now.size(0), epoch_now, stored, decoded, transformed);
     } catch (...) {
       error = std::current_exception();
     }
@@ -194,7 +223,23 @@ BatchLoader::BatchLoader(SampleSource source, ImageTransform transform, LoaderOp
   const int workers = options.num_workers > 0 ? options.num_workers
                                               : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   s.slots.resize(static_cast<std::size_t>(std::max(2, workers * options.prefetch_batches)));
-  const auto pixels = at::TensorOptions().dtype(at::kByte).pinned_memory(options.pin_memory);
+  if (!options.mean.empty() || !options.std.empty()) {
+    if (options.mean.size() != static_cast<std::size_t>(image.channels) || options.std.size() != options.mean.size()) {
+      throw_data_error("normalisation needs one mean and std per channel (" + std::to_string(image.channels) +
+                       "), got " + std::to_string(options.mean.size()) + " and " + std::to_string(options.std.size()));
+    }
+    for (std::size_t c = 0; c < options.mean.size(); ++c) {
+      if (!(options.std[c] > 0)) throw_data_error("normalisation's std must be positive, got " + std::to_string(options.std[c]));
+      // The trainer's Normalizer's constants (kiln/normalize.hpp).
+      s.scale.push_back(static_cast<float>(1.0 / (255.0 * options.std[c])));
+      s.offset.push_back(static_cast<float>(-options.mean[c] / options.std[c]));
+    }
+  }
+  const auto pixels = at::TensorOptions()
+                          .dtype(s.scale.empty() ? at::kByte : at::kFloat)
+                          .pinned_memory(options.pin_memory)
+                          .memory_format(options.channels_last && !s.scale.empty() ? at::MemoryFormat::ChannelsLast
+                                                                                   : at::MemoryFormat::Contiguous);
   for (auto& slot : s.slots) {
     slot.images = at::empty({options.batch_size, s.output.channels, s.output.height, s.output.width}, pixels);
     slot.labels = at::empty({options.batch_size}, at::TensorOptions().dtype(at::kLong).pinned_memory(options.pin_memory));

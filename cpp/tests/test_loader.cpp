@@ -8,6 +8,7 @@
 
 #include "fixtures.hpp"
 #include "kiln/error.hpp"
+#include "kiln/normalize.hpp"
 
 namespace kiln {
 namespace {
@@ -117,6 +118,36 @@ TEST(loader, streams_a_processed_split_from_its_shards_as_it_is_stored) {
   }
   EXPECT_TRUE(at::equal(at::cat(images), resident.images.index_select(0, order)));
   EXPECT_TRUE(at::equal(at::cat(labels), resident.labels.index_select(0, order)));
+}
+
+TEST(loader, normalises_in_the_workers_as_the_trainer_s_normalizer_does) {
+  at::Tensor images = at::randint(0, 256, {6, 3, 5, 7}, at::kByte);
+  const std::vector<double> mean{0.2, 0.5, 0.7};
+  const std::vector<double> std{0.3, 0.25, 0.1};
+  const at::Tensor expected = Normalizer(mean, std, at::kCPU)(images);
+  for (const bool channels_last : {false, true}) {
+    LoaderOptions options;
+    options.batch_size = 4;
+    options.num_workers = 2;
+    options.mean = mean;
+    options.std = std;
+    options.channels_last = channels_last;
+    BatchLoader loader(SampleSource::resident(images, at::zeros({6}, at::kLong)), ImageTransform(), options);
+    loader.start_epoch(at::arange(6, at::kLong), 0);
+    std::vector<at::Tensor> batches;
+    while (auto batch = loader.next()) {
+      EXPECT_EQ(batch->images.scalar_type(), at::kFloat);
+      EXPECT_EQ(batch->images.is_contiguous(at::MemoryFormat::ChannelsLast) && !batch->images.is_contiguous(),
+                channels_last);
+      batches.push_back(batch->images.clone());
+    }
+    EXPECT_TRUE(at::allclose(at::cat(batches), expected, 1e-6, 1e-6)) << "channels_last " << channels_last;
+  }
+  LoaderOptions wrong;
+  wrong.mean = {0.5};
+  wrong.std = {0.5};
+  EXPECT_THROW(BatchLoader(SampleSource::resident(images, at::zeros({6}, at::kLong)), ImageTransform(), wrong),
+               DataError);
 }
 
 }  // namespace

@@ -385,6 +385,9 @@ class BatchLoader:
         num_workers: int = 0,
         seed: int = 1,
         prefetch_batches: int = 2,
+        mean: Sequence[float] = (),
+        std: Sequence[float] = (),
+        channels_last: bool = False,
     ) -> None: ...
     def start_epoch(self, order: torch.Tensor, epoch: int) -> None: ...
     def next(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...

@@ -90,8 +90,10 @@ class DataLoader:
     (``transforms``: the ``transforms`` group of conf/train_model.yaml, with ``train`` and/or ``eval``) and
     collate them. Each iteration is one epoch: shuffled with ``seed`` and the epoch number (or in order),
     augmentation seeded per sample, so the same seed gives the same batches whatever ``num_workers`` is.
-    ``augment=False`` applies only the evaluation transform. Memory: the batches in flight and 16 bytes per
-    sample, whatever the dataset's size."""
+    ``augment=False`` applies only the evaluation transform. ``normalize=True`` makes the workers deliver
+    float32 batches normalised with the manifest's mean and std (or give ``(mean, std)``), as kiln's trainer
+    normalises them; ``channels_last`` lays those out as NHWC. Memory: the batches in flight and 16 bytes
+    per sample, whatever the dataset's size."""
 
     def __init__(
         self,
@@ -105,6 +107,8 @@ class DataLoader:
         num_workers: int = 0,
         seed: int = 1,
         prefetch_batches: int = 2,
+        normalize: bool | tuple[list[float], list[float]] = False,
+        channels_last: bool = False,
     ) -> None:
         import torch
 
@@ -116,6 +120,12 @@ class DataLoader:
             raise ValueError(f"processed dataset '{data_dir}' has no split '{split}' (it has: {', '.join(counts)})")
         self.size = counts[split]
         train, evaluation = transform_options(transforms)
+        if normalize is True:
+            mean, std = list(manifest.mean), list(manifest.std)
+        elif normalize:
+            mean, std = (list(values) for values in normalize)
+        else:
+            mean, std = [], []
         self._core = kiln._core.BatchLoader(
             Path(data_dir),
             split,
@@ -126,6 +136,9 @@ class DataLoader:
             num_workers=num_workers,
             seed=seed,
             prefetch_batches=prefetch_batches,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
         )
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "kiln/augment.hpp"
 #include "kiln/decode.hpp"
@@ -43,10 +44,16 @@ struct LoaderOptions {
   std::uint64_t seed = 1;
   std::int64_t max_image_pixels = kDefaultMaxImagePixels;  // for encoded samples
   bool pin_memory = false;  // batch buffers in page-locked memory, for fast copies to a GPU
+  // With one mean and std per channel ([0, 1] scale, as the manifest's), batches are float32
+  // (pixel / 255 - mean) / std, computed by the workers while collating (torchvision's DataLoader
+  // normalises in its workers too); channels_last lays them out as NHWC. Empty: uint8 batches.
+  std::vector<double> mean;
+  std::vector<double> std;
+  bool channels_last = false;
 };
 
 struct Batch {
-  at::Tensor images;  // uint8 [B, C, H', W'] (contiguous; reused by the loader after the next next())
+  at::Tensor images;  // uint8 [B, C, H', W'] (float32 when normalising; reused by the loader after the next next())
   at::Tensor labels;  // int64 [B]
   std::int64_t index = 0;  // position of the batch in the epoch
 };
