@@ -18,6 +18,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "kiln/detail/pixel_loop.hpp"
 #include "kiln/error.hpp"
 
 // The OpenMP runtime LibTorch runs its intra-op threads on (weak: a LibTorch without OpenMP has none).
@@ -154,13 +155,8 @@ CropBox center_crop_box(int height, int width, int crop_height, int crop_width) 
   return {start(height, crop_height), start(width, crop_width), crop_height, crop_width};
 }
 
-// The per-pixel loops below also come as an AVX2 + FMA build, picked when the library loads: vectorised, with
-// std::fma one instruction (the default build calls libm's, equally exact, for CPUs without FMA).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define KILN_PIXEL_LOOP __attribute__((target_clones("default", "arch=x86-64-v3")))
-#else
-#define KILN_PIXEL_LOOP
-#endif
+// The per-pixel loops below also come as an AVX2 + FMA build (KILN_PIXEL_LOOP), picked when the library loads:
+// vectorised, with std::fma one instruction (the default build calls libm's, equally exact, for CPUs without FMA).
 
 KILN_PIXEL_LOOP void flip_in_place(std::uint8_t* pixels, int channels, int height, int width) {
   for (std::int64_t row = 0; row < static_cast<std::int64_t>(channels) * height; ++row) {

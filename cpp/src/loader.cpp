@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "kiln/detail/pixel_loop.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -153,19 +154,30 @@ void BatchLoader::State::fill(const Slot& slot, std::int64_t batch, const std::i
   }
 }
 
+namespace {
+
+// One channel plane: out[i * stride] = in[i] * a + b.
+KILN_PIXEL_LOOP void normalise_plane(const std::uint8_t* in, std::int64_t plane, float a, float b, float* out,
+                                     std::int64_t stride) {
+  if (stride == 1) {
+    for (std::int64_t i = 0; i < plane; ++i) out[i] = static_cast<float>(in[i]) * a + b;
+  } else {
+    for (std::int64_t i = 0; i < plane; ++i) out[i * stride] = static_cast<float>(in[i]) * a + b;
+  }
+}
+
+}  // namespace
+
 void BatchLoader::State::normalise_into(const std::uint8_t* pixels, float* images, std::int64_t row) const {
   const std::int64_t channels = output.channels;
   const std::int64_t plane = std::int64_t{output.height} * output.width;
   float* out = images + row * channels * plane;
   for (std::int64_t c = 0; c < channels; ++c) {
-    const float a = scale[static_cast<std::size_t>(c)];
-    const float b = offset[static_cast<std::size_t>(c)];
-    const std::uint8_t* in = pixels + c * plane;
+    const auto k = static_cast<std::size_t>(c);
     if (options.channels_last) {
-      for (std::int64_t i = 0; i < plane; ++i) out[i * channels + c] = static_cast<float>(in[i]) * a + b;
+      normalise_plane(pixels + c * plane, plane, scale[k], offset[k], out + c, channels);
     } else {
-      float* channel = out + c * plane;
-      for (std::int64_t i = 0; i < plane; ++i) channel[i] = static_cast<float>(in[i]) * a + b;
+      normalise_plane(pixels + c * plane, plane, scale[k], offset[k], out + c * plane, 1);
     }
   }
 }
