@@ -14,9 +14,8 @@ Loaders, each in its own process, alternating; per round a warm-up epoch (shown 
 workers) then --epochs measured epochs; batch 32, shuffled, num_workers = the cores (--workers), float
 batches normalised with ImageNet's mean/std, which the loop receives:
   kiln         kiln.prepare_dataset(storage="encoded", encoding="original") keeps the JPEGs as they are in
-               shards; kiln.loader.DataLoader reads, decodes, crops, flips and collates uint8 batches in C++
-               threads; the loop normalises each batch as kiln's trainer does: (images / 255 - mean) / std as one
-               torch.addcmul on the float batch
+               shards; kiln.loader.DataLoader(normalize=...) reads, decodes, crops, flips, normalises
+               ((pixel / 255 - mean) / std, the trainer's constants) and collates float batches in C++ threads
   torchvision  ImageFolder(<raw>/train) (PIL decode, its default loader) with transforms.v2
                RandomResizedCrop(224), RandomHorizontalFlip, ToImage, ToDtype(float32, scale=True), Normalize;
                DataLoader(shuffle=True, persistent_workers=True): the plain loop a user writes
