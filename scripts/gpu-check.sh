@@ -126,6 +126,36 @@ for precision in fp32 bf16; do
   fi
 done
 
+# --- 1b. streaming from the shards and augmenting on cuda (pinned batch buffers, copies to the GPU) -------
+if step train-streamed 300 "$PYTHON" - "$DATA" <<'EOF'; then
+import sys
+
+import kiln
+from kiln import transforms
+
+data = sys.argv[1]
+config = {"train": {"random_resized_crop": {"size": 24, "scale": [0.6, 1.0]}, "horizontal_flip": 0.5},
+          "eval": {"center_crop": 24}}
+common = dict(device="cuda", seed=3, train_limit=4000, test_limit=1000)
+resident = kiln.Trainer(data, **common)
+streamed = kiln.Trainer(data, data_memory_budget=1, num_workers=4, **common)
+assert streamed.streams_data and not resident.streams_data
+a, b = resident.run_epoch(), streamed.run_epoch()
+for key in ("train_loss", "test_loss", "test_accuracy"):
+    assert abs(a[key] - b[key]) <= 1e-3 * max(1.0, abs(a[key])), (key, a[key], b[key])
+augmented = kiln.Trainer(data, data_memory_budget=1, train_transform=transforms.train_options(config),
+                         eval_transform=transforms.eval_options(config), **common)
+for _ in range(2):
+    metrics = augmented.run_epoch()
+assert augmented.input_shape[1:] == (24, 24) and metrics["test_accuracy"] >= 0.4, metrics
+print(f"streamed = resident on cuda (test accuracy {b['test_accuracy']:.4f}); augmented 24 px crops: "
+      f"test accuracy {metrics['test_accuracy']:.4f}, data wait {metrics['data_wait_seconds']:.2f} s")
+EOF
+  pass "streamed and augmented training on cuda" "$(tail -n 1 "$WORK/train-streamed.log")"
+else
+  fail "streamed and augmented training on cuda"
+fi
+
 # --- 2. NCCL data-parallel on every GPU ------------------------------------------------------------------
 DP_OUT="$WORK/dp"
 mkdir -p "$DP_OUT"
