@@ -43,9 +43,10 @@ void register_loader(py::module_& m) {
            py::arg("channels_last") = false,
            "mean/std (one per channel, [0, 1] scale): float32 batches normalised by the workers, NHWC with "
            "channels_last; empty: uint8 batches.")
-      .def("start_epoch", &BatchLoader::start_epoch, py::arg("order"), py::arg("epoch"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Starts an epoch over `order` (int64 sample indices); `epoch` seeds the random transforms.")
+      .def("start_epoch", &BatchLoader::start_epoch, py::arg("order"), py::arg("epoch"), py::arg("first_position") = 0,
+           py::arg("position_stride") = 1, py::call_guard<py::gil_scoped_release>(),
+           "Starts an epoch over `order` (int64 sample indices); `epoch` seeds the random transforms, order[i] "
+           "drawing those of position first_position + i * position_stride.")
       .def(
           "next",
           [](BatchLoader& loader) -> py::object {

@@ -67,6 +67,15 @@ cv::Mat decode_native(std::span<const std::uint8_t> data, ImageFormat format, st
   }();
   (void)silenced;
 
+  // OpenCV picks its decoder by signature, trying its DICOM reader (GDCM) before JPEG 2000's: a JPEG 2000
+  // file with "DICM" at byte 128 goes to GDCM, which allocates whatever its length fields claim (3.2 GB
+  // for a 180-byte file the fuzzer made). kiln reads no DICOM, so such a file is refused unread.
+  constexpr std::size_t kDicomSignatureAt = 128;
+  if (format == ImageFormat::jpeg2000 && data.size() >= kDicomSignatureAt + 4 &&
+      std::memcmp(data.data() + kDicomSignatureAt, "DICM", 4) == 0) {
+    error = "JPEG 2000 file that also carries a DICOM signature (kiln reads no DICOM; not decoded)";
+    return {};
+  }
   cv::Mat image;
   try {
     const cv::Mat encoded(1, static_cast<int>(data.size()), CV_8U, const_cast<std::uint8_t*>(data.data()));

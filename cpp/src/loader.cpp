@@ -84,6 +84,8 @@ struct BatchLoader::State {
   // The epoch in progress.
   at::Tensor order;
   std::uint64_t epoch = 0;
+  std::uint64_t first_position = 0;
+  std::uint64_t position_stride = 1;
   std::int64_t batches = 0;
   std::int64_t next_to_fill = 0;
   std::int64_t next_to_return = 0;
@@ -143,7 +145,8 @@ void BatchLoader::State::fill(const Slot& slot, std::int64_t batch, const std::i
     }
     if (!transform.identity()) {
       // Seeded by the sample's position in the epoch: the same draws whichever worker transforms it.
-      SampleRandom random(options.seed, epoch_number, static_cast<std::uint64_t>(begin + row));
+      const auto position = first_position + static_cast<std::uint64_t>(begin + row) * position_stride;
+      SampleRandom random(options.seed, epoch_number, position);
       transform.apply(pixels, image.height, image.width, destination, random);
       pixels = destination;
     } else if (!normalising && pixels != destination) {
@@ -270,7 +273,8 @@ BatchLoader::~BatchLoader() {
   for (auto& worker : s.workers) worker.join();
 }
 
-void BatchLoader::start_epoch(at::Tensor order, std::uint64_t epoch) {
+void BatchLoader::start_epoch(at::Tensor order, std::uint64_t epoch, std::uint64_t first_position,
+                              std::uint64_t position_stride) {
   State& s = *state_;
   if (order.scalar_type() != at::kLong || order.dim() != 1) {
     throw_data_error("a loader's order must be int64 sample indices [N]");
@@ -286,6 +290,8 @@ void BatchLoader::start_epoch(at::Tensor order, std::uint64_t epoch) {
   }
   s.order = std::move(order);
   s.epoch = epoch;
+  s.first_position = first_position;
+  s.position_stride = position_stride;
   s.batches = (s.order.size(0) + s.options.batch_size - 1) / s.options.batch_size;
   s.next_to_fill = 0;
   s.next_to_return = 0;

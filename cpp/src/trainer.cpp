@@ -430,9 +430,10 @@ void Trainer::train_epoch(EpochMetrics& metrics, const ProgressFn& progress, con
   const std::int64_t train_size = order.size(0);  // this rank's share of the epoch
   if (s.train_loader) {
     // The loader reads the samples of this order (the subset's indices when train_limit picked one);
-    // the epoch seeds each sample's augmentation.
+    // the epoch seeds each sample's augmentation, drawn as for its position in the global epoch.
     s.train_loader->start_epoch(s.train_subset.defined() ? s.train_subset.index_select(0, order) : order,
-                                static_cast<std::uint64_t>(s.epoch));
+                                static_cast<std::uint64_t>(s.epoch), static_cast<std::uint64_t>(s.rank()),
+                                static_cast<std::uint64_t>(world));
   } else {
     order = order.to(s.device);
   }

@@ -150,5 +150,25 @@ TEST(loader, normalises_in_the_workers_as_the_trainer_s_normalizer_does) {
                DataError);
 }
 
+TEST(loader, a_rank_s_share_of_the_epoch_draws_the_augmentation_of_its_global_positions) {
+  TrainTransformOptions train;
+  train.random_resized_crop = RandomResizedCropOptions{6, 6};
+  train.horizontal_flip = 0.5;
+  const SampleSource source =
+      SampleSource::resident(at::randint(0, 256, {10, 3, 8, 8}, at::kByte), at::zeros({10}, at::kLong));
+  LoaderOptions options;
+  options.batch_size = 3;
+  BatchLoader whole(source, ImageTransform(train, {}, 3), options);
+  std::vector<at::Tensor> all;
+  for (auto& [images, labels] : epoch_batches(whole, at::arange(10, at::kLong), 4)) all.push_back(images);
+  const at::Tensor global = at::cat(all);
+  // Rank 1 of 2 takes positions 1, 3, 5, ... of the epoch's order.
+  BatchLoader rank1(source, ImageTransform(train, {}, 3), options);
+  rank1.start_epoch(at::arange(1, 10, 2, at::kLong), 4, /*first_position=*/1, /*position_stride=*/2);
+  std::vector<at::Tensor> share;
+  while (auto batch = rank1.next()) share.push_back(batch->images.clone());
+  EXPECT_TRUE(at::equal(at::cat(share), global.slice(0, 1, 10, 2)));
+}
+
 }  // namespace
 }  // namespace kiln

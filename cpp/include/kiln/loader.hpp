@@ -66,8 +66,11 @@ class BatchLoader {
   BatchLoader& operator=(const BatchLoader&) = delete;
 
   // Starts an epoch over `order` (int64 sample indices into the source, the batches' samples in
-  // order); `epoch` seeds the random transforms. Batches come out in order from next().
-  void start_epoch(at::Tensor order, std::uint64_t epoch);
+  // order); `epoch` seeds the random transforms. Batches come out in order from next(). The sample at
+  // order[i] draws its transform as the sample at position first_position + i * position_stride of the
+  // epoch: data-parallel rank r of W passes (r, W), so its draws are those of the global epoch's positions.
+  void start_epoch(at::Tensor order, std::uint64_t epoch, std::uint64_t first_position = 0,
+                   std::uint64_t position_stride = 1);
   // The next batch, or nullopt when the epoch is done. Throws kiln::DataError for a sample that cannot be
   // read or decoded (naming its shard and index). The returned tensors are valid until the next call.
   std::optional<Batch> next();
