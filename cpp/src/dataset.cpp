@@ -465,11 +465,17 @@ void prepare_split(const Tree& tree, std::size_t begin, std::size_t end, const I
   const std::size_t rows_per_shard =
       static_cast<std::size_t>(std::max<std::int64_t>(1, options.shard_bytes / spec.bytes()));
   constexpr std::size_t kMaxEncodedChunkFiles = 65536;
+  // Decoded: one shard's buffer for every chunk of the split, written as it is when no file was skipped
+  // (a fresh allocation per chunk let the allocator keep several freed ones resident).
+  at::Tensor shard_images;
   while (begin < end) {
     if (storage == Storage::decoded) {
       const std::size_t chunk_end = std::min(end, begin + rows_per_shard);
       const auto rows = static_cast<std::int64_t>(chunk_end - begin);
-      at::Tensor images = at::empty({rows, spec.channels, spec.height, spec.width}, at::kByte);
+      if (!shard_images.defined() || shard_images.size(0) != rows) {
+        shard_images = at::empty({rows, spec.channels, spec.height, spec.width}, at::kByte);
+      }
+      const at::Tensor& images = shard_images;
       Chunk chunk{begin, chunk_end, images.data_ptr<std::uint8_t>(), nullptr, 0};
       decode_chunk(tree, spec, chunk, encoding, stats_split, workers_for(rows), options.max_image_pixels, progress,
                    begin, results, stats);
