@@ -112,6 +112,22 @@ def ensure_photos(args) -> Path:
     return raw
 
 
+def timed_epochs(loader, count: int, wait_seconds=None) -> list[dict]:
+    """Per epoch of iterating `loader`: the images the loop received, the seconds it took and, when
+    `wait_seconds` is given, the seconds it reports the loop waited on the workers."""
+    epochs = []
+    for _ in range(count):
+        images_seen = 0
+        started = time.perf_counter()
+        for images, _labels in loader:
+            images_seen += images.shape[0]
+        epoch = {"images": images_seen, "seconds": time.perf_counter() - started}
+        if wait_seconds is not None:
+            epoch["wait_seconds"] = wait_seconds()
+        epochs.append(epoch)
+    return epochs
+
+
 def kiln_epochs(args) -> list[dict]:
     """Per epoch: images and seconds of the loop over kiln's loader and the seconds it waited on the workers,
     which normalise as the baseline's workers do (float32 (pixel / 255 - mean) / std, ImageNet's)."""
@@ -128,15 +144,7 @@ def kiln_epochs(args) -> list[dict]:
         transforms=transforms,
         normalize=(IMAGENET_MEAN, IMAGENET_STD),
     )
-    epochs = []
-    for _ in range(1 + args.epochs):
-        images_seen = 0
-        started = time.perf_counter()
-        for images, _labels in loader:
-            images_seen += images.shape[0]
-        seconds = time.perf_counter() - started
-        epochs.append({"images": images_seen, "seconds": seconds, "wait_seconds": loader.wait_seconds})
-    return epochs
+    return timed_epochs(loader, 1 + args.epochs, wait_seconds=lambda: loader.wait_seconds)
 
 
 def torchvision_epochs(args) -> list[dict]:
@@ -166,14 +174,7 @@ def torchvision_epochs(args) -> list[dict]:
         persistent_workers=True,
         generator=torch.Generator().manual_seed(SEED),
     )
-    epochs = []
-    for _ in range(1 + args.epochs):
-        images_seen = 0
-        started = time.perf_counter()
-        for images, _labels in loader:
-            images_seen += images.shape[0]
-        epochs.append({"images": images_seen, "seconds": time.perf_counter() - started})
-    return epochs
+    return timed_epochs(loader, 1 + args.epochs)
 
 
 def run_worker(kind: str, args) -> list[dict]:
