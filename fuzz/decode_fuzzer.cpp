@@ -1,10 +1,14 @@
 // libFuzzer target over every entry point kiln decodes untrusted bytes with: the header reader, the
 // PNG fast path, and decode_into/probe_image (which hand other formats to OpenCV). Beyond ASan/UBSan
 // findings it fails on a broken promise of the decoders: an error that is not printable UTF-8, an
-// image decoded although its header claims more than the budget, a decode that reports nothing.
+// image decoded although its header claims more than the budget, a decode that reports nothing, a
+// temporary file OpenCV's imdecode left behind (it copies the bytes of some formats to one).
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <span>
 #include <string>
 #include <vector>
@@ -29,7 +33,18 @@ void require_printable(const std::string& text, const char* where) {
   require(kiln::detail::printable_utf8(text) == text, where, text);
 }
 
+// OpenCV's imdecode writes its temporary files here (OPENCV_TEMP_PATH), where none may remain.
+std::filesystem::path opencv_temp_dir;
+
 }  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  opencv_temp_dir = std::filesystem::temp_directory_path() / ("kiln-fuzz-opencv-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(opencv_temp_dir);
+  ::setenv("OPENCV_TEMP_PATH", opencv_temp_dir.c_str(), 1);
+  std::atexit([] { std::filesystem::remove_all(opencv_temp_dir); });  // an abort keeps it, as evidence
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::span<const std::uint8_t> bytes(data, size);
@@ -63,5 +78,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto probed = kiln::probe_image(bytes, &probe_error, kBudget);
   require_printable(probe_error, "probe error");
   if (probed) require(std::int64_t{probed->height} * probed->width <= kBudget, "probed over budget", "");
+  require(std::filesystem::is_empty(opencv_temp_dir), "OpenCV left a temporary file", opencv_temp_dir.string());
   return 0;
 }

@@ -98,6 +98,12 @@ def bombs() -> dict[str, tuple[bytes, str]]:
             "image data is longer than its header says",
         ),
         "non-utf8-crc": (non_utf8_crc_error(), r"CRC mismatch in \xc1\xff\x80T chunk"),
+        # Under the budget but taller than OpenCV reads: refused before OpenCV copies it to a temporary file
+        # (Sun raster: magic, width 1, height 3813167, depth 24, length, type, no colour map).
+        "sun-raster-tall": (
+            b"\x59\xa6\x6a\x95" + struct.pack(">7I", 1, 3813167, 24, 80, 1, 0, 0) + bytes(16),
+            "Sun raster claims 1x3813167, over OpenCV's limits (1048576 pixels per side, 2^30 in all)",
+        ),
     }
 
 

@@ -398,6 +398,16 @@ std::string check_pixel_budget(ImageFormat format, std::uint64_t width, std::uin
     return std::string(format_name(format)) + " claims " + std::to_string(width) + "x" + std::to_string(height) +
            ", over max_image_pixels=" + std::to_string(max_image_pixels);
   }
+  // OpenCV refuses a side over 2^20 pixels or 2^30 pixels in all (CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS)
+  // only after it has copied the bytes to a temporary file for the decoders that read files (Sun
+  // raster among them), and its exception then leaves that file behind in /tmp: one per hostile
+  // request in a server. kiln refuses such sizes first, whatever max_image_pixels allows.
+  constexpr std::uint64_t kMaxSide = std::uint64_t{1} << 20;
+  constexpr std::uint64_t kMaxPixels = std::uint64_t{1} << 30;
+  if (width > kMaxSide || height > kMaxSide || width * height > kMaxPixels) {  // both <= 2^20: no overflow
+    return std::string(format_name(format)) + " claims " + std::to_string(width) + "x" + std::to_string(height) +
+           ", over OpenCV's limits (1048576 pixels per side, 2^30 in all)";
+  }
   return {};
 }
 

@@ -1,8 +1,11 @@
 #include "kiln/decode.hpp"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 
 #include "kiln/detail/image_header.hpp"
 #include "kiln/detail/utf8.hpp"
@@ -313,6 +316,26 @@ TEST(decode, jpeg2000_carrying_a_dicom_signature_is_refused_unread) {
   std::vector<std::uint8_t> out(3 * 48 * 40);
   EXPECT_EQ(decode_into(file, {3, 48, 40}, out.data()).error,
             "JPEG 2000 file that also carries a DICOM signature (kiln reads no DICOM; not decoded)");
+}
+
+// Found in /tmp after fuzzing: OpenCV copies a Sun raster's bytes to a temporary file before reading its
+// header, then throws on a side over 2^20 pixels and leaves the file behind (one per hostile request in a
+// server). kiln refuses such a size before OpenCV sees the bytes.
+TEST(decode, a_side_over_opencvs_limit_is_refused_before_opencv_writes_a_temporary_file) {
+  const auto temp_dir = std::filesystem::temp_directory_path() / ("kiln-opencv-temp-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(temp_dir);
+  ::setenv("OPENCV_TEMP_PATH", temp_dir.c_str(), 1);  // where OpenCV's imdecode writes its temporary files
+  // magic, width 1, height 3,813,167, depth 24, length, type 1 (standard), no colour map
+  const std::vector<std::uint8_t> file = {
+      0x59, 0xa6, 0x6a, 0x95, 0, 0, 0, 1, 0, 0x3a, 0x2f, 0x2f, 0, 0, 0, 24, 0, 0, 0, 0x50,
+      0,    0,    0,    1,    0, 0, 0, 0, 0, 0,    0,    0,    0, 0, 0, 0,  0, 0, 0, 0,
+  };
+  std::vector<std::uint8_t> out(3 * 8 * 8);
+  const auto result = decode_into(file, {3, 8, 8}, out.data(), std::int64_t{1} << 40);
+  ::unsetenv("OPENCV_TEMP_PATH");
+  EXPECT_EQ(result.error, "Sun raster claims 1x3813167, over OpenCV's limits (1048576 pixels per side, 2^30 in all)");
+  EXPECT_TRUE(std::filesystem::is_empty(temp_dir));
+  std::filesystem::remove_all(temp_dir);
 }
 
 }  // namespace

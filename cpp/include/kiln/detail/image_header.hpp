@@ -42,8 +42,8 @@ struct ImageHeader {
 // than the error text.
 ImageHeader read_image_header(std::span<const std::uint8_t> data);
 
-// Empty if width x height fits in `max_image_pixels`, else the per-image error
-// "<format> claims WxH, over max_image_pixels=N".
+// Empty if width x height fits in `max_image_pixels` and in OpenCV's own limits (2^20 pixels per
+// side, at most 2^30 in all), else the per-image error "<format> claims WxH, over ...".
 std::string check_pixel_budget(ImageFormat format, std::uint64_t width, std::uint64_t height,
                                std::int64_t max_image_pixels);
 
