@@ -24,7 +24,7 @@ using detail::mnist_cnn::kConv2Channels;
 
 // How far oneDNN may go, from ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA): oneDNN's own
 // ladder, so that `ONEDNN_MAX_CPU_ISA=AVX2` makes kiln behave as on an AVX2-only CPU, as oneDNN does.
-enum class IsaCap { below_vnni, avx2_vnni, avx512_vnni };
+enum class IsaCap { below_avx2, below_vnni, avx2_vnni, avx512_vnni };
 
 // The ISA limit set in the environment, empty when none is.
 std::string onednn_isa_limit() {
@@ -40,7 +40,8 @@ IsaCap onednn_isa_cap() {
   if (limit.empty()) return IsaCap::avx512_vnni;
   std::string isa = limit.substr(limit.find('=') + 1);
   std::transform(isa.begin(), isa.end(), isa.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
-  for (const char* below : {"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"}) {
+  if (isa == "SSE41" || isa == "AVX") return IsaCap::below_avx2;
+  for (const char* below : {"AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"}) {
     if (isa == below) return IsaCap::below_vnni;
   }
   if (isa == "AVX2_VNNI" || isa == "AVX2_VNNI_2") return IsaCap::avx2_vnni;
@@ -52,10 +53,29 @@ bool cpu_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
   const IsaCap cap = onednn_isa_cap();
   return (cap == IsaCap::avx512_vnni && __builtin_cpu_supports("avx512vnni")) ||
-         (cap != IsaCap::below_vnni && __builtin_cpu_supports("avxvnni"));
+         ((cap == IsaCap::avx2_vnni || cap == IsaCap::avx512_vnni) && __builtin_cpu_supports("avxvnni"));
 #else
   return false;
 #endif
+}
+
+// Whether oneDNN's int8 kernels run here at all as kiln measured them: AVX2 (with or without VNNI),
+// allowed by ONEDNN_MAX_CPU_ISA. Below AVX2, and off x86, kiln has not measured int8 against fp32.
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return onednn_isa_cap() != IsaCap::below_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// The largest int8 weight magnitude. Without VNNI, oneDNN multiplies uint8 x int8 with vpmaddubsw, which
+// adds each pair of products into a saturating int16: 255 x 127 x 2 = 64770 overflows it (measured:
+// an all-255 input to all-127 weights gave 4718448 = 144 x 32767 instead of 9326880 under
+// ONEDNN_MAX_CPU_ISA=AVX2). Weights of at most 63 keep every pair within 255 x 63 x 2 = 32130, as
+// oneDNN's own "scale adjust" of 0.5 for such CPUs does; VNNI adds in int32 and takes the full 127.
+double int8_weight_levels() {
+  return cpu_has_vnni() ? 127.0 : 63.0;
 }
 
 std::optional<c10::OperatorHandle> find_op(const char* name) {
@@ -70,13 +90,13 @@ struct QuantizedWeight {
   at::Tensor packed;       // oneDNN's prepacked layout
 };
 
-QuantizedWeight quantize(const at::Tensor& weight) {
+QuantizedWeight quantize(const at::Tensor& weight, double levels) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   QuantizedWeight q;
-  q.scales = (w.flatten(1).abs().amax(1) / 127.0).clamp_min(1e-12).contiguous();
+  q.scales = (w.flatten(1).abs().amax(1) / levels).clamp_min(1e-12).contiguous();
   std::vector<std::int64_t> per_channel(static_cast<std::size_t>(w.dim()), 1);
   per_channel[0] = -1;
-  q.values = at::round(w / q.scales.view(per_channel)).clamp(-127, 127).to(at::kChar);
+  q.values = at::round(w / q.scales.view(per_channel)).clamp(-levels, levels).to(at::kChar);
   q.zero_points = at::zeros({w.size(0)}, at::kLong);
   return q;
 }
@@ -98,9 +118,13 @@ std::string int8_unavailable_reason(const CheckpointModel& saved) {
     return "the checkpoint carries no int8 calibration (kiln's evaluation records one in every checkpoint it "
            "writes now; train one more epoch with resume=true to add it)";
   }
-  if (!cpu_has_vnni()) {
-    return onednn_isa_cap() == IsaCap::avx512_vnni ? "this CPU has no VNNI int8 instructions"
-                                                   : onednn_isa_limit() + " keeps oneDNN from VNNI int8 instructions";
+  if (!cpu_has_avx2()) {
+#if defined(__x86_64__) || defined(__i386__)
+    return onednn_isa_cap() != IsaCap::below_avx2 ? "this CPU has no AVX2 (kiln's int8 needs AVX2 or VNNI)"
+                                                  : onednn_isa_limit() + " keeps oneDNN from AVX2 int8 instructions";
+#else
+    return "kiln's int8 runs on x86-64 CPUs with AVX2 (not measured on this architecture)";
+#endif
   }
   if (!find_op(kConvOp) || !find_op(kLinearOp)) return "this LibTorch has no oneDNN int8 kernels";
   return {};
@@ -184,14 +208,15 @@ Int8Classifier::Int8Classifier(const CheckpointModel& saved) {
   const at::Tensor mean = at::tensor(saved.mean, at::kDouble).to(at::kFloat).view({1, -1, 1, 1});
   const at::Tensor std = at::tensor(saved.std, at::kDouble).to(at::kFloat).view({1, -1, 1, 1});
   const at::Tensor w1 = tensor_at(saved, "conv1.weight");
-  l.conv1 = quantize(w1 / (std * 255.0));
+  const double levels = int8_weight_levels();
+  l.conv1 = quantize(w1 / (std * 255.0), levels);
   l.conv1_bias = (tensor_at(saved, "conv1.bias") - (w1 * (mean / std)).sum({1, 2, 3})).contiguous();
-  l.conv2 = quantize(tensor_at(saved, "conv2.weight"));
+  l.conv2 = quantize(tensor_at(saved, "conv2.weight"), levels);
   l.conv2_bias = tensor_at(saved, "conv2.bias").contiguous();
   // fc1's inputs in the pooled activations' memory order (h, w, c), as pool() writes them.
-  l.fc1 = quantize(detail::mnist_cnn::fc1_weight_for_channels_last(tensor_at(saved, "fc1.weight"), pooled));
+  l.fc1 = quantize(detail::mnist_cnn::fc1_weight_for_channels_last(tensor_at(saved, "fc1.weight"), pooled), levels);
   l.fc1_bias = tensor_at(saved, "fc1.bias").contiguous();
-  l.fc2 = quantize(tensor_at(saved, "fc2.weight"));
+  l.fc2 = quantize(tensor_at(saved, "fc2.weight"), levels);
   l.fc2_bias = tensor_at(saved, "fc2.bias").contiguous();
 
   auto pack_conv = [&](QuantizedWeight& w, double x_scale) {

@@ -5,7 +5,7 @@ serving and the MLflow pyfunc model.
 - Training (``precision``: auto, fp32, bf16): ``auto`` is bf16 where the hardware computes it
   natively (same accuracy, faster), else fp32.
 - Inference (``inference.precision``, ``PRECISION``: auto, fp32, bf16, int8): ``auto`` on the CPU is
-  int8 where it can run (a checkpoint carrying kiln's int8 calibration, a CPU with VNNI), else what
+  int8 where it can run (a checkpoint carrying kiln's int8 calibration, an x86-64 CPU with AVX2), else what
   training's ``auto`` picks; on a GPU, training's ``auto``. An explicit ``int8`` where it cannot run
   is a ValueError naming what is missing.
 
@@ -57,7 +57,7 @@ def load_predictor(checkpoint: str | os.PathLike[str], no_cuda: bool, precision:
     """kiln.Predictor for ``checkpoint`` on the device ``no_cuda`` picks, in inference's ``precision``.
 
     ``auto`` on the CPU: int8 where it can run (a checkpoint with kiln's int8 calibration, a CPU with
-    VNNI), else what training's ``auto`` picks (bf16 where the hardware computes it natively, else
+    AVX2), else what training's ``auto`` picks (bf16 where the hardware computes it natively, else
     fp32); on a GPU: training's ``auto``. ``int8`` without those raises ValueError naming what is missing.
     """
     import kiln
