@@ -8,6 +8,8 @@
 #include <bit>
 #include <type_traits>
 
+#include "kiln/detail/isa_clones.hpp"
+
 namespace kiln::detail {
 namespace {
 
@@ -97,18 +99,15 @@ template <typename U>
   }
 }
 
-#define KILN_POOL_VARIANTS(T, U, suffix)                                                                        \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void pool_##suffix(            \
-      const T* in, T* out, std::uint8_t* winner, std::int64_t begin, std::int64_t end, std::int64_t h,          \
-      std::int64_t w, std::int64_t c) {                                                                         \
-    pool_rows<T>(in, out, winner, begin, end, h, w, c);                                                         \
-  }                                                                                                             \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void unpool_##suffix(          \
-      const T* grad_out, const std::uint8_t* winner, T* grad_in, std::int64_t begin, std::int64_t end,          \
-      std::int64_t h, std::int64_t w, std::int64_t c) {                                                         \
-    static_assert(sizeof(T) == sizeof(U));                                                                      \
-    unpool_rows<U>(reinterpret_cast<const U*>(grad_out), winner, reinterpret_cast<U*>(grad_in), begin, end, h, \
-                   w, c);                                                                                       \
+#define KILN_POOL_VARIANTS(T, U, suffix)                                                                              \
+  KILN_ISA_CLONES void pool_##suffix(const T* in, T* out, std::uint8_t* winner, std::int64_t begin, std::int64_t end, \
+                                     std::int64_t h, std::int64_t w, std::int64_t c) {                                \
+    pool_rows<T>(in, out, winner, begin, end, h, w, c);                                                               \
+  }                                                                                                                   \
+  KILN_ISA_CLONES void unpool_##suffix(const T* grad_out, const std::uint8_t* winner, T* grad_in, std::int64_t begin, \
+                                       std::int64_t end, std::int64_t h, std::int64_t w, std::int64_t c) {            \
+    static_assert(sizeof(T) == sizeof(U));                                                                            \
+    unpool_rows<U>(reinterpret_cast<const U*>(grad_out), winner, reinterpret_cast<U*>(grad_in), begin, end, h, w, c); \
   }
 KILN_POOL_VARIANTS(float, std::uint32_t, f32)
 KILN_POOL_VARIANTS(at::BFloat16, std::uint16_t, bf16)
