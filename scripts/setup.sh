@@ -7,7 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libopencv-dev libgtest-dev nlohmann-json3-dev libdeflate-dev curl
   postgresql  # PostgreSQL: the distributed-sweep tests start their own server
-  clang libclang-rt-dev)  # libFuzzer (scripts/fuzz.sh) and its sanitizer runtimes
+  clang libclang-rt-dev  # libFuzzer (scripts/fuzz.sh) and its sanitizer runtimes
+  g++-aarch64-linux-gnu)  # cross compiler: scripts/check-aarch64.sh proves kiln's C++ compiles for arm64
 PYTHON="${PYTHON:-python3}"
 
 missing=()
