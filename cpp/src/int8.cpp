@@ -27,7 +27,7 @@ using detail::mnist_cnn::kConv2Channels;
 enum class IsaCap { below_avx2, below_vnni, avx2_vnni, avx512_vnni };
 
 // The ISA limit set in the environment, empty when none is.
-std::string onednn_isa_limit() {
+[[maybe_unused]] std::string onednn_isa_limit() {  // used on x86 only
   for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
     const char* value = std::getenv(name);
     if (value != nullptr && *value != '\0') return std::string(name) + "=" + value;
@@ -35,7 +35,7 @@ std::string onednn_isa_limit() {
   return {};
 }
 
-IsaCap onednn_isa_cap() {
+[[maybe_unused]] IsaCap onednn_isa_cap() {  // used on x86 only
   const std::string limit = onednn_isa_limit();
   if (limit.empty()) return IsaCap::avx512_vnni;
   std::string isa = limit.substr(limit.find('=') + 1);
