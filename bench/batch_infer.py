@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 from prep import ensure_raw_tree  # noqa: E402
 from train import python_model_from_checkpoint, sample_checkpoint  # noqa: E402
 
@@ -62,10 +63,13 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--precision", default="auto", help="inference.precision for kiln (default: auto)")
     parser.add_argument("--worker", nargs=3, metavar=("CHECKPOINT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
+    add_isa_argument(parser)
     args = parser.parse_args()
+    apply_isa(args.isa)
     if args.worker:
         print(json.dumps({"loop_seconds": baseline(*map(Path, args.worker))}))
         return
+    print(f"CPU: {cpu_isa()}")
 
     raw = ensure_raw_tree(args.raw, args.cache)
     input_dir = raw / args.split

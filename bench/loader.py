@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import cpu_isa  # noqa: E402
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 from prep import DEBIAN_IDX  # noqa: E402
 
 BATCH, CROP, SEED = 32, 224, 1
@@ -302,7 +302,9 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="only the loader figure")
     parser.add_argument("--worker", choices=["kiln", "torchvision"], help=argparse.SUPPRESS)
     parser.add_argument("--processed", type=Path, help=argparse.SUPPRESS)
+    add_isa_argument(parser)
     args = parser.parse_args()
+    apply_isa(args.isa)
     if args.worker:
         epochs = (kiln_epochs if args.worker == "kiln" else torchvision_epochs)(args)
         print(json.dumps(epochs))

@@ -28,23 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 
 LR, BATCH, SIZE = 1.3, 32, 64
-
-
-def cpu_isa() -> str:
-    import torch
-
-    flags = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
-    listed = ", ".join(extensions) or "no AVX2"
-    return f"{torch.backends.cpu.get_cpu_capability()} ({listed}), {torch.get_num_threads()} threads"
 
 
 def kiln_images_per_second(processed: Path, name: str, steps: int, precision: str) -> float:
@@ -111,7 +98,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v3_small"])
     parser.add_argument("--steps", type=int, default=30, help="measured training batches per contender and round")
     parser.add_argument("--rounds", type=int, default=2)
+    add_isa_argument(parser)
     args = parser.parse_args()
+    apply_isa(args.isa)
 
     import kiln
     from kiln.precision import resolve_precision

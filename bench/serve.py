@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 from train import sample_checkpoint  # noqa: E402
 
 
@@ -147,7 +148,10 @@ def main() -> None:
     parser.add_argument(
         "--load", choices=["auto", "wrk", "python"], default="auto", help="load generator (auto: wrk if installed)"
     )
+    add_isa_argument(parser)
     args = parser.parse_args()
+    apply_isa(args.isa)
+    print(f"CPU: {cpu_isa()}")
     use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     if args.load == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk); or use --load python")

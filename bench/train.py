@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 from prep import ensure_raw_tree  # noqa: E402
 
 LR, GAMMA, TRAIN_BS, TEST_BS, SEED = 1.3, 0.7, 32, 100, 1
@@ -236,7 +237,9 @@ def main() -> None:
     parser.add_argument("--only", choices=list(CONTENDERS), action="append")
     parser.add_argument("--worker", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     parser.add_argument("--processed", type=Path, help=argparse.SUPPRESS)
+    add_isa_argument(parser)
     args = parser.parse_args()
+    apply_isa(args.isa)
 
     if args.worker:
         import torch  # noqa: F401 - every contender pays for torch before its clock starts
@@ -245,6 +248,13 @@ def main() -> None:
         print(json.dumps(results))
         return
 
+    import torch
+
+    print(f"CPU: {cpu_isa()}")
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    contenders = args.only or [name for name in CONTENDERS if native_bf16 or name != "python-bf16"]
+    if not native_bf16 and not args.only:
+        print("(python-bf16 skipped: this CPU class has no native bf16, where autocast emulates it ~10x slower)")
     raw = ensure_raw_tree(args.raw, args.cache)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-train-") as scratch:
         processed = Path(scratch) / "processed"
@@ -256,7 +266,7 @@ def main() -> None:
         rounds: list[dict[str, list[dict]]] = []
         for round_number in range(1, args.rounds + 1):
             results = {}
-            for name in args.only or list(CONTENDERS):
+            for name in contenders:
                 command = [
                     sys.executable,
                     __file__,
@@ -286,7 +296,8 @@ def main() -> None:
         f"{os.cpu_count()} cores)"
     )
     if "kiln" in rounds[0]:
-        targets = {"template": 3.5, "python-fp32": 1.3}
+        # DESIGN.md's targets on AVX-512 with bf16; issue 17's on the AVX2 class (fp32 there).
+        targets = {"template": 3.5, "python-fp32": 1.3} if native_bf16 else {"template": 3.0, "python-fp32": 1.5}
         for name in rounds[0]:
             if name == "kiln":
                 continue
