@@ -118,19 +118,19 @@ for unit in "${failed[@]}"; do
   echo "($(grep -c ': error' "$LOGS/${unit//\//_}.log" || true) errors in all: $LOGS/${unit//\//_}.log)"
 done
 
-# Apple silicon builds with clang, which ignores (with a warning) target_clones names it does not know: with
-# -Werror the ISA macros must expand to nothing there, as on aarch64 Linux.
+# Apple silicon builds with clang: with -Werror the ISA dispatch macro must expand to the plain function there,
+# as on aarch64 Linux.
 if command -v clang++ >/dev/null; then
   for target in aarch64-linux-gnu arm64-apple-macos; do
-    if printf '%s\n' '#include "kiln/detail/isa_clones.hpp"' '#include "kiln/detail/pixel_loop.hpp"' \
-      'KILN_ISA_CLONES void twice(float* v, int n) { for (int i = 0; i < n; ++i) v[i] *= 2; }' \
-      'KILN_PIXEL_LOOP void half(float* v, int n) { for (int i = 0; i < n; ++i) v[i] /= 2; }' |
+    if printf '%s\n' '#include "kiln/detail/isa_dispatch.hpp"' \
+      'inline void twice_body(float* v, int n) { for (int i = 0; i < n; ++i) v[i] *= 2; }' \
+      'KILN_ISA_VARIANTS(void, twice, (float* v, int n), twice_body(v, n))' |
       clang++ --target="$target" -std=c++20 -nostdinc++ -Werror -Icpp/include -x c++ -c -o /dev/null - \
         >"$LOGS/clang-$target.log" 2>&1; then
-      echo "ok    cpp/include/kiln/detail/{isa_clones,pixel_loop}.hpp with clang for $target"
+      echo "ok    cpp/include/kiln/detail/isa_dispatch.hpp with clang for $target"
     else
-      echo "FAIL  cpp/include/kiln/detail/{isa_clones,pixel_loop}.hpp with clang for $target"
-      failed+=("kiln/detail/{isa_clones,pixel_loop}.hpp (clang, $target)")
+      echo "FAIL  cpp/include/kiln/detail/isa_dispatch.hpp with clang for $target"
+      failed+=("kiln/detail/isa_dispatch.hpp (clang, $target)")
       cat "$LOGS/clang-$target.log"
     fi
   done

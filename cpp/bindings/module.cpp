@@ -1,6 +1,7 @@
 // kiln._core: wires the per-area registrations together; nothing else lives here.
 #include "bindings.hpp"
 
+#include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/detail/utf8.hpp"
 #include "kiln/error.hpp"
 #include "kiln/trainer.hpp"
@@ -40,6 +41,10 @@ void register_errors(py::module_& m) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kiln's C++ core (LibTorch + OpenCV). Use it through the kiln package.";
   m.attr("__version__") = KILN_VERSION;
+  m.def(
+      "isa_level", [] { return std::string(kiln::detail::isa_level_name()); },
+      "The copy of kiln's own vector loops this process runs: 'avx512', 'avx2' or 'baseline' (the CPU's, "
+      "lowered by ATEN_CPU_CAPABILITY as ATen's kernels are).");
   kiln::bindings::register_errors(m);
   kiln::bindings::register_dataset(m);
   kiln::bindings::register_training(m);

@@ -18,7 +18,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "kiln/detail/pixel_loop.hpp"
+#include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/error.hpp"
 
 // The OpenMP runtime LibTorch runs its intra-op threads on (weak: a LibTorch without OpenMP has none).
@@ -155,15 +155,18 @@ CropBox center_crop_box(int height, int width, int crop_height, int crop_width) 
   return {start(height, crop_height), start(width, crop_width), crop_height, crop_width};
 }
 
-// The per-pixel loops below also come as an AVX2 + FMA build (KILN_PIXEL_LOOP), picked when the library loads:
-// vectorised, with std::fma one instruction (the default build calls libm's, equally exact, for CPUs without FMA).
+// The per-pixel loops below come in AVX-512, AVX2 + FMA and baseline copies (KILN_ISA_VARIANTS), one picked when
+// the library loads: vectorised, with std::fma one instruction (the baseline copy calls libm's, equally exact,
+// for CPUs without FMA).
 
-KILN_PIXEL_LOOP void flip_in_place(std::uint8_t* pixels, int channels, int height, int width) {
+[[gnu::always_inline]] inline void flip_in_place_body(std::uint8_t* pixels, int channels, int height, int width) {
   for (std::int64_t row = 0; row < static_cast<std::int64_t>(channels) * height; ++row) {
     std::uint8_t* line = pixels + row * width;
     for (int x = 0; x < width / 2; ++x) std::swap(line[x], line[width - 1 - x]);
   }
 }
+KILN_ISA_VARIANTS(void, flip_in_place, (std::uint8_t* pixels, int channels, int height, int width),
+                  flip_in_place_body(pixels, channels, height, width))
 
 // torchvision's float32 arithmetic, see the top of the file.
 constexpr float kRed = 0.2989f;
@@ -172,26 +175,28 @@ constexpr float kBlue = 0.114f;
 
 // _rgb_to_grayscale_image then floor_(), as adjust_contrast/adjust_saturation use it on uint8 images (the
 // value is >= 0, so truncation is the floor, and vectorises where std::floor would need -fno-trapping-math).
-float gray(std::uint8_t red, std::uint8_t green, std::uint8_t blue) {
+[[gnu::always_inline]] inline float gray(std::uint8_t red, std::uint8_t green, std::uint8_t blue) {
   const float level = std::fma(static_cast<float>(blue), kBlue,
                                std::fma(static_cast<float>(green), kGreen, static_cast<float>(red) * kRed));
   return static_cast<float>(static_cast<std::int32_t>(level));
 }
 
 // _blend(image, other, ratio) for one pixel: image * ratio + other * (1 - ratio), clamped, truncated.
-std::uint8_t blend(std::uint8_t pixel, float other, float ratio, float other_ratio) {
+[[gnu::always_inline]] inline std::uint8_t blend(std::uint8_t pixel, float other, float ratio, float other_ratio) {
   const float value = std::fma(other, other_ratio, static_cast<float>(pixel) * ratio);
   return static_cast<std::uint8_t>(std::clamp(value, 0.0f, 255.0f));
 }
 
-KILN_PIXEL_LOOP void brightness_in_place(std::uint8_t* pixels, std::int64_t count, double factor) {
+[[gnu::always_inline]] inline void brightness_in_place_body(std::uint8_t* pixels, std::int64_t count, double factor) {
   const auto ratio = static_cast<float>(factor);
   for (std::int64_t i = 0; i < count; ++i) {
     pixels[i] = static_cast<std::uint8_t>(std::min(static_cast<float>(pixels[i]) * ratio, 255.0f));
   }
 }
+KILN_ISA_VARIANTS(void, brightness_in_place, (std::uint8_t* pixels, std::int64_t count, double factor),
+                  brightness_in_place_body(pixels, count, factor))
 
-KILN_PIXEL_LOOP std::int64_t gray_sum(const std::uint8_t* pixels, int channels, std::int64_t plane) {
+[[gnu::always_inline]] inline std::int64_t gray_sum_body(const std::uint8_t* pixels, int channels, std::int64_t plane) {
   std::int64_t sum = 0;
   if (channels == 3) {
     for (std::int64_t i = 0; i < plane; ++i) {
@@ -202,11 +207,16 @@ KILN_PIXEL_LOOP std::int64_t gray_sum(const std::uint8_t* pixels, int channels, 
   }
   return sum;
 }
+KILN_ISA_VARIANTS(std::int64_t, gray_sum, (const std::uint8_t* pixels, int channels, std::int64_t plane),
+                  gray_sum_body(pixels, channels, plane))
 
-KILN_PIXEL_LOOP void blend_in_place(std::uint8_t* pixels, std::int64_t count, float other, float ratio,
-                                    float other_ratio) {
+[[gnu::always_inline]] inline void blend_in_place_body(std::uint8_t* pixels, std::int64_t count, float other,
+                                                       float ratio, float other_ratio) {
   for (std::int64_t i = 0; i < count; ++i) pixels[i] = blend(pixels[i], other, ratio, other_ratio);
 }
+KILN_ISA_VARIANTS(void, blend_in_place,
+                  (std::uint8_t* pixels, std::int64_t count, float other, float ratio, float other_ratio),
+                  blend_in_place_body(pixels, count, other, ratio, other_ratio))
 
 void contrast_in_place(std::uint8_t* pixels, int channels, std::int64_t plane, double factor) {
   // The mean of the (floored) gray image: a sum of integers, exact, where torchvision sums in float32
@@ -215,7 +225,8 @@ void contrast_in_place(std::uint8_t* pixels, int channels, std::int64_t plane, d
   blend_in_place(pixels, channels * plane, mean, static_cast<float>(factor), static_cast<float>(1.0 - factor));
 }
 
-KILN_PIXEL_LOOP void saturation_in_place(std::uint8_t* pixels, int channels, std::int64_t plane, double factor) {
+[[gnu::always_inline]] inline void saturation_in_place_body(std::uint8_t* pixels, int channels, std::int64_t plane,
+                                                            double factor) {
   if (channels == 1) return;  // torchvision leaves a 1-channel image as it is (PIL's behaviour)
   const auto ratio = static_cast<float>(factor);
   const auto other_ratio = static_cast<float>(1.0 - factor);
@@ -229,6 +240,8 @@ KILN_PIXEL_LOOP void saturation_in_place(std::uint8_t* pixels, int channels, std
     blue[i] = blend(blue[i], level, ratio, other_ratio);
   }
 }
+KILN_ISA_VARIANTS(void, saturation_in_place, (std::uint8_t* pixels, int channels, std::int64_t plane, double factor),
+                  saturation_in_place_body(pixels, channels, plane, factor))
 
 void erase_in_place(std::uint8_t* pixels, int channels, int height, int width, const CropBox& box,
                     const std::vector<int>& value) {

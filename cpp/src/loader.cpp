@@ -11,7 +11,7 @@
 #include <thread>
 #include <vector>
 
-#include "kiln/detail/pixel_loop.hpp"
+#include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -160,14 +160,17 @@ void BatchLoader::State::fill(const Slot& slot, std::int64_t batch, const std::i
 namespace {
 
 // One channel plane: out[i * stride] = in[i] * a + b.
-KILN_PIXEL_LOOP void normalise_plane(const std::uint8_t* in, std::int64_t plane, float a, float b, float* out,
-                                     std::int64_t stride) {
+[[gnu::always_inline]] inline void normalise_plane_body(const std::uint8_t* in, std::int64_t plane, float a, float b,
+                                                        float* out, std::int64_t stride) {
   if (stride == 1) {
     for (std::int64_t i = 0; i < plane; ++i) out[i] = static_cast<float>(in[i]) * a + b;
   } else {
     for (std::int64_t i = 0; i < plane; ++i) out[i * stride] = static_cast<float>(in[i]) * a + b;
   }
 }
+KILN_ISA_VARIANTS(void, normalise_plane,
+                  (const std::uint8_t* in, std::int64_t plane, float a, float b, float* out, std::int64_t stride),
+                  normalise_plane_body(in, plane, a, b, out, stride))
 
 }  // namespace
 
@@ -191,9 +194,8 @@ void BatchLoader::State::work() {
   std::vector<std::uint8_t> transformed;
   std::unique_lock lock(mutex);
   while (true) {
-    work_ready.wait(lock, [&] {
-      return shutdown || (next_to_fill < batches && slot_of(next_to_fill).stage == Slot::Stage::free);
-    });
+    work_ready.wait(
+        lock, [&] { return shutdown || (next_to_fill < batches && slot_of(next_to_fill).stage == Slot::Stage::free); });
     if (shutdown) return;
     const std::int64_t batch = next_to_fill++;
     Slot& slot = slot_of(batch);
@@ -222,7 +224,8 @@ void BatchLoader::State::work() {
 BatchLoader::BatchLoader(SampleSource source, ImageTransform transform, LoaderOptions options)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
-  if (options.batch_size < 1) throw_data_error("batch size must be at least 1, got " + std::to_string(options.batch_size));
+  if (options.batch_size < 1)
+    throw_data_error("batch size must be at least 1, got " + std::to_string(options.batch_size));
   if (options.num_workers < 0) {
     throw_data_error("num_workers must be 0 (one per core) or more, got " + std::to_string(options.num_workers));
   }
@@ -244,7 +247,8 @@ BatchLoader::BatchLoader(SampleSource source, ImageTransform transform, LoaderOp
                        "), got " + std::to_string(options.mean.size()) + " and " + std::to_string(options.std.size()));
     }
     for (std::size_t c = 0; c < options.mean.size(); ++c) {
-      if (!(options.std[c] > 0)) throw_data_error("normalisation's std must be positive, got " + std::to_string(options.std[c]));
+      if (!(options.std[c] > 0))
+        throw_data_error("normalisation's std must be positive, got " + std::to_string(options.std[c]));
       // The trainer's Normalizer's constants (kiln/normalize.hpp).
       s.scale.push_back(static_cast<float>(1.0 / (255.0 * options.std[c])));
       s.offset.push_back(static_cast<float>(-options.mean[c] / options.std[c]));
@@ -257,7 +261,8 @@ BatchLoader::BatchLoader(SampleSource source, ImageTransform transform, LoaderOp
                                                                                    : at::MemoryFormat::Contiguous);
   for (auto& slot : s.slots) {
     slot.images = at::empty({options.batch_size, s.output.channels, s.output.height, s.output.width}, pixels);
-    slot.labels = at::empty({options.batch_size}, at::TensorOptions().dtype(at::kLong).pinned_memory(options.pin_memory));
+    slot.labels =
+        at::empty({options.batch_size}, at::TensorOptions().dtype(at::kLong).pinned_memory(options.pin_memory));
   }
   s.workers.reserve(static_cast<std::size_t>(workers));
   for (int i = 0; i < workers; ++i) s.workers.emplace_back([&s] { s.work(); });

@@ -7,6 +7,7 @@
 #include "kiln/detail/activation_observer.hpp"
 #include "kiln/detail/dropout.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
+#include "kiln/detail/small_conv.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::detail::mnist_cnn {
@@ -42,8 +43,9 @@ class MnistCnn : public Classifier {
     if (channels_last && x.size(1) == 1 && x.is_contiguous()) {
       x = x.as_strided(x.sizes(), {x.size(2) * x.size(3), 1, x.size(3), 1});
     }
-    const auto conv1 = torch::relu(
-        conv1_->forward(x).contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    // conv1 + ReLU in kiln's own loop for few input channels (detail/small_conv.hpp) where it applies.
+    const auto conv1 = channels_last ? conv3x3_relu(x, conv1_->weight, conv1_->bias)
+                                     : torch::relu(conv1_->forward(x).contiguous());
     // Pooling keeps conv2's largest activation: it is observed after pooling (4x fewer values).
     x = relu_max_pool2x2(conv2_->forward(conv1));
     const auto pooled = x;

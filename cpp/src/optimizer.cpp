@@ -10,7 +10,7 @@
 #include <cmath>
 #include <utility>
 
-#include "kiln/detail/isa_clones.hpp"
+#include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/detail/tensor_file.hpp"
 #include "kiln/error.hpp"
 
@@ -24,7 +24,7 @@ struct StepScalars {
   bool nesterov = false;
   bool first_step = false;  // SGD: the momentum buffer starts as the gradient
   float beta1 = 0, beta2 = 0;
-  float step_size = 0;           // AdamW: lr / (1 - beta1^t)
+  float step_size = 0;              // AdamW: lr / (1 - beta1^t)
   float bias_correction2_sqrt = 1;  // AdamW: sqrt(1 - beta2^t)
 };
 
@@ -86,13 +86,13 @@ template <Algorithm A, typename Grad, bool Copy>
 }
 
 // One instance per supported combination, on x86-64 each compiled for AVX-512, AVX2 and a baseline and
-// picked at load time for this CPU (KILN_ISA_CLONES); -fno-math-errno (CMakeLists.txt) lets sqrt vectorise. They are called
-// per chunk from inside the parallel loop, so the loop itself is in the cloned code.
-#define KILN_STEP_VARIANT(name, A, Grad, Copy)                                                               \
-  KILN_ISA_CLONES void name(float* param, const Grad* grad, float* first, float* second, at::BFloat16* copy, \
-                            std::int64_t begin, std::int64_t end, const StepScalars& s) {                    \
-    step_range<A, Grad, Copy>(param, grad, first, second, copy, begin, end, s);                              \
-  }
+// picked at load time for this CPU (KILN_ISA_VARIANTS); -fno-math-errno (CMakeLists.txt) lets sqrt vectorise. They are
+// called per chunk from inside the parallel loop, so the loop itself is in the cloned code.
+#define KILN_STEP_VARIANT(name, A, Grad, Copy)                                                        \
+  KILN_ISA_VARIANTS(void, name,                                                                       \
+                    (float* param, const Grad* grad, float* first, float* second, at::BFloat16* copy, \
+                     std::int64_t begin, std::int64_t end, const StepScalars& s),                     \
+                    (step_range<A, Grad, Copy>(param, grad, first, second, copy, begin, end, s)))
 KILN_STEP_VARIANT(adadelta_f32, Algorithm::adadelta, float, false)
 KILN_STEP_VARIANT(adadelta_bf16_copy, Algorithm::adadelta, at::BFloat16, true)
 KILN_STEP_VARIANT(sgd_f32, Algorithm::sgd, float, false)

@@ -8,7 +8,7 @@
 #include <bit>
 #include <type_traits>
 
-#include "kiln/detail/isa_clones.hpp"
+#include "kiln/detail/isa_dispatch.hpp"
 
 namespace kiln::detail {
 namespace {
@@ -35,9 +35,9 @@ template <typename T>
 }
 
 template <typename T>
-[[gnu::always_inline]] inline void pool_rows(const T* __restrict in, T* __restrict out,
-                                             std::uint8_t* __restrict winner, std::int64_t begin, std::int64_t end,
-                                             std::int64_t h, std::int64_t w, std::int64_t c) {
+[[gnu::always_inline]] inline void pool_rows(const T* __restrict in, T* __restrict out, std::uint8_t* __restrict winner,
+                                             std::int64_t begin, std::int64_t end, std::int64_t h, std::int64_t w,
+                                             std::int64_t c) {
   const std::int64_t oh = h / 2, ow = w / 2;
   for (std::int64_t row = begin; row < end; ++row) {
     const std::int64_t image = row / oh, y = row % oh;
@@ -99,16 +99,17 @@ template <typename U>
   }
 }
 
-#define KILN_POOL_VARIANTS(T, U, suffix)                                                                              \
-  KILN_ISA_CLONES void pool_##suffix(const T* in, T* out, std::uint8_t* winner, std::int64_t begin, std::int64_t end, \
-                                     std::int64_t h, std::int64_t w, std::int64_t c) {                                \
-    pool_rows<T>(in, out, winner, begin, end, h, w, c);                                                               \
-  }                                                                                                                   \
-  KILN_ISA_CLONES void unpool_##suffix(const T* grad_out, const std::uint8_t* winner, T* grad_in, std::int64_t begin, \
-                                       std::int64_t end, std::int64_t h, std::int64_t w, std::int64_t c) {            \
-    static_assert(sizeof(T) == sizeof(U));                                                                            \
-    unpool_rows<U>(reinterpret_cast<const U*>(grad_out), winner, reinterpret_cast<U*>(grad_in), begin, end, h, w, c); \
-  }
+// One copy per dtype and ISA (kiln/detail/isa_dispatch.hpp); unpool works on the values' bits.
+#define KILN_POOL_VARIANTS(T, U, suffix)                                                                               \
+  KILN_ISA_VARIANTS(void, pool_##suffix,                                                                               \
+                    (const T* in, T* out, std::uint8_t* winner, std::int64_t begin, std::int64_t end, std::int64_t h,  \
+                     std::int64_t w, std::int64_t c),                                                                  \
+                    pool_rows<T>(in, out, winner, begin, end, h, w, c))                                                \
+  KILN_ISA_VARIANTS(void, unpool_##suffix,                                                                             \
+                    (const T* grad_out, const std::uint8_t* winner, T* grad_in, std::int64_t begin, std::int64_t end,  \
+                     std::int64_t h, std::int64_t w, std::int64_t c),                                                  \
+                    unpool_rows<U>(reinterpret_cast<const U*>(grad_out), winner, reinterpret_cast<U*>(grad_in), begin, \
+                                   end, h, w, c))
 KILN_POOL_VARIANTS(float, std::uint32_t, f32)
 KILN_POOL_VARIANTS(at::BFloat16, std::uint16_t, bf16)
 #undef KILN_POOL_VARIANTS
@@ -131,8 +132,7 @@ void unpool(const at::Tensor& grad_out, const at::Tensor& winner, at::Tensor& gr
     if (grad_out.scalar_type() == at::kFloat) {
       unpool_f32(grad_out.const_data_ptr<float>(), win, grad_in.data_ptr<float>(), begin, end, h, w, c);
     } else {
-      unpool_bf16(grad_out.const_data_ptr<at::BFloat16>(), win, grad_in.data_ptr<at::BFloat16>(), begin, end, h, w,
-                  c);
+      unpool_bf16(grad_out.const_data_ptr<at::BFloat16>(), win, grad_in.data_ptr<at::BFloat16>(), begin, end, h, w, c);
     }
   });
 }
@@ -146,8 +146,7 @@ struct ReluMaxPool2x2 : torch::autograd::Function<ReluMaxPool2x2> {
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
     const std::int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-    at::Tensor out =
-        at::empty({n, c, h / 2, w / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    at::Tensor out = at::empty({n, c, h / 2, w / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     at::Tensor winner = at::empty({n, h / 2, w / 2, c}, x.options().dtype(at::kByte));
     pool(x, out, winner.data_ptr<std::uint8_t>());
     ctx->save_for_backward({winner});

@@ -359,7 +359,8 @@ Trainer::Trainer(TrainerOptions options) : state_(std::make_unique<State>()) {
   if (o.channels_last) {
     c10::NoGradGuard no_grad;
     for (auto& param : s.model->parameters()) {
-      if (param.dim() == 4) param.set_data(param.contiguous(at::MemoryFormat::ChannelsLast));
+      // clone: contiguous() keeps a depthwise weight's NCHW strides (see prepare_for_inference).
+      if (param.dim() == 4) param.set_data(param.clone(at::MemoryFormat::ChannelsLast));
     }
   }
   s.base_lr = o.lr;

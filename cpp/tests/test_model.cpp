@@ -11,6 +11,7 @@
 
 #include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
+#include "kiln/detail/small_conv.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -89,6 +90,49 @@ INSTANTIATE_TEST_SUITE_P(dtypes_and_shapes, relu_max_pool,
                          ::testing::Combine(::testing::Values(at::kFloat, at::kBFloat16),
                                             ::testing::Values(std::vector<std::int64_t>{3, 16, 8, 8},
                                                               std::vector<std::int64_t>{2, 8, 7, 9})));
+
+// (input channels, input memory format): grayscale and RGB images, as the trainer hands them over.
+class conv3x3_relu : public ::testing::TestWithParam<std::tuple<std::int64_t, at::MemoryFormat>> {};
+
+TEST_P(conv3x3_relu, matches_torch_values_and_weight_gradients) {
+  const auto& [channels, format] = GetParam();
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({5, channels, 11, 9}).contiguous(format);
+  const at::Tensor weight = at::randn({32, channels, 3, 3}).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor bias = at::randn({32});
+  at::Tensor w_ours = weight.clone().set_requires_grad(true), b_ours = bias.clone().set_requires_grad(true);
+  at::Tensor w_theirs = weight.clone().set_requires_grad(true), b_theirs = bias.clone().set_requires_grad(true);
+  const at::Tensor out = detail::conv3x3_relu(x, w_ours, b_ours);
+  const at::Tensor expected = at::relu(at::conv2d(x, w_theirs, b_theirs));
+  EXPECT_TRUE(out.is_contiguous(at::MemoryFormat::ChannelsLast));
+  ASSERT_TRUE(at::allclose(out, expected, 1e-5, 1e-5));
+  EXPECT_TRUE(out.eq(0).any().item<bool>());  // the ReLU's gradient mask is exercised
+  const at::Tensor grad = at::randn(expected.sizes());
+  out.backward(grad);
+  expected.backward(grad);
+  EXPECT_TRUE(at::allclose(w_ours.grad(), w_theirs.grad(), 1e-4, 1e-4));
+  EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
+  EXPECT_EQ(w_ours.grad().strides(), w_ours.strides());
+  c10::NoGradGuard no_grad;  // evaluation: the same values, nothing recorded
+  EXPECT_TRUE(at::equal(detail::conv3x3_relu(x, weight, bias), out.detach()));
+}
+
+INSTANTIATE_TEST_SUITE_P(channels_and_layouts, conv3x3_relu,
+                         ::testing::Combine(::testing::Values(std::int64_t{1}, std::int64_t{3}),
+                                            ::testing::Values(at::MemoryFormat::Contiguous,
+                                                              at::MemoryFormat::ChannelsLast)));
+
+TEST(conv3x3_relu_fallback, other_dtypes_and_inputs_that_need_a_gradient_take_torch_s_ops) {
+  at::manual_seed(4);
+  const at::Tensor x = at::randn({2, 1, 8, 8});
+  const at::Tensor weight = at::randn({4, 1, 3, 3}), bias = at::randn({4});
+  const at::Tensor bf16 = detail::conv3x3_relu(x.to(at::kBFloat16), weight.to(at::kBFloat16), bias.to(at::kBFloat16));
+  EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::allclose(bf16.to(at::kFloat), at::relu(at::conv2d(x, weight, bias)), 0.1, 0.1));
+  at::Tensor input = x.clone().set_requires_grad(true);
+  detail::conv3x3_relu(input, weight, bias).sum().backward();
+  EXPECT_TRUE(input.grad().defined());
+}
 
 }  // namespace
 }  // namespace kiln
