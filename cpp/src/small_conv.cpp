@@ -124,10 +124,7 @@ struct Conv3x3Relu : torch::autograd::Function<Conv3x3Relu> {
                       out.data_ptr<float>() + i * image_size);
       }
     });
-    if (ctx != nullptr) {
-      ctx->save_for_backward({x, weight, out});
-      ctx->mark_non_differentiable({});
-    }
+    if (ctx != nullptr) ctx->save_for_backward({x, weight, out});
     return out;
   }
 
