@@ -3,13 +3,12 @@ serving and the MLflow pyfunc model.
 
 - Device: the GPU when CUDA is available and ``no_cuda`` is false, else the CPU.
 - Training (``precision``: auto, fp32, bf16): ``auto`` is bf16 where it is faster, else fp32. On a
-  GPU that is where CUDA computes bf16. On a CPU, native bf16 (AVX512_BF16, AMX) is not always
-  faster: on Intel cores without AMX a bf16 dot product runs at the fp32 FMA rate, and the casts
-  autocast adds then make bf16 slower (measured: a 2-core Xeon with AVX512_BF16 and no AMX trained
-  mnist_cnn 1.3-1.5x slower in bf16). So where the CPU has native bf16, kiln times a 3x3-convolution
-  training step in both once per machine (about a second; cached in ``~/.cache/kiln/cpu-precision.json``,
-  or ``$XDG_CACHE_HOME``) and picks bf16 only when it is at least 1.2x faster; the log says which and
-  why.
+  GPU that is where CUDA computes bf16. On a CPU, native bf16 (AVX512_BF16) is not always
+  faster: on one 2-core Xeon VM the plain PyTorch loop trained 1.7x faster in bf16, on another (no AMX)
+  kiln's mnist_cnn trained 1.3-1.5x slower and the PyTorch loop 1.1-1.2x slower. So where the CPU
+  has native bf16, kiln times a 3x3-convolution training step in both once per machine (about a
+  second; cached in ``~/.cache/kiln/cpu-precision.json``, or under ``$XDG_CACHE_HOME``) and picks bf16
+  only when it is at least 1.2x faster; the log says which and why.
 - Inference (``inference.precision``, ``PRECISION``: auto, fp32, bf16, int8): ``auto`` on the CPU is
   int8 where it can run (a checkpoint carrying kiln's int8 calibration, an x86-64 CPU with AVX2), else what
   training's ``auto`` picks; on a GPU, training's ``auto``. An explicit ``int8`` where it cannot run
