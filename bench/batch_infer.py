@@ -9,7 +9,7 @@ MNIST-example Net for the baseline) and write the same JSON lines. Each runs as 
 as a user runs it; the script prints images/s measured over the whole command (imports, model
 load, every file, the output written) and over the classification loop alone, their ratios, and
 checks that both predicted the same classes. kiln runs with its default `inference.precision=auto`
-(int8 on CPUs with VNNI; `--precision bf16|fp32` to compare), the baseline in fp32 as users write it.
+(int8 on x86-64 CPUs with AVX2; `--precision bf16|fp32` to compare), the baseline in fp32 as users write it.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     # The model's name on the Open Inference Protocol routes (/v2/models/{name}).
     MODEL_NAME: str = "kiln"
     NO_CUDA: bool = True
-    # auto: int8 on CPUs with VNNI for checkpoints carrying kiln's int8 calibration, else bf16 where the
-    # CPU/GPU computes it natively (as training's default), else fp32. Or int8, bf16, fp32.
+    # auto: int8 on x86-64 CPUs with AVX2 for checkpoints carrying kiln's int8 calibration, else training's
+    # auto (bf16 where it is faster: a GPU, a CPU where it measured faster), else fp32. Or int8, bf16, fp32.
     PRECISION: str = "auto"
     # torch threads per server process; with gunicorn's -w N, N processes share the cores.
     TORCH_THREADS: int = 1
