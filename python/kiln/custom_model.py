@@ -17,6 +17,7 @@ import importlib
 import io
 import os
 import sys
+import warnings
 from typing import Any
 
 PREFIX = "python:"
@@ -57,13 +58,10 @@ def _resolve(name: str) -> Any:
     return target
 
 
-def script(name: str, num_classes: int, in_channels: int, seed: int) -> bytes:
-    """Build model ``name`` for ``num_classes`` classes and ``in_channels`` channels, its weights
-    initialised from ``seed``, and return its TorchScript archive (``torch.jit.save``'s bytes).
-
-    Raises ModelConversionError (a ValueError) naming the model, with TorchScript's message when the
-    module does not compile.
-    """
+def build_module(name: str, num_classes: int, in_channels: int, seed: int) -> Any:
+    """The ``torch.nn.Module`` model ``name``'s callable builds for ``num_classes`` classes and
+    ``in_channels`` channels, its weights initialised from ``seed`` (torch's global generator is left as
+    it was). Raises ModelConversionError naming the model when it is not found or not a module."""
     import torch
 
     build = _resolve(name)
@@ -72,16 +70,32 @@ def script(name: str, num_classes: int, in_channels: int, seed: int) -> bytes:
         module = build(num_classes, in_channels)
     if not isinstance(module, torch.nn.Module):
         raise ModelConversionError(f"model '{name}' returned {type(module).__name__}, not a torch.nn.Module")
-    try:
-        scripted = torch.jit.script(module)
-    except Exception as error:  # TorchScript raises NotSupportedError, RuntimeError and others
-        raise ModelConversionError(
-            f"model '{name}' ({type(module).__name__}) cannot be compiled to TorchScript, which kiln's C++ "
-            f"trainer runs; see docs/commands/models.md, 'Bring your own model'. torch.jit.script said: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
+    return module
+
+
+def script(name: str, num_classes: int, in_channels: int, seed: int) -> bytes:
+    """Build model ``name`` (build_module) and return its TorchScript archive (``torch.jit.save``'s bytes).
+
+    Raises ModelConversionError (a ValueError) naming the model, with TorchScript's message when the
+    module does not compile.
+    """
+    import torch
+
+    module = build_module(name, num_classes, in_channels, seed)
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.jit.script and torch.jit.save deprecated in favour of torch.compile and
+        # torch.export, neither of which gives LibTorch's C++ loop a module it can train; not the user's to act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        try:
+            scripted = torch.jit.script(module)
+        except Exception as error:  # TorchScript raises NotSupportedError, RuntimeError and others
+            raise ModelConversionError(
+                f"model '{name}' ({type(module).__name__}) cannot be compiled to TorchScript, which kiln's C++ "
+                f"trainer runs; see docs/commands/models.md, 'Bring your own model'. torch.jit.script said: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
     return buffer.getvalue()
 
 

@@ -1,0 +1,117 @@
+"""Benchmark: training images/s of a user's own model, `model=python:<module>:<callable>` in kiln's C++
+loop vs the same nn.Module in the best plain PyTorch loop.
+
+    python bench/custom_model.py                       # both models at 28x28 grayscale and 64x64 RGB
+    python bench/custom_model.py --models resnet --inputs 64rgb --steps 40 --rounds 3 --isa avx2
+
+Models (tests/custom_models.py, plain torch.nn modules as a user writes them):
+  small_cnn  python:custom_models:build         two conv/batch-norm/ReLU stages, dropout, linear head
+  resnet     python:custom_models:build_resnet  3x3 stem + three basic blocks (16/32/64 channels)
+The data: the embedded sample (data/sample) brought to 28x28 grayscale and 64x64 RGB by kiln.prepare_dataset.
+Both sides train the same module from the same weights with Adadelta (lr 1.3, the template's), batch 32,
+in the same precision (kiln's precision=auto: bf16 autocast where the CPU computes it natively, else fp32):
+  kiln     kiln.Trainer(model="python:..."), what `python src/train_model.py model=python:...` runs: the
+           module scripted by kiln.custom_model and trained by the C++ loop; images/s of its training
+           batches as it reports them, after a warm-up window (bench/models.py's measurement)
+  pytorch  the nn.Module in the best plain loop: uint8 tensors in memory, randperm batches, normalised per
+           batch, channels-last model and input, bf16 autocast where the CPU has it, torch.optim.Adadelta
+           (foreach); timed over the same number of steps after the same warm-up
+Prints images/s for each and kiln's ratio, per round (the side that goes first alternates) and the median
+over rounds (the shared machine's speed drifts, so compare within rounds), and the CPU's ISA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
+from models import BATCH, LR, REPO, kiln_images_per_second  # noqa: E402  (puts tests/ on sys.path)
+
+SEED = 1  # kiln.Trainer's default seed: the weights kiln.custom_model.register builds
+MODELS = {"small_cnn": "python:custom_models:build", "resnet": "python:custom_models:build_resnet"}
+INPUTS = {"28gray": (28, 1), "64rgb": (64, 3)}
+
+
+def pytorch_images_per_second(processed: Path, name: str, steps: int, precision: str) -> float:
+    import torch
+    from torch.nn import functional
+
+    import kiln
+    from kiln.custom_model import build_module
+
+    images, labels = kiln.load_split(processed, "train")
+    manifest = kiln.read_manifest(processed)
+    mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
+    std = torch.tensor(manifest.std).view(1, -1, 1, 1)
+    model = build_module(name, len(manifest.classes), manifest.image.channels, SEED)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
+    bf16 = precision == "bf16"
+    generator = torch.Generator().manual_seed(1)
+
+    def step(indices: torch.Tensor) -> None:
+        x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = functional.cross_entropy(model(x), labels[indices])
+        loss.backward()
+        optimizer.step()
+
+    order = torch.randperm(len(labels), generator=generator)
+    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+    for indices in batches[:10]:  # warm-up, as kiln's first window
+        step(indices)
+    measured = [batches[(10 + i) % len(batches)] for i in range(steps)]
+    started = time.perf_counter()
+    for indices in measured:
+        step(indices)
+    return steps * BATCH / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--inputs", nargs="+", choices=sorted(INPUTS), default=sorted(INPUTS))
+    parser.add_argument("--steps", type=int, default=30, help="measured training batches per contender and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    add_isa_argument(parser)
+    args = parser.parse_args()
+    apply_isa(args.isa)
+
+    import kiln
+    from kiln import custom_model
+    from kiln.precision import resolve_precision
+
+    precision = resolve_precision("auto", "cpu")
+    print(f"CPU: {cpu_isa()}; precision {precision}; batch {BATCH}, Adadelta lr {LR}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for input_name in args.inputs:
+            size, channels = INPUTS[input_name]
+            processed = Path(scratch) / input_name
+            kiln.prepare_dataset(REPO / "data" / "sample", processed, image_size=(size, size), channels=channels)
+            for model in args.models:
+                name = MODELS[model]
+                custom_model.register(name, processed, SEED)
+                label = f"{model} {size}x{size}x{channels}"
+                ratios = []
+                for round_ in range(args.rounds):
+                    if round_ % 2 == 0:
+                        ours = kiln_images_per_second(processed, name, args.steps, precision)
+                        theirs = pytorch_images_per_second(processed, name, args.steps, precision)
+                    else:
+                        theirs = pytorch_images_per_second(processed, name, args.steps, precision)
+                        ours = kiln_images_per_second(processed, name, args.steps, precision)
+                    ratios.append(ours / theirs)
+                    figures = f"kiln {ours:.1f} img/s, pytorch {theirs:.1f} img/s, {ours / theirs:.2f}x"
+                    print(f"{label} round {round_ + 1}: {figures}", flush=True)
+                print(f"{label}: kiln / pytorch = {statistics.median(ratios):.2f}x (median of {args.rounds} rounds)")
+
+
+if __name__ == "__main__":
+    main()
