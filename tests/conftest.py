@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ class ServerProcess:
             time.sleep(0.3)
 
     def log(self) -> str:
-        self._log.flush()
+        """The server's output so far; also after stop(). The server writes to the file itself."""
         return self.log_path.read_text()
 
     def stop(self) -> None:
@@ -212,25 +213,33 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, processed_sampl
     return checkpoint
 
 
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    checkpoint: Path
+
+
+def train_tracked(work: Path, mlflow_server: str, experiment: str, *overrides: str) -> TrackedRun:
+    """The one run of the real train_model.py (with ``overrides``) in ``experiment`` of the MLflow server,
+    run from ``work``, which holds its checkpoints and logs."""
+    result = run_app(
+        "train_model.py",
+        *overrides,
+        f"mlflow_tracking_uri={mlflow_server}",
+        f"mlflow_exp_name={experiment}",
+        f"artifact_dir_path={work / 'models'}",
+        f"log_dir={work / 'logs'}",
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = client_for(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return TrackedRun(run.info.run_id, work / "models" / run.info.run_id / "checkpoint.pt")
+
+
 @pytest.fixture(scope="session")
 def tracked_run(tmp_path_factory: pytest.TempPathFactory, processed_sample: Path, mlflow_server: str) -> str:
     """The id of a run trained by the real train_model.py and logged to the session's MLflow server."""
-    import mlflow
-
     work = tmp_path_factory.mktemp("tracked-run")
-    result = run_app(
-        "train_model.py",
-        f"data_dir_path={processed_sample}",
-        f"mlflow_tracking_uri={mlflow_server}",
-        "mlflow_exp_name=kiln-inference-tests",
-        "epochs=1",
-        "train_limit=600",
-        "test_limit=200",
-        f"artifact_dir_path={work / 'models'}",
-        cwd=work,
-    )
-    assert result.returncode == 0, result.stderr
-    client = mlflow.MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("kiln-inference-tests")
-    (run,) = client.search_runs([experiment.experiment_id])
-    return run.info.run_id
+    overrides = (f"data_dir_path={processed_sample}", "epochs=1", "train_limit=600", "test_limit=200")
+    return train_tracked(work, mlflow_server, "kiln-inference-tests", *overrides).run_id

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 import kiln
-from conftest import client_for, copy_sample, run_app
+from conftest import TrackedRun, client_for, copy_sample, run_app, train_tracked
 from kiln.precision import load_predictor, resolve_precision
 from test_serving import ModelServer, call, json_batch
 
@@ -39,34 +38,11 @@ def rgb32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return processed
 
 
-@dataclass(frozen=True)
-class TrackedRun:
-    run_id: str
-    checkpoint: Path
-
-
 @pytest.fixture(scope="module")
 def resnet18_run(tmp_path_factory: pytest.TempPathFactory, rgb32: Path, mlflow_server: str) -> TrackedRun:
     """One epoch of `python src/train_model.py model=resnet18 optimizer=sgd`, tracked by the MLflow server."""
-    root = tmp_path_factory.mktemp("resnet18-run")
-    result = run_app(
-        "train_model.py",
-        f"data_dir_path={rgb32}",
-        "model=resnet18",
-        "optimizer=sgd",
-        "lr=0.01",
-        "train_bs=8",
-        "epochs=1",
-        f"mlflow_tracking_uri={mlflow_server}",
-        "mlflow_exp_name=downstream-resnet18",
-        f"artifact_dir_path={root / 'models'}",
-        f"log_dir={root / 'logs'}",
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = client_for(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("downstream-resnet18").experiment_id])
-    return TrackedRun(run.info.run_id, root / "models" / run.info.run_id / "checkpoint.pt")
+    overrides = (f"data_dir_path={rgb32}", "model=resnet18", "optimizer=sgd", "lr=0.01", "train_bs=8", "epochs=1")
+    return train_tracked(tmp_path_factory.mktemp("resnet18-run"), mlflow_server, "downstream-resnet18", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +164,7 @@ def test_forcing_int8_for_resnet18_is_refused_before_serving_or_classifying_nami
     finally:
         refused.stop()
     assert refused.process.returncode != 0
-    assert f"kiln server not started: cannot load the model to serve: {reason}" in refused.log_path.read_text()
+    assert f"kiln server not started: cannot load the model to serve: {reason}" in refused.log()
 
     result = run_app(
         "batch_inferencing.py",

@@ -10,7 +10,8 @@ Everything kiln does with MLflow around a training run lives here:
   run (:func:`find_checkpoint`), the epochs a killed job checkpointed but did not log
   (:func:`log_missed_epochs`), and a new run when that run left no checkpoint (:func:`restart_run`);
 - a sweep trial's grouping tag and tags (:class:`SweepTrial`), the tag fixed at the sweep's start by
-  the Hydra callback :class:`RecordSweepStart`.
+  the Hydra callback :class:`RecordSweepStart`;
+- where a job's checkpoint goes (:func:`job_artifact_dir`, :func:`local_checkpoint`).
 
 The environment variables ``MLFLOW_HPTUNING_TAG``, ``JOB_UUID``, ``JOB_NAME`` and ``MLFLOW_RUN_ID``
 are the user's input: kiln reads them and never writes them; what kiln hands over itself (a sweep's
@@ -356,6 +357,19 @@ def _open(tracking_uri: str, exp_name: str, planned: Tracking, *, autolog: bool,
         logger.info("Logging into the MLflow Projects run %s (MLFLOW_RUN_ID)", project_run_id)
         return replace(planned, run=run)
     return replace(planned, run=start_run(planned.base_name, planned.hptuning_tag))
+
+
+def job_artifact_dir(artifact_dir: Path, tracked: bool, trial: SweepTrial | None) -> Path:
+    """The folder a job's checkpoint goes to: ``artifact_dir``, except for an untracked trial of a
+    ``--multirun`` sweep, which has no run id to keep its checkpoint apart from the other trials':
+    ``<artifact_dir>/sweep-<hptuning_tag>/trial-<number>``. The sweep's ``hptuning_tag`` (its start, or
+    ``$MLFLOW_HPTUNING_TAG``) keeps sweeps apart too; with the same ``$MLFLOW_HPTUNING_TAG``,
+    ``resume=true`` resumes each trial from its own checkpoint."""
+    if tracked or trial is None:
+        return artifact_dir
+    # Without RecordSweepStart the tag is the sweep's dir, a path: one folder name of it.
+    sweep = re.sub(r"[^A-Za-z0-9._-]+", "_", trial.hptuning_tag).strip("._") or "sweep"
+    return artifact_dir / f"sweep-{sweep}" / f"trial-{trial.number}"
 
 
 def local_checkpoint(artifact_dir: Path, run_id: str | None) -> Path:

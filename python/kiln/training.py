@@ -132,8 +132,10 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
         run = _start_tracking(cfg, trial, resume)
     else:
         run = group.from_rank0(lambda: _start_tracking(cfg, trial, resume), "setting up MLflow", share=_replica)
+    # From the config, not the run: in a data-parallel job only rank 0 holds the tracked run.
+    artifact_dir = tracking.job_artifact_dir(Path(cfg["artifact_dir_path"]), bool(cfg["setup_mlflow"]), trial)
     try:
-        return _train(cfg, trainer, precision, run, resume, group, pretrained_file)
+        return _train(cfg, trainer, precision, run, artifact_dir, resume, group, pretrained_file)
     except BaseException as error:
         tracking.end_failed(run, error)
         raise
@@ -197,11 +199,11 @@ def _train(
     trainer: Trainer,
     precision: str,
     run: Tracking,
+    artifact_dir: Path,
     resume: bool,
     group: Distributed | None,
     pretrained_file: Path | None = None,
 ) -> dict[str, Any]:
-    artifact_dir = Path(cfg["artifact_dir_path"])
     if group is None:
         run, resumed = _resume(trainer, run, artifact_dir, resume)
     else:
@@ -213,6 +215,7 @@ def _train(
             _start_from_pretrained(trainer, pretrained_file)
         _log_params(cfg, trainer, precision, run)
     checkpoint = tracking.local_checkpoint(artifact_dir, run.run_id)
+    logger.info("Checkpoints go to %s", checkpoint)
     epochs = _epochs_to_train(cfg, trainer, run, checkpoint, group)
     epoch_metrics = _train_epochs(cfg, trainer, precision, run, checkpoint, epochs, group)
     return _finish(trainer, run, checkpoint, epoch_metrics)
@@ -349,6 +352,8 @@ def _train_epochs(
     if writes:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     on_steps = partial(tracking.log_steps, run) if run.tracked and cfg["mlflow_autolog"] else None
+    # The trainer reports batches; the bar counts this rank's images (its share of the padded epoch).
+    rank_images = -(-trainer.train_size // trainer.world_size)
     epoch_metrics: dict[str, float] = {}
     for _ in range(epochs):
         # Other ranks show no bar; their callback still lets Ctrl-C stop the epoch.
@@ -356,8 +361,9 @@ def _train_epochs(
             ProgressBar(
                 f"Epoch {trainer.epoch + 1}",
                 unit="img",
-                scale=int(cfg["train_bs"]),
                 postfix=lambda: _data_wait_postfix(trainer),
+                batch_size=int(cfg["train_bs"]),
+                units_total=rank_images,
             )
             if writes
             else _SilentProgress()
