@@ -3,13 +3,14 @@ loop vs the same nn.Module in the best plain PyTorch loop.
 
     python bench/custom_model.py                       # both models at 28x28 grayscale and 64x64 RGB
     python bench/custom_model.py --models resnet --inputs 64rgb --steps 40 --rounds 3 --isa avx2
+    python bench/custom_model.py --threads 1 --rounds 3  # one thread: steadier where other jobs share the cores
 
 Models (tests/custom_models.py, plain torch.nn modules as a user writes them):
   small_cnn  python:custom_models:build         two conv/batch-norm/ReLU stages, dropout, linear head
   resnet     python:custom_models:build_resnet  3x3 stem + three basic blocks (16/32/64 channels)
 The data: the embedded sample (data/sample) brought to 28x28 grayscale and 64x64 RGB by kiln.prepare_dataset.
 Both sides train the same module from the same weights with Adadelta (lr 1.3, the template's), batch 32,
-in the same precision (kiln's precision=auto: bf16 autocast where the CPU computes it natively, else fp32):
+in the same precision (--precision; default kiln's precision=auto for this CPU, which the bench prints):
   kiln     kiln.Trainer(model="python:..."), what `python src/train_model.py model=python:...` runs: the
            module scripted by kiln.custom_model and trained by the C++ loop; images/s of its training
            batches as it reports them, after a warm-up window (bench/models.py's measurement)
@@ -80,15 +81,23 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", choices=sorted(INPUTS), default=sorted(INPUTS))
     parser.add_argument("--steps", type=int, default=30, help="measured training batches per contender and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument(
+        "--threads", type=int, help="torch's threads for both sides (1: steadier figures on a busy machine)"
+    )
     add_isa_argument(parser)
     args = parser.parse_args()
     apply_isa(args.isa)
+
+    import torch
 
     import kiln
     from kiln import custom_model
     from kiln.precision import resolve_precision
 
-    precision = resolve_precision("auto", "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.precision, "cpu")
     print(f"CPU: {cpu_isa()}; precision {precision}; batch {BATCH}, Adadelta lr {LR}")
     with tempfile.TemporaryDirectory() as scratch:
         for input_name in args.inputs:
