@@ -40,6 +40,25 @@ TEST(trainer, learns_an_easy_task_and_reports_metrics) {
   EXPECT_EQ(trainer.confusion_matrix().sum().item<std::int64_t>(), 96);
 }
 
+TEST(trainer, float32_resnet_with_contiguous_late_layers_trains_as_all_contiguous) {
+  // Channels-last float32 training runs resnet18's late layers contiguous (at 12 px from layer1 on);
+  // the step is the same computation as a wholly contiguous model's, summed in another order.
+  TempDir dir;
+  const fs::path data = write_halves_dataset(dir.path(), 16);
+  TrainerOptions options = small_options(data);
+  options.model = "resnet18";
+  options.train_limit = 16;  // one step
+  options.channels_last = true;
+  Trainer split(options);
+  options.channels_last = false;
+  Trainer contiguous(options);
+  const EpochMetrics a = split.run_epoch();
+  const EpochMetrics b = contiguous.run_epoch();
+  EXPECT_NEAR(a.train_loss, b.train_loss, 1e-5 * b.train_loss);
+  EXPECT_NEAR(a.test_loss, b.test_loss, 1e-3 * b.test_loss);
+  EXPECT_EQ(a.test_accuracy, b.test_accuracy);
+}
+
 TEST(trainer, same_seed_gives_same_metrics) {
   TempDir dir;
   const fs::path data = write_halves_dataset(dir.path(), 24);

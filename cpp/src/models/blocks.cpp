@@ -18,12 +18,12 @@ at::Tensor Chain::forward(const at::Tensor& input) {
   return x;
 }
 
-at::Tensor activate(const at::Tensor& input, Activation activation) {
+at::Tensor activate(at::Tensor input, Activation activation) {
   switch (activation) {
     case Activation::none:
       return input;
     case Activation::relu:
-      return at::relu(input);
+      return at::relu_(input);
     case Activation::hardswish:
       return at::hardswish(input);
     case Activation::hardsigmoid:

@@ -38,7 +38,8 @@ class Chain : public Block {
 };
 
 enum class Activation { none, relu, hardswish, hardsigmoid, sigmoid, silu };
-at::Tensor activate(const at::Tensor& input, Activation activation);
+// ReLU runs in place, as torchvision's ReLU(inplace=True): pass a layer's fresh output that no backward needs.
+at::Tensor activate(at::Tensor input, Activation activation);
 
 // torch.nn.BatchNorm2d's eps and momentum (MobileNetV3 uses 0.001 and 0.01).
 struct NormOptions {
