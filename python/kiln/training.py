@@ -87,9 +87,11 @@ def train(cfg: Mapping[str, Any], trial: SweepTrial | None = None) -> dict[str, 
     import kiln
 
     device = dp.training_device(resolve_device(bool(cfg["no_cuda"])))
-    precision = resolve_precision(str(cfg["precision"]), device)
     group = dp.from_environment(device, str(cfg["dist_backend"]), float(cfg["dist_timeout_s"]))
     dp.quiet_other_ranks(group)
+    # precision=auto may time bf16 against fp32 on this machine: every rank trains in rank 0's choice.
+    choose_precision = partial(resolve_precision, str(cfg["precision"]), device)
+    precision = choose_precision() if group is None else group.from_rank0(choose_precision, "choosing the precision")
     if group is not None:
         # Every rank checks its own data first: one rank's missing dir fails every rank at once, by name.
         group.check_everywhere(lambda: kiln.read_manifest(Path(cfg["data_dir_path"])), "loading data_dir_path")
