@@ -8,13 +8,14 @@ train the same architecture from the same weights with the same optimizer (Adade
 template's) and batch size, in the same precision (kiln's precision=auto: bf16 autocast where the CPU
 computes it natively, else fp32):
   kiln     kiln.Trainer (what `python src/train_model.py model=<name>` runs); images/s of its training
-           batches as it reports them (on_steps), after a warm-up window
+           batches as it reports them (on_steps), an epoch of 5 batches at a time
   pytorch  torchvision.models.<name> in the best plain loop: uint8 tensors in memory, randperm batches,
            normalised per batch, channels-last model and input, bf16 autocast where the CPU has it,
-           torch.optim.Adadelta (foreach); timed over the same number of steps after warm-up
-torchvision is imported through tests/torchvision_shim.py (PyPI's wheel beside the CPU torch).
-Prints images/s for each and kiln's ratio, per round and the median over rounds (the shared
-machine's speed drifts, so compare within rounds), and the CPU's ISA.
+           torch.optim.Adadelta (foreach); timed 5 batches at a time
+The two take turns every 5 batches (after a warm-up of 5 each), so a load that comes and goes on the
+shared machine falls on both alike. torchvision is imported through tests/torchvision_shim.py (PyPI's
+wheel beside the CPU torch). Prints images/s for each (the median of its 5-batch chunks) and kiln's
+ratio, per round and the median over rounds, and the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -31,66 +32,85 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
 
-LR, BATCH, SIZE = 1.3, 32, 64
+LR, BATCH, SIZE, CHUNK = 1.3, 32, 64, 5
 
 
-def kiln_images_per_second(processed: Path, name: str, steps: int, precision: str) -> float:
-    import kiln
+class KilnSide:
+    """kiln.Trainer (what `python src/train_model.py model=<name>` runs): one epoch of `chunk` batches per
+    measurement, timed by the trainer's own step report (on_steps), its evaluation not counted."""
 
-    trainer = kiln.Trainer(
-        processed,
-        model=name,
-        lr=LR,
-        train_batch_size=BATCH,
-        precision=precision,
-        train_limit=(steps + 10) * BATCH,
-        test_limit=BATCH,
-    )
-    reports: list[float] = []
+    def __init__(self, processed: Path, name: str, chunk: int, precision: str) -> None:
+        import kiln
 
-    # The first window (10 batches) warms up; the later ones cover `steps` batches.
-    def on_steps(metrics: dict) -> None:
-        reports.append(metrics["images_per_second"])
+        self.chunk = chunk
+        self.trainer = kiln.Trainer(
+            processed,
+            model=name,
+            lr=LR,
+            train_batch_size=BATCH,
+            precision=precision,
+            train_limit=chunk * BATCH,
+            test_limit=BATCH,
+        )
 
-    trainer.run_epoch(on_steps=on_steps, every_n_steps=10)  # one epoch: warm-up window + measured ones
-    return statistics.median(reports[1:]) if len(reports) > 1 else reports[0]
+    def images_per_second(self) -> float:
+        reports: list[float] = []
+        self.trainer.run_epoch(on_steps=lambda m: reports.append(m["images_per_second"]), every_n_steps=self.chunk)
+        return reports[-1]
 
 
-def pytorch_images_per_second(processed: Path, name: str, steps: int, precision: str) -> float:
-    import torch
-    from torch.nn import functional
+class PytorchSide:
+    """torchvision's model in the best plain loop, `chunk` batches per measurement."""
 
-    import kiln
-    from torchvision_shim import import_torchvision
+    def __init__(self, processed: Path, name: str, chunk: int, precision: str) -> None:
+        import torch
+        from torch.nn import functional
 
-    torchvision = import_torchvision()
-    images, labels = kiln.load_split(processed, "train")
-    manifest = kiln.read_manifest(processed)
-    mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
-    std = torch.tensor(manifest.std).view(1, -1, 1, 1)
-    model = getattr(torchvision.models, name)(num_classes=len(manifest.classes))
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
-    bf16 = precision == "bf16"
-    generator = torch.Generator().manual_seed(1)
+        import kiln
+        from torchvision_shim import import_torchvision
 
-    def step(indices: torch.Tensor) -> None:
-        x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = functional.cross_entropy(model(x), labels[indices])
-        loss.backward()
-        optimizer.step()
+        torchvision = import_torchvision()
+        images, labels = kiln.load_split(processed, "train")
+        manifest = kiln.read_manifest(processed)
+        mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
+        std = torch.tensor(manifest.std).view(1, -1, 1, 1)
+        model = getattr(torchvision.models, name)(num_classes=len(manifest.classes))
+        model = model.to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
+        bf16 = precision == "bf16"
 
-    order = torch.randperm(len(labels), generator=generator)
-    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-    for indices in batches[:10]:  # warm-up, as kiln's first window
-        step(indices)
-    measured = [batches[(10 + i) % len(batches)] for i in range(steps)]
-    started = time.perf_counter()
-    for indices in measured:
-        step(indices)
-    return steps * BATCH / (time.perf_counter() - started)
+        def step(indices: torch.Tensor) -> None:
+            x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = functional.cross_entropy(model(x), labels[indices])
+            loss.backward()
+            optimizer.step()
+
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+        self.batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+        self.step, self.chunk, self.position = step, chunk, 0
+
+    def images_per_second(self) -> float:
+        started = time.perf_counter()
+        for _ in range(self.chunk):
+            self.step(self.batches[self.position % len(self.batches)])
+            self.position += 1
+        return self.chunk * BATCH / (time.perf_counter() - started)
+
+
+def measure_round(processed: Path, name: str, steps: int, precision: str) -> tuple[float, float]:
+    """Median images/s of kiln and of the plain loop over `steps` batches each, in chunks of CHUNK
+    batches taken in turns (ABBA...), after one warm-up chunk each: a load that comes and goes on the
+    shared machine then falls on both sides alike."""
+    sides = [KilnSide(processed, name, CHUNK, precision), PytorchSide(processed, name, CHUNK, precision)]
+    for side in sides:
+        side.images_per_second()  # warm-up
+    figures: list[list[float]] = [[], []]
+    for turn in range(max(1, steps // CHUNK)):
+        for index in (0, 1) if turn % 2 == 0 else (1, 0):
+            figures[index].append(sides[index].images_per_second())
+    return statistics.median(figures[0]), statistics.median(figures[1])
 
 
 def main() -> None:
@@ -113,8 +133,7 @@ def main() -> None:
         for name in args.models:
             ratios = []
             for round_ in range(args.rounds):
-                ours = kiln_images_per_second(processed, name, args.steps, precision)
-                theirs = pytorch_images_per_second(processed, name, args.steps, precision)
+                ours, theirs = measure_round(processed, name, args.steps, precision)
                 ratios.append(ours / theirs)
                 figures = f"kiln {ours:.1f} img/s, pytorch {theirs:.1f} img/s, {ours / theirs:.2f}x"
                 print(f"{name} round {round_ + 1}: {figures}")
