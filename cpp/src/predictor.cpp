@@ -10,6 +10,7 @@
 #include "kiln/checkpoint.hpp"
 #include "kiln/detail/autocast.hpp"
 #include "kiln/detail/inference.hpp"
+#include "kiln/detail/torchvision_models.hpp"
 #include "kiln/error.hpp"
 #include "kiln/int8.hpp"
 #include "kiln/normalize.hpp"
@@ -80,7 +81,6 @@ struct Predictor::State {
   std::shared_ptr<Classifier> model;
   Normalizer normalizer;
   bool bf16 = false;
-  bool channels_last = false;
   std::atomic<std::int64_t> max_image_pixels{kDefaultMaxImagePixels};
 };
 
@@ -117,10 +117,18 @@ Predictor::Predictor(const std::filesystem::path& checkpoint, const std::string&
   s.bf16 = precision == Precision::bf16;
   const bool bf16 = s.bf16;
   s.model->to(s.device);
-  // bf16 convolutions are fastest on channels-last tensors (oneDNN); fp32 ones on the CPU are not
-  // (measured: 18x slower for this network's eval, through layout reorders around each op).
-  s.channels_last = bf16 || !s.device.is_cpu();
-  detail::prepare_for_inference(*s.model, bf16, s.channels_last);
+  // Every model in every precision computes on channels-last tensors, as it trains: in fp32 on the CPU
+  // (one thread, AVX-512 and AVX2) 1.0-5x NCHW's images/s; mnist_cnn 1.4-2.3x, MobileNetV3 and
+  // EfficientNet up to 5x at 32 px and 1.1-1.9x at 224 px. ResNets' late stages, whose maps hold fewer
+  // values than their weights, run contiguous in fp32, as they train (detail::LayoutSplit), sized for
+  // the slices predict() runs: all channels-last, ResNet-34/50 on 32-64 px in batches of 64 reached only
+  // 0.6-0.9x NCHW on AVX-512 (oneDNN's channels-last convolutions of 1x1 and 2x2 maps); so split, 1.04-1.23x.
+  detail::prepare_for_inference(*s.model, bf16, /*channels_last=*/true);
+  if (!bf16 && s.device.is_cpu()) {
+    if (auto* split = dynamic_cast<detail::LayoutSplit*>(s.model.get())) {
+      split->contiguous_late_layers(detail::kInferenceSlice);
+    }
+  }
   s.normalizer = Normalizer(s.saved.mean, s.saved.std, s.device);
 }
 
@@ -148,9 +156,7 @@ at::Tensor Predictor::predict(const at::Tensor& images) const {
   const auto classes = static_cast<std::int64_t>(s.saved.classes.size());
   const at::Tensor logits = detail::forward_in_slices(batch, classes, s.device, [&](const at::Tensor& pixels) {
     if (s.int8) return s.int8->forward(pixels);  // takes the pixels as they are: normalisation is in its conv1
-    at::Tensor x = s.normalizer(pixels.to(s.device));
-    if (s.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-    return s.model->forward(x);
+    return s.model->forward(s.normalizer(pixels.to(s.device)).contiguous(at::MemoryFormat::ChannelsLast));
   });
   return at::softmax(logits, 1).cpu();
 }
