@@ -13,12 +13,12 @@ Both sides train the same module from the same weights with Adadelta (lr 1.3, th
 in the same precision (--precision; default kiln's precision=auto for this CPU, which the bench prints):
   kiln     kiln.Trainer(model="python:..."), what `python src/train_model.py model=python:...` runs: the
            module scripted by kiln.custom_model and trained by the C++ loop; images/s of its training
-           batches as it reports them, after a warm-up window (bench/models.py's measurement)
+           batches as it reports them (bench/models.py's KilnSide)
   pytorch  the nn.Module in the best plain loop: uint8 tensors in memory, randperm batches, normalised per
            batch, channels-last model and input, bf16 autocast where the CPU has it, torch.optim.Adadelta
-           (foreach); timed over the same number of steps after the same warm-up
-Prints images/s for each and kiln's ratio, per round (the side that goes first alternates) and the median
-over rounds (the shared machine's speed drifts, so compare within rounds), and the CPU's ISA.
+The two take turns every 5 batches after a warm-up of 5 each (bench/models.py's measurement), so a load
+that comes and goes on the shared machine falls on both alike. Prints images/s for each (the median of its
+5-batch chunks) and kiln's ratio, per round and the median over rounds, and the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -32,47 +32,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
-from models import BATCH, LR, REPO, kiln_images_per_second  # noqa: E402  (puts tests/ on sys.path)
+from models import BATCH, CHUNK, LR, REPO, KilnSide  # noqa: E402  (puts tests/ on sys.path)
 
 SEED = 1  # kiln.Trainer's default seed: the weights kiln.custom_model.register builds
 MODELS = {"small_cnn": "python:custom_models:build", "resnet": "python:custom_models:build_resnet"}
 INPUTS = {"28gray": (28, 1), "64rgb": (64, 3)}
 
 
-def pytorch_images_per_second(processed: Path, name: str, steps: int, precision: str) -> float:
-    import torch
-    from torch.nn import functional
+class ModuleSide:
+    """The user's nn.Module in the best plain loop (bench/models.py's PytorchSide, with the module
+    kiln.custom_model builds instead of a torchvision one), `chunk` batches per measurement."""
 
-    import kiln
-    from kiln.custom_model import build_module
+    def __init__(self, processed: Path, name: str, chunk: int, precision: str) -> None:
+        import torch
+        from torch.nn import functional
 
-    images, labels = kiln.load_split(processed, "train")
-    manifest = kiln.read_manifest(processed)
-    mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
-    std = torch.tensor(manifest.std).view(1, -1, 1, 1)
-    model = build_module(name, len(manifest.classes), manifest.image.channels, SEED)
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
-    bf16 = precision == "bf16"
-    generator = torch.Generator().manual_seed(1)
+        import kiln
+        from kiln.custom_model import build_module
 
-    def step(indices: torch.Tensor) -> None:
-        x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = functional.cross_entropy(model(x), labels[indices])
-        loss.backward()
-        optimizer.step()
+        images, labels = kiln.load_split(processed, "train")
+        manifest = kiln.read_manifest(processed)
+        mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
+        std = torch.tensor(manifest.std).view(1, -1, 1, 1)
+        model = build_module(name, len(manifest.classes), manifest.image.channels, SEED)
+        model = model.to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
+        bf16 = precision == "bf16"
 
-    order = torch.randperm(len(labels), generator=generator)
-    batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-    for indices in batches[:10]:  # warm-up, as kiln's first window
-        step(indices)
-    measured = [batches[(10 + i) % len(batches)] for i in range(steps)]
-    started = time.perf_counter()
-    for indices in measured:
-        step(indices)
-    return steps * BATCH / (time.perf_counter() - started)
+        def step(indices: torch.Tensor) -> None:
+            x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = functional.cross_entropy(model(x), labels[indices])
+            loss.backward()
+            optimizer.step()
+
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+        self.batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+        self.step, self.chunk, self.position = step, chunk, 0
+
+    def images_per_second(self) -> float:
+        started = time.perf_counter()
+        for _ in range(self.chunk):
+            self.step(self.batches[self.position % len(self.batches)])
+            self.position += 1
+        return self.chunk * BATCH / (time.perf_counter() - started)
+
+
+def measure_round(processed: Path, name: str, steps: int, precision: str) -> tuple[float, float]:
+    """Median images/s of kiln and of the plain loop over `steps` batches each, in chunks of CHUNK batches
+    taken in turns (ABBA...) after one warm-up chunk each, as bench/models.py measures."""
+    sides = [KilnSide(processed, name, CHUNK, precision), ModuleSide(processed, name, CHUNK, precision)]
+    for side in sides:
+        side.images_per_second()  # warm-up
+    figures: list[list[float]] = [[], []]
+    for turn in range(max(1, steps // CHUNK)):
+        for index in (0, 1) if turn % 2 == 0 else (1, 0):
+            figures[index].append(sides[index].images_per_second())
+    return statistics.median(figures[0]), statistics.median(figures[1])
 
 
 def main() -> None:
@@ -110,12 +127,7 @@ def main() -> None:
                 label = f"{model} {size}x{size}x{channels}"
                 ratios = []
                 for round_ in range(args.rounds):
-                    if round_ % 2 == 0:
-                        ours = kiln_images_per_second(processed, name, args.steps, precision)
-                        theirs = pytorch_images_per_second(processed, name, args.steps, precision)
-                    else:
-                        theirs = pytorch_images_per_second(processed, name, args.steps, precision)
-                        ours = kiln_images_per_second(processed, name, args.steps, precision)
+                    ours, theirs = measure_round(processed, name, args.steps, precision)
                     ratios.append(ours / theirs)
                     figures = f"kiln {ours:.1f} img/s, pytorch {theirs:.1f} img/s, {ours / theirs:.2f}x"
                     print(f"{label} round {round_ + 1}: {figures}", flush=True)
