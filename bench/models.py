@@ -5,8 +5,8 @@
 
 The data: the embedded sample (data/sample) brought to 64x64 RGB by kiln.prepare_dataset. Both sides
 train the same architecture from the same weights with the same optimizer (Adadelta, lr 1.3: the
-template's) and batch size, in the same precision (kiln's precision=auto: bf16 autocast where the CPU
-computes it natively, else fp32):
+template's) and batch size, in the same precision (--precision; by default kiln's precision=auto: bf16
+autocast where the CPU computes it natively, else fp32):
   kiln     kiln.Trainer (what `python src/train_model.py model=<name>` runs); images/s of its training
            batches as it reports them (on_steps), an epoch of 5 batches at a time
   pytorch  torchvision.models.<name> in the best plain loop: uint8 tensors in memory, randperm batches,
@@ -118,6 +118,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v3_small"])
     parser.add_argument("--steps", type=int, default=30, help="measured training batches per contender and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides' precision; auto: kiln's choice for this CPU (it times bf16 against fp32, so on a busy "
+        "machine it may pick fp32 where a quiet one picks bf16)",
+    )
     add_isa_argument(parser)
     args = parser.parse_args()
     apply_isa(args.isa)
@@ -125,7 +132,7 @@ def main() -> None:
     import kiln
     from kiln.precision import resolve_precision
 
-    precision = resolve_precision("auto", "cpu")
+    precision = resolve_precision(args.precision, "cpu")
     print(f"CPU: {cpu_isa()}; precision {precision}; {SIZE}x{SIZE} RGB, batch {BATCH}, Adadelta")
     with tempfile.TemporaryDirectory() as scratch:
         processed = Path(scratch) / "processed"
