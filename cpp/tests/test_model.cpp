@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
 #include <string>
@@ -12,6 +14,7 @@
 #include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
 #include "kiln/detail/small_conv.hpp"
+#include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln {
@@ -132,6 +135,85 @@ TEST(conv3x3_relu_fallback, other_dtypes_and_inputs_that_need_a_gradient_take_to
   at::Tensor input = x.clone().set_requires_grad(true);
   detail::conv3x3_relu(input, weight, bias).sum().backward();
   EXPECT_TRUE(input.grad().defined());
+}
+
+// (input size, input memory format): mnist_cnn's conv2 (26x26 -> 24x24, whole 4x4 tiles; 5 images, an
+// odd block), and odd sizes whose edge tiles are cut, as the trainer and the tests hand them over.
+class conv3x3_winograd : public ::testing::TestWithParam<std::tuple<std::vector<std::int64_t>, at::MemoryFormat>> {};
+
+// Winograd's transforms round differently from a direct sum: within 1e-5 of the largest value (measured:
+// 3.4e-6 for the outputs, 5.1e-6 for the weight gradient of mnist_cnn's conv2 shape).
+bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
+  const double scale = expected.abs().max().item<double>();
+  return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
+}
+
+// The intra-op thread count for one test: Winograd's path is taken with one thread only.
+class ThreadCount {
+ public:
+  explicit ThreadCount(int threads) : previous_(at::get_num_threads()) { at::set_num_threads(threads); }
+  ~ThreadCount() { at::set_num_threads(previous_); }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int previous_;
+};
+
+TEST_P(conv3x3_winograd, matches_torch_values_and_all_three_gradients) {
+  const auto& [size, format] = GetParam();
+  const ThreadCount one_thread(1);
+  at::manual_seed(5);
+  const std::int64_t channels = size[1];
+  const at::Tensor x = at::relu(at::randn(size)).contiguous(format);
+  const at::Tensor weight = (at::randn({16, channels, 3, 3}) * 0.1).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor bias = at::randn({16});
+  at::Tensor x_ours = x.clone().set_requires_grad(true), x_theirs = x.clone().set_requires_grad(true);
+  at::Tensor w_ours = weight.clone().set_requires_grad(true), b_ours = bias.clone().set_requires_grad(true);
+  at::Tensor w_theirs = weight.clone().set_requires_grad(true), b_theirs = bias.clone().set_requires_grad(true);
+  const at::Tensor out = detail::conv3x3_winograd(x_ours, w_ours, b_ours);
+  const at::Tensor expected = at::conv2d(x_theirs, w_theirs, b_theirs);
+  EXPECT_TRUE(out.is_contiguous(at::MemoryFormat::ChannelsLast));
+  ASSERT_EQ(out.sizes(), expected.sizes());
+  ASSERT_TRUE(close_to(out, expected));
+  const at::Tensor grad = at::randn(expected.sizes());
+  out.backward(grad);
+  expected.backward(grad);
+  EXPECT_TRUE(close_to(x_ours.grad(), x_theirs.grad()));
+  EXPECT_TRUE(close_to(w_ours.grad(), w_theirs.grad()));
+  EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
+  EXPECT_EQ(w_ours.grad().strides(), w_ours.strides());
+  c10::NoGradGuard no_grad;  // evaluation: the same values, nothing recorded
+  EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias), out.detach()));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    sizes_and_layouts, conv3x3_winograd,
+    ::testing::Combine(::testing::Values(std::vector<std::int64_t>{5, 32, 26, 26},
+                                         std::vector<std::int64_t>{3, 8, 11, 9}, std::vector<std::int64_t>{1, 4, 3, 5}),
+                       ::testing::Values(at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast)));
+
+TEST(conv3x3_winograd_fallback, other_dtypes_autocast_and_more_threads_take_torch_s_convolution) {
+  const ThreadCount one_thread(1);
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({2, 4, 8, 8});
+  const at::Tensor weight = at::randn({4, 4, 3, 3}), bias = at::randn({4});
+  const at::Tensor expected = at::conv2d(x, weight, bias);
+  {
+    const ThreadCount two_threads(2);
+    EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias), expected));
+  }
+  const at::Tensor bf16 =
+      detail::conv3x3_winograd(x.to(at::kBFloat16), weight.to(at::kBFloat16), bias.to(at::kBFloat16));
+  EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::allclose(bf16.to(at::kFloat), expected, 0.1, 0.5));
+  {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    const at::Tensor autocast = detail::conv3x3_winograd(x, weight, bias);
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::clear_cache();
+    EXPECT_EQ(autocast.scalar_type(), at::kBFloat16);  // autocast's own conv2d ran
+  }
 }
 
 }  // namespace
