@@ -2,8 +2,9 @@
 
 kiln's figures differ by CPU class (AVX-512 with bf16/VNNI vs AVX2 alone, the class of most laptops and
 many cloud VMs). `--isa avx2` sets ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for every process
-the benchmark starts (kiln's own precision and int8 checks honour them, as oneDNN and ATen do), so both
-classes can be measured on one machine; every benchmark prints the class it ran on.
+the benchmark starts (kiln's own precision and int8 checks honour them, as oneDNN and ATen do), and
+MKL_ENABLE_INSTRUCTIONS=AVX2 so MKL's matrix products (fully connected layers, kiln's Winograd products)
+leave AVX-512 too; both classes can be measured on one machine; every benchmark prints the class it ran on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-LIMITS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+LIMITS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def add_isa_argument(parser: argparse.ArgumentParser) -> None:
