@@ -27,69 +27,15 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isa import add_isa_argument, apply_isa, cpu_isa  # noqa: E402
-from models import BATCH, CHUNK, LR, REPO, KilnSide  # noqa: E402  (puts tests/ on sys.path)
+from models import BATCH, LR, REPO, measure_round  # noqa: E402  (puts tests/ on sys.path)
 
 SEED = 1  # kiln.Trainer's default seed: the weights kiln.custom_model.register builds
 MODELS = {"small_cnn": "python:custom_models:build", "resnet": "python:custom_models:build_resnet"}
 INPUTS = {"28gray": (28, 1), "64rgb": (64, 3)}
-
-
-class ModuleSide:
-    """The user's nn.Module in the best plain loop (bench/models.py's PytorchSide, with the module
-    kiln.custom_model builds instead of a torchvision one), `chunk` batches per measurement."""
-
-    def __init__(self, processed: Path, name: str, chunk: int, precision: str) -> None:
-        import torch
-        from torch.nn import functional
-
-        import kiln
-        from kiln.custom_model import build_module
-
-        images, labels = kiln.load_split(processed, "train")
-        manifest = kiln.read_manifest(processed)
-        mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
-        std = torch.tensor(manifest.std).view(1, -1, 1, 1)
-        model = build_module(name, len(manifest.classes), manifest.image.channels, SEED)
-        model = model.to(memory_format=torch.channels_last).train()
-        optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
-        bf16 = precision == "bf16"
-
-        def step(indices: torch.Tensor) -> None:
-            x = ((images[indices].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = functional.cross_entropy(model(x), labels[indices])
-            loss.backward()
-            optimizer.step()
-
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
-        self.batches = [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-        self.step, self.chunk, self.position = step, chunk, 0
-
-    def images_per_second(self) -> float:
-        started = time.perf_counter()
-        for _ in range(self.chunk):
-            self.step(self.batches[self.position % len(self.batches)])
-            self.position += 1
-        return self.chunk * BATCH / (time.perf_counter() - started)
-
-
-def measure_round(processed: Path, name: str, steps: int, precision: str) -> tuple[float, float]:
-    """Median images/s of kiln and of the plain loop over `steps` batches each, in chunks of CHUNK batches
-    taken in turns (ABBA...) after one warm-up chunk each, as bench/models.py measures."""
-    sides = [KilnSide(processed, name, CHUNK, precision), ModuleSide(processed, name, CHUNK, precision)]
-    for side in sides:
-        side.images_per_second()  # warm-up
-    figures: list[list[float]] = [[], []]
-    for turn in range(max(1, steps // CHUNK)):
-        for index in (0, 1) if turn % 2 == 0 else (1, 0):
-            figures[index].append(sides[index].images_per_second())
-    return statistics.median(figures[0]), statistics.median(figures[1])
 
 
 def main() -> None:
@@ -124,10 +70,14 @@ def main() -> None:
             for model in args.models:
                 name = MODELS[model]
                 custom_model.register(name, processed, SEED)
+
+                def build(classes: int, channels: int, name: str = name):  # the plain loop's copy of the module
+                    return custom_model.build_module(name, classes, channels, SEED)
+
                 label = f"{model} {size}x{size}x{channels}"
                 ratios = []
                 for round_ in range(args.rounds):
-                    ours, theirs = measure_round(processed, name, args.steps, precision)
+                    ours, theirs = measure_round(processed, name, args.steps, precision, build)
                     ratios.append(ours / theirs)
                     figures = f"kiln {ours:.1f} img/s, pytorch {theirs:.1f} img/s, {ours / theirs:.2f}x"
                     print(f"{label} round {round_ + 1}: {figures}", flush=True)

@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -60,21 +62,27 @@ class KilnSide:
 
 
 class PytorchSide:
-    """torchvision's model in the best plain loop, `chunk` batches per measurement."""
+    """The model in the best plain loop, `chunk` batches per measurement: torchvision's `name`, or what
+    `build(classes, channels)` returns (bench/custom_model.py: the user's own module)."""
 
-    def __init__(self, processed: Path, name: str, chunk: int, precision: str) -> None:
+    def __init__(
+        self, processed: Path, name: str, chunk: int, precision: str, build: Callable[[int, int], Any] | None = None
+    ) -> None:
         import torch
         from torch.nn import functional
 
         import kiln
-        from torchvision_shim import import_torchvision
 
-        torchvision = import_torchvision()
         images, labels = kiln.load_split(processed, "train")
         manifest = kiln.read_manifest(processed)
         mean = torch.tensor(manifest.mean).view(1, -1, 1, 1)
         std = torch.tensor(manifest.std).view(1, -1, 1, 1)
-        model = getattr(torchvision.models, name)(num_classes=len(manifest.classes))
+        if build is None:
+            from torchvision_shim import import_torchvision
+
+            model = getattr(import_torchvision().models, name)(num_classes=len(manifest.classes))
+        else:
+            model = build(len(manifest.classes), manifest.image.channels)
         model = model.to(memory_format=torch.channels_last).train()
         optimizer = torch.optim.Adadelta(model.parameters(), lr=LR)
         bf16 = precision == "bf16"
@@ -99,11 +107,13 @@ class PytorchSide:
         return self.chunk * BATCH / (time.perf_counter() - started)
 
 
-def measure_round(processed: Path, name: str, steps: int, precision: str) -> tuple[float, float]:
-    """Median images/s of kiln and of the plain loop over `steps` batches each, in chunks of CHUNK
-    batches taken in turns (ABBA...), after one warm-up chunk each: a load that comes and goes on the
-    shared machine then falls on both sides alike."""
-    sides = [KilnSide(processed, name, CHUNK, precision), PytorchSide(processed, name, CHUNK, precision)]
+def measure_round(
+    processed: Path, name: str, steps: int, precision: str, build: Callable[[int, int], Any] | None = None
+) -> tuple[float, float]:
+    """Median images/s of kiln and of the plain loop (PytorchSide's model) over `steps` batches each, in
+    chunks of CHUNK batches taken in turns (ABBA...), after one warm-up chunk each: a load that comes and
+    goes on the shared machine then falls on both sides alike."""
+    sides = [KilnSide(processed, name, CHUNK, precision), PytorchSide(processed, name, CHUNK, precision, build)]
     for side in sides:
         side.images_per_second()  # warm-up
     figures: list[list[float]] = [[], []]
