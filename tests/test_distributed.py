@@ -158,7 +158,7 @@ def test_two_ranks_streaming_from_the_shards_train_as_two_resident_ranks(
 
 
 def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batches(
-    tmp_path: Path, processed_sample: Path
+    tmp_path: Path, processed_sample: Path, request: pytest.FixtureRequest
 ) -> None:
     """2 ranks x 32 images per batch = one process with batches of 64: the same images in each
     global batch (DistributedSampler's rule) and the same dropout masks (kiln's dropout stream is
@@ -169,8 +169,15 @@ def test_two_ranks_train_the_model_one_process_trains_on_the_same_global_batches
     training with another global batch moves the weights by ~0.6."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    result = run_torchrun(str(worker), str(processed_sample), str(tmp_path), "mnist_cnn", "fp32", "32", cwd=tmp_path)
+    # One thread per process on both sides: with one thread mnist_cnn's conv2 takes kiln's Winograd form,
+    # with more oneDNN's direct convolution (other roundings), so both sides compute with the same kernels.
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    args = (str(worker), str(processed_sample), str(tmp_path), "mnist_cnn", "fp32", "32")
+    result = run_torchrun(*args, cwd=tmp_path, env=one_thread)
     assert result.returncode == 0, result.stdout + result.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     single = kiln.Trainer(
         processed_sample,
         model="mnist_cnn",
