@@ -91,8 +91,14 @@ def _cpu_auto() -> str:
     return chosen
 
 
-def _cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln" / "cpu-precision.json"
+def _cache_file() -> Path | None:
+    """``$XDG_CACHE_HOME/kiln/cpu-precision.json`` (``~/.cache`` by default); None where there is no home
+    (a container running as a user without a passwd entry): the answer then lasts for the process."""
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:
+        return None
+    return root / "kiln" / "cpu-precision.json"
 
 
 def _machine_key() -> str:
@@ -118,7 +124,7 @@ def measure_cpu_bf16() -> tuple[float, float]:
     before (same CPU, torch, threads and ISA limits), else measured now (about a second) and cached."""
     cache, key = _cache_file(), _machine_key()
     try:
-        known = json.loads(cache.read_text())
+        known = json.loads(cache.read_text()) if cache is not None else {}
     except (OSError, ValueError):
         known = {}
     entry = known.get(key) if isinstance(known, dict) else None
@@ -127,6 +133,8 @@ def measure_cpu_bf16() -> tuple[float, float]:
     fp32_ms, bf16_ms = _time_conv_steps()
     known = known if isinstance(known, dict) else {}
     known[key] = {"fp32_ms": round(fp32_ms, 3), "bf16_ms": round(bf16_ms, 3)}
+    if cache is None:
+        return fp32_ms, bf16_ms
     try:  # a read-only home (a container) keeps the answer for this process only
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(f"{cache.name}.{os.getpid()}")
@@ -144,7 +152,8 @@ def _time_conv_steps(rounds: int = 5) -> tuple[float, float]:
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):  # the weights' init leaves torch's global generator as it was
+        conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
     images = torch.randn(32, 32, 26, 26, generator=generator).contiguous(memory_format=torch.channels_last)
     images.requires_grad_(True)
 
