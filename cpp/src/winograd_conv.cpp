@@ -64,6 +64,23 @@ struct Geometry {
   }
 }
 
+// tile[r][col][:] = the size x size window at (y0, x0) of a channels-last image of height x width pixels and
+// `channels` floats each, zero past the image's edge.
+[[gnu::always_inline]] inline void gather_tile(const float* __restrict image, std::int64_t height, std::int64_t width,
+                                               std::int64_t y0, std::int64_t x0, std::int64_t size,
+                                               std::int64_t channels, float* __restrict tile) {
+  for (std::int64_t r = 0; r < size; ++r) {
+    for (std::int64_t col = 0; col < size; ++col) {
+      float* dst = tile + (r * size + col) * channels;
+      if (y0 + r >= height || x0 + col >= width) {
+        std::fill(dst, dst + channels, 0.0f);
+      } else {
+        std::copy_n(image + ((y0 + r) * width + x0 + col) * channels, channels, dst);
+      }
+    }
+  }
+}
+
 // V[p][t][c] = (B^T d_t B)[p] for the tiles t of images [first, first + count) of `x` (channels-last),
 // zero past the image's edge. `scratch` holds 2 x 36 x C floats.
 [[gnu::always_inline]] inline void transform_input_body(const Geometry& g, const float* __restrict x,
@@ -75,18 +92,7 @@ struct Geometry {
   for (std::int64_t t = 0; t < block_tiles; ++t) {
     const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
     const std::int64_t y0 = (in_image / g.tiles_wide) * kOutTile, x0 = (in_image % g.tiles_wide) * kOutTile;
-    const float* pixels = x + image * g.height * g.width * c_count;
-    for (std::int64_t r = 0; r < kInTile; ++r) {
-      for (std::int64_t col = 0; col < kInTile; ++col) {
-        const std::int64_t y = y0 + r, xx = x0 + col;
-        float* dst = tile + (r * kInTile + col) * c_count;
-        if (y >= g.height || xx >= g.width) {
-          std::fill(dst, dst + c_count, 0.0f);
-        } else {
-          std::copy_n(pixels + (y * g.width + xx) * c_count, c_count, dst);
-        }
-      }
-    }
+    gather_tile(x + image * g.height * g.width * c_count, g.height, g.width, y0, x0, kInTile, c_count, tile);
     // B^T d down each column, then B along each row, into the 36 matrices' row t.
     for (std::int64_t col = 0; col < kInTile; ++col) {
       input_rows(tile + col * c_count, kInTile * c_count, rows + col * c_count, kInTile * c_count, c_count);
@@ -167,17 +173,8 @@ KILN_ISA_VARIANTS(void, transform_output,
   for (std::int64_t t = 0; t < block_tiles; ++t) {
     const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
     const std::int64_t y0 = (in_image / g.tiles_wide) * kOutTile, x0 = (in_image % g.tiles_wide) * kOutTile;
-    const float* image_grad = grad + image * g.out_height * g.out_width * o_count;
-    for (std::int64_t r = 0; r < kOutTile; ++r) {
-      for (std::int64_t col = 0; col < kOutTile; ++col) {
-        float* dst = tile + (r * kOutTile + col) * o_count;
-        if (y0 + r >= g.out_height || x0 + col >= g.out_width) {
-          std::fill(dst, dst + o_count, 0.0f);
-        } else {
-          std::copy_n(image_grad + ((y0 + r) * g.out_width + x0 + col) * o_count, o_count, dst);
-        }
-      }
-    }
+    gather_tile(grad + image * g.out_height * g.out_width * o_count, g.out_height, g.out_width, y0, x0, kOutTile,
+                o_count, tile);
     for (std::int64_t col = 0; col < kOutTile; ++col) {
       grad_rows(tile + col * o_count, kOutTile * o_count, rows + col * o_count, kOutTile * o_count, o_count);
     }
