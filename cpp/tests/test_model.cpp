@@ -148,7 +148,7 @@ bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
   return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
 }
 
-// The intra-op thread count for one test: Winograd's path is taken with one thread only.
+// The intra-op thread count for one test.
 class ThreadCount {
  public:
   explicit ThreadCount(int threads) : previous_(at::get_num_threads()) { at::set_num_threads(threads); }
@@ -193,16 +193,33 @@ INSTANTIATE_TEST_SUITE_P(
                                          std::vector<std::int64_t>{3, 8, 11, 9}, std::vector<std::int64_t>{1, 4, 3, 5}),
                        ::testing::Values(at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast)));
 
-TEST(conv3x3_winograd_fallback, other_dtypes_autocast_and_more_threads_take_torch_s_convolution) {
+// The intra-op threads share out blocks of images, and the weight gradient adds the blocks' sums in block order:
+// the same values, to the bit, whatever the thread count (9 images: blocks of 4, 4 and 1).
+TEST(conv3x3_winograd, gives_the_same_bits_with_one_and_two_threads) {
+  at::manual_seed(7);
+  const at::Tensor x = at::randn({9, 8, 14, 14}).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = at::randn({16, 8, 3, 3}) * 0.1, bias = at::randn({16});
+  const at::Tensor grad = at::randn({9, 16, 12, 12}).contiguous(at::MemoryFormat::ChannelsLast);
+  std::vector<at::Tensor> outputs, weight_grads;
+  for (const int threads : {1, 2}) {
+    const ThreadCount count(threads);
+    at::Tensor w = weight.clone().set_requires_grad(true);
+    const at::Tensor out = detail::conv3x3_winograd(x, w, bias);
+    out.backward(grad);
+    outputs.push_back(out.detach());
+    weight_grads.push_back(w.grad());
+  }
+  EXPECT_TRUE(at::equal(outputs[0], outputs[1]));
+  EXPECT_TRUE(at::equal(weight_grads[0], weight_grads[1]));
+  EXPECT_TRUE(close_to(outputs[1], at::conv2d(x, weight, bias)));
+}
+
+TEST(conv3x3_winograd_fallback, other_dtypes_and_autocast_take_torch_s_convolution) {
   const ThreadCount one_thread(1);
   at::manual_seed(6);
   const at::Tensor x = at::randn({2, 4, 8, 8});
   const at::Tensor weight = at::randn({4, 4, 3, 3}), bias = at::randn({4});
   const at::Tensor expected = at::conv2d(x, weight, bias);
-  {
-    const ThreadCount two_threads(2);
-    EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias), expected));
-  }
   const at::Tensor bf16 =
       detail::conv3x3_winograd(x.to(at::kBFloat16), weight.to(at::kBFloat16), bias.to(at::kBFloat16));
   EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);

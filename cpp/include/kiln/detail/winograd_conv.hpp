@@ -12,9 +12,9 @@ namespace kiln::detail {
 // layer faster: each 4x4 output tile is computed from a 6x6 input tile with 36 products per (input, output)
 // channel pair instead of 144, as 36 matrix products [tiles x C] x [C x O], four images at a time so the
 // transformed tiles stay in the core's L2 cache. The weight gradient takes the same transforms (36
-// products [C x tiles] x [tiles x O]); the input gradient stays oneDNN's. Taken for float32 CPU tensors
-// outside autocast with a bias and at least 3x3 pixels, with one intra-op thread (winograd_conv.cpp says
-// why); anything else takes at::conv2d.
+// products [C x tiles] x [tiles x O]); the input gradient stays oneDNN's. The intra-op threads each take
+// whole blocks of images, and the values do not depend on their count. Taken for float32 CPU tensors
+// outside autocast with a bias and at least 3x3 pixels; anything else takes at::conv2d.
 at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 
 }  // namespace kiln::detail
