@@ -915,6 +915,7 @@ CMAKE_PROVIDERS = {
     "Python3": "python",
     "pybind11": "pip:pybind11",
     "GTest": "gtest",
+    "OpenMP": "cxx-compiler",  # GCC's libgomp comes with conda-forge's compiler (at run time: torch's own)
 }
 
 
