@@ -163,7 +163,9 @@ TEST_P(predictor_in_fp32, gives_the_probabilities_the_model_computes_in_nchw) {
 
   const at::Tensor actual = Predictor(checkpoint).predict(images);
   const at::Tensor expected = at::softmax(model->forward(x), 1);
-  EXPECT_TRUE(at::allclose(actual, expected, 0.0, 1e-4)) << (actual - expected).abs().max().item<float>();
+  // Channels-last vs NCHW kernels round differently; efficientnet_b0's 16 blocks measured up to 1.04e-4 apart
+  // in one CI run (ctest's parallel jobs change the kernels' thread split).
+  EXPECT_TRUE(at::allclose(actual, expected, 0.0, 2e-4)) << (actual - expected).abs().max().item<float>();
   EXPECT_TRUE(at::equal(actual.argmax(1), expected.argmax(1)));
   // Not a model that answers the same for every image, which would make the equalities above hollow.
   EXPECT_GT(expected.std(0).max().item<double>(), 1e-3);
