@@ -160,19 +160,16 @@ class ThreadCount {
   int previous_;
 };
 
-TEST_P(conv3x3_winograd, matches_torch_values_and_all_three_gradients) {
-  const auto& [size, format] = GetParam();
-  const ThreadCount one_thread(1);
-  at::manual_seed(5);
-  const std::int64_t channels = size[1];
-  const at::Tensor x = at::relu(at::randn(size)).contiguous(format);
-  const at::Tensor weight = (at::randn({16, channels, 3, 3}) * 0.1).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor bias = at::randn({16});
-  at::Tensor x_ours = x.clone().set_requires_grad(true), x_theirs = x.clone().set_requires_grad(true);
-  at::Tensor w_ours = weight.clone().set_requires_grad(true), b_ours = bias.clone().set_requires_grad(true);
-  at::Tensor w_theirs = weight.clone().set_requires_grad(true), b_theirs = bias.clone().set_requires_grad(true);
-  const at::Tensor out = detail::conv3x3_winograd(x_ours, w_ours, b_ours);
-  const at::Tensor expected = at::conv2d(x_theirs, w_theirs, b_theirs);
+// conv3x3_winograd(x, weight, bias, padding) against at::conv2d: channels-last output, values, the input, weight
+// and (where there is one) bias gradients, the weight gradient in the weight's own strides, and evaluation's
+// output (nothing recorded) equal to training's.
+void expect_matches_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           std::int64_t padding) {
+  const auto leaf = [](const at::Tensor& t) { return t.defined() ? t.clone().set_requires_grad(true) : at::Tensor(); };
+  at::Tensor x_ours = leaf(x), w_ours = leaf(weight), b_ours = leaf(bias);
+  at::Tensor x_theirs = leaf(x), w_theirs = leaf(weight), b_theirs = leaf(bias);
+  const at::Tensor out = detail::conv3x3_winograd(x_ours, w_ours, b_ours, padding);
+  const at::Tensor expected = at::conv2d(x_theirs, w_theirs, b_theirs, 1, padding);
   EXPECT_TRUE(out.is_contiguous(at::MemoryFormat::ChannelsLast));
   ASSERT_EQ(out.sizes(), expected.sizes());
   ASSERT_TRUE(close_to(out, expected));
@@ -181,10 +178,22 @@ TEST_P(conv3x3_winograd, matches_torch_values_and_all_three_gradients) {
   expected.backward(grad);
   EXPECT_TRUE(close_to(x_ours.grad(), x_theirs.grad()));
   EXPECT_TRUE(close_to(w_ours.grad(), w_theirs.grad()));
-  EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
+  if (bias.defined()) {
+    EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
+  }
   EXPECT_EQ(w_ours.grad().strides(), w_ours.strides());
   c10::NoGradGuard no_grad;  // evaluation: the same values, nothing recorded
-  EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias), out.detach()));
+  EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias, padding), out.detach()));
+}
+
+TEST_P(conv3x3_winograd, matches_torch_values_and_all_three_gradients) {
+  const auto& [size, format] = GetParam();
+  const ThreadCount one_thread(1);
+  at::manual_seed(5);
+  const std::int64_t channels = size[1];
+  const at::Tensor x = at::relu(at::randn(size)).contiguous(format);
+  const at::Tensor weight = (at::randn({16, channels, 3, 3}) * 0.1).contiguous(at::MemoryFormat::ChannelsLast);
+  expect_matches_conv2d(x, weight, at::randn({16}), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -205,25 +214,7 @@ TEST_P(conv3x3_winograd_padded, matches_torch_values_and_all_gradients) {
   at::manual_seed(8);
   const at::Tensor x = at::randn(size).contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor weight = at::randn({12, size[1], 3, 3}) * 0.1;
-  const at::Tensor bias = with_bias ? at::randn({12}) : at::Tensor();
-  const auto leaf = [](const at::Tensor& t) { return t.defined() ? t.clone().set_requires_grad(true) : at::Tensor(); };
-  at::Tensor x_ours = leaf(x), w_ours = leaf(weight), b_ours = leaf(bias);
-  at::Tensor x_theirs = leaf(x), w_theirs = leaf(weight), b_theirs = leaf(bias);
-  const at::Tensor out = detail::conv3x3_winograd(x_ours, w_ours, b_ours, 1);
-  const at::Tensor expected = at::conv2d(x_theirs, w_theirs, b_theirs, 1, 1);
-  EXPECT_TRUE(out.is_contiguous(at::MemoryFormat::ChannelsLast));
-  ASSERT_EQ(out.sizes(), expected.sizes());
-  ASSERT_TRUE(close_to(out, expected));
-  const at::Tensor grad = at::randn(expected.sizes());
-  out.backward(grad);
-  expected.backward(grad);
-  EXPECT_TRUE(close_to(x_ours.grad(), x_theirs.grad()));
-  EXPECT_TRUE(close_to(w_ours.grad(), w_theirs.grad()));
-  if (with_bias) {
-    EXPECT_TRUE(at::allclose(b_ours.grad(), b_theirs.grad(), 1e-4, 1e-4));
-  }
-  c10::NoGradGuard no_grad;  // evaluation: the same values, nothing recorded
-  EXPECT_TRUE(at::equal(detail::conv3x3_winograd(x, weight, bias, 1), out.detach()));
+  expect_matches_conv2d(x, weight, with_bias ? at::randn({12}) : at::Tensor(), 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(sizes_bias_and_threads, conv3x3_winograd_padded,
