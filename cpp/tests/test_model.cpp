@@ -16,6 +16,7 @@
 #include "kiln/detail/small_conv.hpp"
 #include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
+#include "thread_count.hpp"
 
 namespace kiln {
 namespace {
@@ -148,17 +149,7 @@ bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
   return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
 }
 
-// The intra-op thread count for one test.
-class ThreadCount {
- public:
-  explicit ThreadCount(int threads) : previous_(at::get_num_threads()) { at::set_num_threads(threads); }
-  ~ThreadCount() { at::set_num_threads(previous_); }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int previous_;
-};
+using testing::ThreadCount;
 
 // conv3x3_winograd(x, weight, bias, padding) against at::conv2d: channels-last output, values, the input, weight
 // and (where there is one) bias gradients, the weight gradient in the weight's own strides, and evaluation's

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "kiln/detail/isa_dispatch.hpp"
+#include "kiln/detail/small_map_conv.hpp"
 #include "kiln/detail/torchvision_blocks.hpp"
 #include "kiln/detail/torchvision_models.hpp"
 #include "kiln/detail/winograd_conv.hpp"
@@ -29,9 +30,18 @@ torch::nn::Conv2d conv(int in_channels, int out_channels, int kernel, int stride
   return layer;
 }
 
+// A stride-1 3x3 convolution (padding 1, no bias) on a map with fewer pixels than the kernel's 9 (layer4's 2x2
+// maps at 64 px) as pixel-pair matrix products (detail/small_map_conv.hpp) where that applies (float32 on the CPU
+// outside autocast), else the module's own. resnet18 at 64 px, batch 32, forward + both gradients of one such
+// layer (512 channels): AVX2 11 ms vs oneDNN's 31-34 ms, AVX-512 9.5 vs 20 ms.
+at::Tensor small_map_or_module(torch::nn::Conv2d& layer, const at::Tensor& input) {
+  if (small_map_conv_applies(input, layer->weight, 1)) return small_map_conv(input, layer->weight, 1);
+  return layer->forward(input);
+}
+
 // A stride-1 3x3 convolution (padding 1, no bias) in Winograd's F(4x4, 3x3) form (detail/winograd_conv.hpp)
 // where that applies (float32 on the CPU outside autocast) and measured faster than oneDNN's direct kernels,
-// else the module's own. Measured for resnet18 at 64 px, batch 32, channels-last (forward + input and weight
+// else small_map_or_module. Measured for resnet18 at 64 px, batch 32, channels-last (forward + input and weight
 // gradients): AVX2, 1 and 2 threads: 16x16 maps of 64 channels (layer1) 1.1x, 8x8 of 128 (layer2) 1.45x,
 // 4x4 of 256 (layer3, one tile an image) 0.76-1.09x; AVX-512, where oneDNN's kernels are twice as fast:
 // layer1 0.82x, layer2 1.22x. So maps of at least 8x8, and on AVX-512 only with 128 channels or more.
@@ -46,7 +56,7 @@ at::Tensor conv3x3_stride1(torch::nn::Conv2d& layer, const at::Tensor& input) {
       input.is_contiguous(at::MemoryFormat::ChannelsLast) && conv3x3_winograd_applies(input, weight, at::Tensor(), 1)) {
     return conv3x3_winograd(input, weight, at::Tensor(), 1);
   }
-  return layer->forward(input);
+  return small_map_or_module(layer, input);
 }
 
 // resnet.py's `downsample`: Sequential(conv1x1 with stride, BatchNorm2d), children "0" and "1".
@@ -98,7 +108,7 @@ class Bottleneck : public Block {
  public:
   static constexpr int kExpansion = 4;
 
-  Bottleneck(int in_channels, int planes, int stride) {
+  Bottleneck(int in_channels, int planes, int stride) : conv2_stride1_(stride == 1) {
     conv1_ = register_module("conv1", conv(in_channels, planes, 1, 1));
     bn1_ = register_module("bn1", torch::nn::BatchNorm2d(planes));
     conv2_ = register_module("conv2", conv(planes, planes, 3, stride));
@@ -113,16 +123,18 @@ class Bottleneck : public Block {
 
   at::Tensor forward(const at::Tensor& input) override {
     at::Tensor out = bn1_->forward(conv1_->forward(input)).relu_();  // in place: see BasicBlock
-    // conv2 stays oneDNN's: in Winograd form (layer2's 8x8 maps of 128 channels, AVX-512) one training step
-    // of resnet50 on 4 images with torchvision's test statistics put conv1.weight's gradient 0.12 (of 59) from
-    // torchvision's, past tests/test_torchvision_models.py's 1e-3 relative tolerance (resnet18: 1.3e-5 of 1.9).
-    out = bn2_->forward(conv2_->forward(out)).relu_();
+    // conv2 is oneDNN's but on small maps: in Winograd form (layer2's 8x8 maps of 128 channels, AVX-512) one
+    // training step of resnet50 on 4 images with torchvision's test statistics put conv1.weight's gradient 0.12
+    // (of 59) from torchvision's, past tests/test_torchvision_models.py's 1e-3 relative tolerance (resnet18: 1.3e-5
+    // of 1.9).
+    out = bn2_->forward(conv2_stride1_ ? small_map_or_module(conv2_, out) : conv2_->forward(out)).relu_();
     out = bn3_->forward(conv3_->forward(out));
     out += downsample_ ? downsample_->forward(input) : input;
     return out.relu_();
   }
 
  private:
+  bool conv2_stride1_;
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
   std::shared_ptr<Downsample> downsample_;
