@@ -76,8 +76,20 @@ void for_each_weight_element(const at::Tensor& weight, const Visit& visit) {
   });
 }
 
-// weight [O, C, kh, kw] (any strides) -> [kh * kw, O, C]: tap t's [O x C] matrix, contiguous.
+// The [O x C] matrices of a channels-last weight's taps, as views: a view [kh * kw, O, C] whose rows are the
+// weight's own (stride kh * kw * C), which the matrix products read in place.
+bool taps_are_views(const at::Tensor& weight) {
+  return weight.size(1) > 1 && weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor tap_view(const at::Tensor& weight) {
+  return weight.permute({2, 3, 0, 1}).view({weight.size(2) * weight.size(3), weight.size(0), weight.size(1)});
+}
+
+// weight [O, C, kh, kw] -> [kh * kw, O, C]: tap t's [O x C] matrix: tap_view of a channels-last weight, else a
+// contiguous copy (a contiguous weight's taps are strided 9 apart: no matrix product reads them in place).
 at::Tensor weight_taps(const at::Tensor& weight) {
+  if (taps_are_views(weight)) return tap_view(weight);
   const std::int64_t outputs = weight.size(0), channels = weight.size(1);
   at::Tensor result = at::empty({weight.size(2) * weight.size(3), outputs, channels}, weight.options());
   const float* in = weight.const_data_ptr<float>();
@@ -88,17 +100,14 @@ at::Tensor weight_taps(const at::Tensor& weight) {
   return result;
 }
 
-// weight_taps' inverse: [kh * kw, O, C] -> a tensor with `weight`'s sizes and strides, which the fused optimizer
-// step needs of a gradient.
-at::Tensor from_weight_taps(const at::Tensor& taps_values, const at::Tensor& weight) {
-  const std::int64_t outputs = weight.size(0), channels = weight.size(1);
-  at::Tensor result = at::empty_like(weight);
+// weight_taps' copy, inverted: [kh * kw, O, C] into `weight_shaped` (sizes [O, C, kh, kw], any strides).
+void copy_from_taps(const at::Tensor& taps_values, at::Tensor& weight_shaped) {
+  const std::int64_t outputs = weight_shaped.size(0), channels = weight_shaped.size(1);
   const float* in = taps_values.const_data_ptr<float>();
-  float* out = result.data_ptr<float>();
-  for_each_weight_element(result, [&](std::int64_t o, std::int64_t c, std::int64_t t, std::int64_t offset) {
+  float* out = weight_shaped.data_ptr<float>();
+  for_each_weight_element(weight_shaped, [&](std::int64_t o, std::int64_t c, std::int64_t t, std::int64_t offset) {
     out[offset] = in[(t * outputs + o) * channels + c];
   });
-  return result;
 }
 
 // The slices of `tensor` along `dim`, made once (a select per product would cost more than small products).
@@ -173,12 +182,16 @@ struct SmallMapConv : torch::autograd::Function<SmallMapConv> {
       grad_input = from_pixel_rows(grad_rows, height, width, ctx->saved_data["channels_last"].toBool());
     }
     if (ctx->needs_input_grad(1)) {
-      at::Tensor grad_taps = at::empty_like(taps);
+      // In the weight's own strides, which the fused optimizer step needs of a gradient: a channels-last
+      // weight's gradient is summed into in place, a contiguous one's taps are copied back.
+      grad_weight = at::empty_like(weight);
+      const bool in_place = taps_are_views(grad_weight);
+      at::Tensor grad_taps = in_place ? tap_view(grad_weight) : at::empty_like(taps);
       std::vector<at::Tensor> sums = slices(grad_taps, 0);
       sum_products(
           sums, g.pairs, [](const Pair& pair) { return pair.tap; },
           [&](const Pair& pair) { return std::pair(grad_pixels[pair.out].t(), in_pixels[pair.in]); });
-      grad_weight = from_weight_taps(grad_taps, weight);
+      if (!in_place) copy_from_taps(grad_taps, grad_weight);
     }
     return {grad_input, grad_weight, at::Tensor()};
   }

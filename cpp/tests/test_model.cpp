@@ -14,6 +14,7 @@
 #include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
 #include "kiln/detail/small_conv.hpp"
+#include "kiln/detail/torchvision_models.hpp"
 #include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
 #include "thread_count.hpp"
@@ -52,6 +53,31 @@ TEST(model, unknown_names_and_too_small_inputs_are_data_errors) {
   EXPECT_THROW(make_model({"mnist_cnn", 1, 10, 4, 4}), DataError);
   EXPECT_THROW(make_model({"no_such_model", 1, 10, 28, 28}), DataError);
   EXPECT_THROW(make_model({"resnet8", 1, 1, 28, 28}), DataError);  // one class
+}
+
+TEST(resnet, late_layers_go_contiguous_but_for_small_map_convolution_weights) {
+  // resnet18 at 64 px, batch 32 (as the trainer prepares it): layer3's 4x4 and layer4's 2x2 maps hold fewer values
+  // than their weights, so those stages run contiguous; layer4's stride-1 3x3 convolutions run as pixel-pair
+  // products on 2x2 maps, which read a channels-last weight in place.
+  const auto model = make_model({"resnet18", 3, 5, 64, 64});
+  {
+    c10::NoGradGuard no_grad;
+    for (auto& param : model->parameters()) {
+      if (param.dim() == 4) param.set_data(param.clone(at::MemoryFormat::ChannelsLast));
+    }
+  }
+  auto* split = dynamic_cast<detail::LayoutSplit*>(model.get());
+  ASSERT_NE(split, nullptr);
+  split->contiguous_late_layers(32);
+  const auto params = model->named_parameters();
+  for (const char* name : {"layer4.0.conv2.weight", "layer4.1.conv1.weight", "layer4.1.conv2.weight",
+                           "layer2.0.conv1.weight", "layer1.0.conv2.weight"}) {
+    EXPECT_TRUE(params[name].is_contiguous(at::MemoryFormat::ChannelsLast)) << name;
+  }
+  for (const char* name :
+       {"layer4.0.conv1.weight", "layer4.0.downsample.0.weight", "layer3.0.conv1.weight", "layer3.1.conv2.weight"}) {
+    EXPECT_TRUE(params[name].is_contiguous()) << name;
+  }
 }
 
 TEST(mnist_cnn, reordered_fc1_reads_channels_last_activations_as_fc1_reads_flattened_ones) {

@@ -22,7 +22,7 @@ bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
   return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
 }
 
-// (input size, kernel, padding, input layout, threads): resnet18's layer4 at 64 px in small (2x2 under 3x3),
+// (input size, kernel, padding, input and weight layout, threads): resnet18's layer4 at 64 px in small (2x2 under 3x3),
 // a 1x1 map (the centre tap alone: layer4 at 32 px), a 1x3 map, a 3x3 map under a 5x5 kernel with padding 2,
 // and a 2x3 map under a 2x4 kernel (3x2 outputs). With padding 0 no map smaller than the kernel has an output.
 class small_map_conv
@@ -34,7 +34,8 @@ TEST_P(small_map_conv, matches_torch_values_and_both_gradients) {
   const testing::ThreadCount count(threads);
   at::manual_seed(3);
   const at::Tensor x = at::randn(size).contiguous(format);
-  const at::Tensor weight = at::randn({12, size[1], kernel[0], kernel[1]}) * 0.1;
+  // The weight in the input's layout: a channels-last one's taps are read (and its gradient written) in place.
+  const at::Tensor weight = (at::randn({12, size[1], kernel[0], kernel[1]}) * 0.1).contiguous(format);
   ASSERT_TRUE(detail::small_map_conv_applies(x, weight, padding));
 
   at::Tensor x_ours = x.clone().set_requires_grad(true), w_ours = weight.clone().set_requires_grad(true);

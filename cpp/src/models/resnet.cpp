@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <vector>
 
 #include "kiln/detail/isa_dispatch.hpp"
 #include "kiln/detail/small_map_conv.hpp"
@@ -73,7 +74,15 @@ class Downsample : public Block {
   torch::nn::BatchNorm2d bn_{nullptr};
 };
 
-class BasicBlock : public Block {
+// A residual block's stride-1 3x3 convolution weights: on maps with fewer pixels than the kernel those run as
+// pixel-pair products (small_map_or_module), which read a channels-last weight's taps in place.
+class Stride1Convs {
+ public:
+  virtual ~Stride1Convs() = default;
+  virtual std::vector<at::Tensor> stride1_weights() const = 0;
+};
+
+class BasicBlock : public Block, public Stride1Convs {
  public:
   static constexpr int kExpansion = 1;
 
@@ -97,6 +106,11 @@ class BasicBlock : public Block {
     return out.relu_();
   }
 
+  std::vector<at::Tensor> stride1_weights() const override {
+    if (conv1_stride1_) return {conv1_->weight, conv2_->weight};
+    return {conv2_->weight};
+  }
+
  private:
   bool conv1_stride1_;
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr};
@@ -104,7 +118,7 @@ class BasicBlock : public Block {
   std::shared_ptr<Downsample> downsample_;
 };
 
-class Bottleneck : public Block {
+class Bottleneck : public Block, public Stride1Convs {
  public:
   static constexpr int kExpansion = 4;
 
@@ -131,6 +145,11 @@ class Bottleneck : public Block {
     out = bn3_->forward(conv3_->forward(out));
     out += downsample_ ? downsample_->forward(input) : input;
     return out.relu_();
+  }
+
+  std::vector<at::Tensor> stride1_weights() const override {
+    if (conv2_stride1_) return {conv2_->weight};
+    return {};
   }
 
  private:
@@ -202,10 +221,23 @@ class ResNet : public Classifier, public LayoutSplit {
         first_contiguous_ = stage;
       }
       if (stage < first_contiguous_) continue;
+      // Weights of convolutions that run as pixel-pair products on this stage's map keep their layout.
+      std::vector<at::Tensor> small_map_weights;
+      for (const auto& block : layers_[stage]->children()) {
+        if (const auto* convs = dynamic_cast<const Stride1Convs*>(block.get())) {
+          for (const at::Tensor& weight : convs->stride1_weights()) {
+            if (height * width < weight.size(2) * weight.size(3)) small_map_weights.push_back(weight);
+          }
+        }
+      }
+      const auto small_map = [&](const at::Tensor& param) {
+        return std::any_of(small_map_weights.begin(), small_map_weights.end(),
+                           [&](const at::Tensor& weight) { return weight.is_same(param); });
+      };
       // clone: contiguous() keeps a channels-last 1x1 weight's strides (contiguous either way), with which
       // ATen still runs the convolution channels-last.
       for (auto& param : layers_[stage]->parameters()) {
-        if (param.dim() == 4) param.set_data(param.clone(at::MemoryFormat::Contiguous));
+        if (param.dim() == 4 && !small_map(param)) param.set_data(param.clone(at::MemoryFormat::Contiguous));
       }
     }
   }

@@ -20,7 +20,10 @@ class LayoutSplit {
   virtual ~LayoutSplit() = default;
   // Makes contiguous the 4-d parameters of the layers whose activations for `batch_size` images hold
   // fewer values than their largest convolution weight, and of every later layer; the forward pass
-  // then hands those layers contiguous activations. Call before the optimizer takes the parameters.
+  // then hands those layers contiguous activations. Kept as they are: the weights of convolutions that
+  // take kiln's own forms there rather than oneDNN's (ResNets' 3x3 convolutions on maps smaller than the
+  // kernel, detail/small_map_conv.hpp, read channels-last weights in place). Earlier, channels-last stages
+  // may take Winograd's form (detail/winograd_conv.hpp). Call before the optimizer takes the parameters.
   virtual void contiguous_late_layers(std::int64_t batch_size) = 0;
 };
 
