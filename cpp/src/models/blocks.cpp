@@ -51,8 +51,9 @@ namespace {
 // than oneDNN's, else the module's own. Measured for every depthwise convolution of mobilenet_v3_small/large and
 // efficientnet_b0 at 64 px (batch 32) and 224 px (batch 8), one thread, weight gradient alone: 5x5 kernels on any
 // map 3.1-100x oneDNN's on AVX2 (576 channels of 2x2: 9.1 ms -> 0.09 ms; 144 of 56x56: 7.8 -> 1.9 ms) and 4.1-32x
-// on AVX-512; 3x3 kernels only on maps no larger than the kernel (1152 channels of 2x2: 79x AVX2, 24x AVX-512),
-// as oneDNN's 3x3 kernels are as fast or faster elsewhere (4x4 maps 0.6-1.0x, 112x112 0.3-0.8x).
+// on AVX-512 (64 px, two threads: 2.9-125x and 3.0-21x); 3x3 kernels only on maps no larger than the kernel (1152
+// channels of 2x2: 79x AVX2, 24x AVX-512), as elsewhere neither wins throughout (0.3-1.6x across the CPU classes
+// and thread counts, oneDNN ahead on most shapes: 112x112 maps 0.3-0.8x).
 at::Tensor convolve(torch::nn::Conv2d& conv, const at::Tensor& input) {
   const at::Tensor& weight = conv->weight;
   const auto& options = conv->options;
