@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "kiln/error.hpp"
@@ -27,6 +29,33 @@ TEST(adadelta, fused_cpu_step_matches_the_tensor_op_update) {
   EXPECT_TRUE(at::allclose(fused.detach().to(at::kDouble), reference.detach(), 1e-5, 1e-6));
   const auto state = fused_optimizer.state_dict().toGenericDict().at("state").toGenericDict();
   EXPECT_EQ(state.at(0).toGenericDict().at("step").toTensor().item<double>(), 20.0);
+}
+
+TEST(adadelta, running_averages_that_decay_below_float_range_become_zero_not_denormal) {
+  // A weight whose gradient is tiny once and then zero (an input behind a dead ReLU): its running averages decay by
+  // rho every step, into the denormal range after ~20 steps here, where every multiply is ~100x slower on x86. The
+  // fused step flushes them to zero instead, and computes the same weights (a denormal average is below eps).
+  at::Tensor fused = at::ones({1000}).set_requires_grad(true);
+  at::Tensor reference = fused.detach().clone().to(at::kDouble).set_requires_grad(true);  // takes the op path
+  Adadelta fused_optimizer({fused}, {1.3});
+  Adadelta reference_optimizer({reference}, {1.3});
+  for (int step = 0; step < 40; ++step) {
+    const at::Tensor grad = at::full({1000}, step == 0 ? 1e-18 : 0.0);
+    fused.mutable_grad() = grad.to(at::kFloat);
+    reference.mutable_grad() = grad;
+    fused_optimizer.step();
+    reference_optimizer.step();
+  }
+  EXPECT_TRUE(at::allclose(fused.detach().to(at::kDouble), reference.detach()));
+  const auto state = fused_optimizer.state_dict().toGenericDict().at("state").toGenericDict().at(0).toGenericDict();
+  for (const char* name : {"square_avg", "acc_delta"}) {
+    const at::Tensor average = state.at(name).toTensor();
+    const at::Tensor denormal = (average != 0) & (average.abs() < std::numeric_limits<float>::min());
+    EXPECT_EQ(denormal.sum().item<std::int64_t>(), 0) << name << " holds denormals, e.g. " << average[0].item<float>();
+  }
+  // The caller's floating-point mode is left as it was: float arithmetic here still makes denormals.
+  volatile float smallest_normal = std::numeric_limits<float>::min();
+  EXPECT_GT(smallest_normal / 2.0f, 0.0f);
 }
 
 TEST(adadelta, bf16_working_copy_is_the_float32_update_rounded) {
