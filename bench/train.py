@@ -10,9 +10,10 @@ StepLR(0.7), batch size 32/100, same number of images:
   template      the template's loop: PNG folder -> PIL -> Dataset -> DataLoader, fp32
   python-fp32   the plain in-memory loop: tensors in memory, randperm batches, torch.optim, fp32
   python-bf16   the same with channels-last + bf16 autocast (for reference: the fastest Python here)
-Prints seconds per epoch (the best epoch of each process), test accuracy, and kiln's speed-up over
-each; with --rounds N, the median of N rounds' ratios (the shared machine's speed drifts by tens of
-percent over minutes, so compare within rounds).
+Prints seconds per epoch (the best epoch of each process; with --epochs N each epoch's too), test
+accuracy, and kiln's speed-up over each (with --epochs N also over the whole run); with --rounds N,
+the median of N rounds' ratios (the shared machine's speed drifts by tens of percent over minutes, so
+compare within rounds).
 """
 
 from __future__ import annotations
@@ -282,10 +283,11 @@ def main() -> None:
                 if done.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{done.stderr}")
                 results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-                best = min(r["seconds"] for r in results[name])
+                seconds = [r["seconds"] for r in results[name]]
+                each = f"  (epochs: {', '.join(f'{t:.2f}' for t in seconds)})" if len(seconds) > 1 else ""
                 print(
-                    f"round {round_number}  {name:12s} {best:7.2f} s/epoch  "
-                    f"test accuracy {results[name][-1]['test_accuracy']:.4f}",
+                    f"round {round_number}  {name:12s} {min(seconds):7.2f} s/epoch  "
+                    f"test accuracy {results[name][-1]['test_accuracy']:.4f}{each}",
                     flush=True,
                 )
             rounds.append(results)
@@ -308,6 +310,13 @@ def main() -> None:
             target = f" (target >= {targets[name]}x)" if name in targets else ""
             spread = f"  [rounds: {', '.join(f'{r:.2f}' for r in ratios)}]" if len(ratios) > 1 else ""
             print(f"kiln vs {name:12s} {statistics.median(ratios):5.2f}x{target}{spread}")
+            if args.epochs > 1:
+                # Later epochs can run slower than the first (denormal optimizer state), so the whole run too.
+                whole = sorted(
+                    sum(r["seconds"] for r in results[name]) / sum(r["seconds"] for r in results["kiln"])
+                    for results in rounds
+                )
+                print(f"  whole {args.epochs}-epoch run: {statistics.median(whole):5.2f}x")
 
 
 if __name__ == "__main__":
