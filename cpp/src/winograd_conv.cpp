@@ -14,17 +14,22 @@
 
 #include "kiln/detail/isa_dispatch.hpp"
 
-// MKL's batched matrix product (its LP64 interface: 32-bit integers; CBLAS's enum values), which the x86-64
-// torch wheels' libtorch_cpu exports. A weak reference: null where the torch build has no MKL (aarch64, macOS),
-// and then at::bmm_out computes the same products.
+// MKL's batched matrix product (its LP64 interface: 32-bit integers; CBLAS's enum values), which the x86-64 Linux
+// torch wheels' libtorch_cpu exports. A weak reference, null in a torch build without MKL; elsewhere (aarch64,
+// macOS, whose linker takes no weak reference to a symbol it cannot see) none is made. Without it at::bmm_out
+// computes the same products.
+#if defined(__x86_64__) && defined(__linux__)
+#define KILN_MKL_SGEMM_BATCH 1
 extern "C" void cblas_sgemm_batch(int layout, const int* transa, const int* transb, const int* m, const int* n,
                                   const int* k, const float* alpha, const float** a, const int* lda, const float** b,
                                   const int* ldb, const float* beta, float** c, const int* ldc, int group_count,
                                   const int* group_size) __attribute__((weak));
+#endif
 
 namespace kiln::detail {
 namespace {
 
+#ifdef KILN_MKL_SGEMM_BATCH
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
 // A [batch, rows, columns] float tensor as one of cblas_sgemm_batch's operands: rows a leading dimension apart
@@ -43,15 +48,17 @@ std::optional<BlasOperand> blas_operand(const at::Tensor& t) {
   }
   return std::nullopt;
 }
+#endif
 
 // out[i] = a[i] b[i] for the 36 points' matrices, as at::bmm_out. at::bmm_out runs them one at a time (a select
 // of each operand and a dispatched addmm per matrix, ~5 us each), which for mnist_cnn's conv2 (144 x 32 x 64 a
 // product, ~4 us of work) cost as much as the products; one cblas_sgemm_batch call takes all 36.
 void point_products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+#ifdef KILN_MKL_SGEMM_BATCH
   const auto op_a = blas_operand(a), op_b = blas_operand(b), op_out = blas_operand(out);
+  const auto fits = [](std::int64_t size) { return size <= std::numeric_limits<int>::max(); };
   if (cblas_sgemm_batch == nullptr || !op_a || !op_b || !op_out || op_out->transpose != kCblasNoTrans ||
-      a.size(1) > std::numeric_limits<int>::max() || b.size(2) > std::numeric_limits<int>::max() ||
-      a.size(2) > std::numeric_limits<int>::max()) {
+      !fits(a.size(1)) || !fits(b.size(2)) || !fits(a.size(2))) {
     at::bmm_out(out, a, b);
     return;
   }
@@ -67,6 +74,9 @@ void point_products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const float alpha = 1.0f, beta = 0.0f;
   cblas_sgemm_batch(kCblasRowMajor, &op_a->transpose, &op_b->transpose, &m, &n, &k, &alpha, a_ptrs.data(),
                     &op_a->leading, b_ptrs.data(), &op_b->leading, &beta, out_ptrs.data(), &op_out->leading, 1, &count);
+#else
+  at::bmm_out(out, a, b);
+#endif
 }
 
 // Lavin & Gray's F(4x4, 3x3): Y = A^T [(G g G^T) . (B^T d B)] A for a 6x6 input tile d and a 3x3 filter g.
