@@ -11,26 +11,14 @@
 #include <tuple>
 #include <vector>
 
+#include "kernel_testing.hpp"
+
 namespace kiln {
 namespace {
 
-// The intra-op thread count for one test.
-class ThreadCount {
- public:
-  explicit ThreadCount(int threads) : previous_(at::get_num_threads()) { at::set_num_threads(threads); }
-  ~ThreadCount() { at::set_num_threads(previous_); }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int previous_;
-};
-
-// kiln's weight gradient sums in another order than oneDNN's: within 1e-5 of the largest value.
-bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
-  const double scale = expected.abs().max().item<double>();
-  return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
-}
+// kiln's weight gradient sums in another order than oneDNN's: close_to, within 1e-5 of the largest value.
+using testing::close_to;
+using testing::ThreadCount;
 
 struct Conv {
   std::vector<std::int64_t> size;  // x: N, C, H, W

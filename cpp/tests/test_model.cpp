@@ -11,13 +11,13 @@
 #include <tuple>
 #include <vector>
 
+#include "kernel_testing.hpp"
 #include "kiln/detail/mnist_cnn.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
 #include "kiln/detail/small_conv.hpp"
 #include "kiln/detail/torchvision_models.hpp"
 #include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
-#include "thread_count.hpp"
 
 namespace kiln {
 namespace {
@@ -168,13 +168,9 @@ TEST(conv3x3_relu_fallback, other_dtypes_and_inputs_that_need_a_gradient_take_to
 // odd block), and odd sizes whose edge tiles are cut, as the trainer and the tests hand them over.
 class conv3x3_winograd : public ::testing::TestWithParam<std::tuple<std::vector<std::int64_t>, at::MemoryFormat>> {};
 
-// Winograd's transforms round differently from a direct sum: within 1e-5 of the largest value (measured:
-// 3.4e-6 for the outputs, 5.1e-6 for the weight gradient of mnist_cnn's conv2 shape).
-bool close_to(const at::Tensor& actual, const at::Tensor& expected) {
-  const double scale = expected.abs().max().item<double>();
-  return (actual - expected).abs().max().item<double>() <= 1e-5 * scale;
-}
-
+// Winograd's transforms round differently from a direct sum: close_to, within 1e-5 of the largest value
+// (measured: 3.4e-6 for the outputs, 5.1e-6 for the weight gradient of mnist_cnn's conv2 shape).
+using testing::close_to;
 using testing::ThreadCount;
 
 // conv3x3_winograd(x, weight, bias, padding) against at::conv2d: channels-last output, values, the input, weight
