@@ -74,8 +74,8 @@ class Downsample : public Block {
   torch::nn::BatchNorm2d bn_{nullptr};
 };
 
-// A residual block's stride-1 3x3 convolution weights: on maps with fewer pixels than the kernel those run as
-// pixel-pair products (small_map_or_module), which read a channels-last weight's taps in place.
+// A residual block's stride-1 3x3 convolution weights that run as pixel-pair products (small_map_or_module) on
+// maps with fewer pixels than the kernel, which read a channels-last weight's taps in place.
 class Stride1Convs {
  public:
   virtual ~Stride1Convs() = default;
@@ -118,11 +118,11 @@ class BasicBlock : public Block, public Stride1Convs {
   std::shared_ptr<Downsample> downsample_;
 };
 
-class Bottleneck : public Block, public Stride1Convs {
+class Bottleneck : public Block {
  public:
   static constexpr int kExpansion = 4;
 
-  Bottleneck(int in_channels, int planes, int stride) : conv2_stride1_(stride == 1) {
+  Bottleneck(int in_channels, int planes, int stride) {
     conv1_ = register_module("conv1", conv(in_channels, planes, 1, 1));
     bn1_ = register_module("bn1", torch::nn::BatchNorm2d(planes));
     conv2_ = register_module("conv2", conv(planes, planes, 3, stride));
@@ -137,23 +137,18 @@ class Bottleneck : public Block, public Stride1Convs {
 
   at::Tensor forward(const at::Tensor& input) override {
     at::Tensor out = bn1_->forward(conv1_->forward(input)).relu_();  // in place: see BasicBlock
-    // conv2 is oneDNN's but on small maps: in Winograd form (layer2's 8x8 maps of 128 channels, AVX-512) one
-    // training step of resnet50 on 4 images with torchvision's test statistics put conv1.weight's gradient 0.12
-    // (of 59) from torchvision's, past tests/test_torchvision_models.py's 1e-3 relative tolerance (resnet18: 1.3e-5
-    // of 1.9).
-    out = bn2_->forward(conv2_stride1_ ? small_map_or_module(conv2_, out) : conv2_->forward(out)).relu_();
+    // conv2 stays oneDNN's: the training step of tests/test_torchvision_models.py (4 images, batch statistics,
+    // random weights) amplifies any other rounding of it into conv1.weight's gradient. In Winograd form (layer2's
+    // 8x8 maps of 128 channels, AVX-512) that gradient was 0.12 (of 59) from torchvision's, past the 1e-3 relative
+    // tolerance (resnet18: 1.3e-5 of 1.9); as pixel-pair products on layer4's 2x2 maps it reached 0.4-0.9 of the
+    // tolerance and, once in CI, crossed it (resnet18's BasicBlocks: 0.01).
+    out = bn2_->forward(conv2_->forward(out)).relu_();
     out = bn3_->forward(conv3_->forward(out));
     out += downsample_ ? downsample_->forward(input) : input;
     return out.relu_();
   }
 
-  std::vector<at::Tensor> stride1_weights() const override {
-    if (conv2_stride1_) return {conv2_->weight};
-    return {};
-  }
-
  private:
-  bool conv2_stride1_;
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
   std::shared_ptr<Downsample> downsample_;

@@ -1,5 +1,5 @@
-// A stride-1 convolution on a map with fewer pixels than its kernel (resnet18/34/50's layer4 on images of up to
-// ~90 px: 2x2 maps under a 3x3 kernel), as matrix products over the pixel pairs it connects.
+// A stride-1 convolution on a map with fewer pixels than its kernel (resnet18/34's layer4 on images of up to ~90 px:
+// 2x2 maps under a 3x3 kernel), as matrix products over the pixel pairs it connects.
 #pragma once
 
 #include <ATen/core/Tensor.h>
