@@ -121,7 +121,7 @@ class FlushDenormals {
   static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
   unsigned saved_;
 #else
-  FlushDenormals() = default;
+  FlushDenormals() {}  // user-provided: a const instance needs one
 #endif
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;

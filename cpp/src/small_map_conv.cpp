@@ -23,7 +23,6 @@ struct Geometry {
   std::int64_t outputs, kernel_h, kernel_w;     // the weight's
   std::int64_t out_height, out_width;
   std::vector<Pair> pairs;  // by output pixel, then input pixel: the order every sum below takes
-  std::int64_t taps() const { return kernel_h * kernel_w; }
 };
 
 Geometry geometry_of(const at::Tensor& x, const at::Tensor& weight, std::int64_t padding) {
