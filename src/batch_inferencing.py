@@ -4,6 +4,7 @@ Reads conf/batch_inferencing.yaml; writes batch-infer-res.jsonl (one JSON line p
 Hydra output dir. Decoding and prediction run in kiln's C++ core.
 """
 
+import gc
 import logging
 from pathlib import Path
 
@@ -27,3 +28,7 @@ def main(args: DictConfig) -> None:
 if __name__ == "__main__":
     cli.accept_app_prefixed_overrides("batch_inferencing")
     main()
+    # The interpreter's last garbage collection at exit walks every object torch, Hydra and OmegaConf made: ~0.3 s,
+    # a tenth of a 10k-image run. Frozen, they are left to the process's exit (the output file is written and
+    # closed; logging's own flush at exit still runs).
+    gc.freeze()
