@@ -25,8 +25,9 @@ struct Geometry {
   std::vector<Pair> pairs;  // by output pixel, then input pixel: the order every sum below takes
 };
 
-Geometry geometry_of(const at::Tensor& x, const at::Tensor& weight, std::int64_t padding) {
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3), 0, 0, {}};
+// x: [batch, channels, height, width].
+Geometry geometry_of(at::IntArrayRef x_sizes, const at::Tensor& weight, std::int64_t padding) {
+  Geometry g{x_sizes[0], x_sizes[1], x_sizes[2], x_sizes[3], weight.size(0), weight.size(2), weight.size(3), 0, 0, {}};
   g.out_height = g.height + 2 * padding - g.kernel_h + 1;
   g.out_width = g.width + 2 * padding - g.kernel_w + 1;
   for (std::int64_t oy = 0; oy < g.out_height; ++oy) {
@@ -137,7 +138,7 @@ void sum_products(std::vector<at::Tensor>& sums, const std::vector<Pair>& pairs,
 struct SmallMapConv : torch::autograd::Function<SmallMapConv> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             std::int64_t padding) {
-    const Geometry g = geometry_of(x, weight, padding);
+    const Geometry g = geometry_of(x.sizes(), weight, padding);
     const at::Tensor rows = pixel_rows(x);
     const at::Tensor taps = weight_taps(weight);
     // Output pixel q's [N x O] rows: the sum over its pairs of input pixel p's [N x C] rows times tap t^T.
@@ -166,8 +167,8 @@ struct SmallMapConv : torch::autograd::Function<SmallMapConv> {
     const at::Tensor& weight = saved[2];
     const std::int64_t height = ctx->saved_data["height"].toInt();
     const std::int64_t width = ctx->saved_data["width"].toInt();
-    const Geometry g = geometry_of(rows.view({rows.size(0), height, width, rows.size(2)}).permute({0, 3, 1, 2}), weight,
-                                   ctx->saved_data["padding"].toInt());
+    const Geometry g =
+        geometry_of({rows.size(0), rows.size(2), height, width}, weight, ctx->saved_data["padding"].toInt());
     const at::Tensor grad = pixel_rows(grads[0]);  // [N, Q, O]
     const std::vector<at::Tensor> grad_pixels = slices(grad, 1), in_pixels = slices(rows, 1);
     const std::vector<at::Tensor> tap_matrices = slices(taps, 0);

@@ -74,15 +74,7 @@ class Downsample : public Block {
   torch::nn::BatchNorm2d bn_{nullptr};
 };
 
-// A residual block's stride-1 3x3 convolution weights that run as pixel-pair products (small_map_or_module) on
-// maps with fewer pixels than the kernel, which read a channels-last weight's taps in place.
-class Stride1Convs {
- public:
-  virtual ~Stride1Convs() = default;
-  virtual std::vector<at::Tensor> stride1_weights() const = 0;
-};
-
-class BasicBlock : public Block, public Stride1Convs {
+class BasicBlock : public Block {
  public:
   static constexpr int kExpansion = 1;
 
@@ -106,7 +98,9 @@ class BasicBlock : public Block, public Stride1Convs {
     return out.relu_();
   }
 
-  std::vector<at::Tensor> stride1_weights() const override {
+  // The weights of the stride-1 3x3 convolutions, which run as pixel-pair products (small_map_or_module) on maps
+  // with fewer pixels than the kernel, reading a channels-last weight's taps in place.
+  std::vector<at::Tensor> stride1_weights() const {
     if (conv1_stride1_) return {conv1_->weight, conv2_->weight};
     return {conv2_->weight};
   }
@@ -219,8 +213,8 @@ class ResNet : public Classifier, public LayoutSplit {
       // Weights of convolutions that run as pixel-pair products on this stage's map keep their layout.
       std::vector<at::Tensor> small_map_weights;
       for (const auto& block : layers_[stage]->children()) {
-        if (const auto* convs = dynamic_cast<const Stride1Convs*>(block.get())) {
-          for (const at::Tensor& weight : convs->stride1_weights()) {
+        if (const auto* basic = dynamic_cast<const BasicBlock*>(block.get())) {
+          for (const at::Tensor& weight : basic->stride1_weights()) {
             if (height * width < weight.size(2) * weight.size(3)) small_map_weights.push_back(weight);
           }
         }
