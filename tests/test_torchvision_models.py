@@ -98,17 +98,34 @@ def test_kiln_weights_load_strictly_into_torchvision(name: str) -> None:
         torch.testing.assert_close(ours(images), theirs(images), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_one_training_step_from_the_same_weights_matches_torchvision(name: str) -> None:
-    theirs = torchvision_model(name)
+def same_weights(name: str) -> tuple[_core.Model, torch.nn.Module]:
+    """kiln's `name` and torchvision's, with torchvision's weights and randomised batch-norm statistics in both.
+
+    The weights are drawn from a fixed seed: with some draws a ReLU input sits so close to zero that float
+    rounding alone flips it, and gradients then differ by far more than rounding (measured on resnet34: 3.6e-3 of
+    the largest gradient between torchvision's own channels-last and contiguous runs, in 2 of 25 draws)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = torchvision_model(name)
     randomise_norm_statistics(theirs)
     ours = _core.Model(name, CLASSES)
     ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def labelled_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four random 64x64 RGB images and their labels."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    return images, torch.randint(0, CLASSES, (4,), generator=generator)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_one_training_step_from_the_same_weights_matches_torchvision(name: str) -> None:
+    ours, theirs = same_weights(name)
     ours.train()
     theirs.train()
-    generator = torch.Generator().manual_seed(5)
-    images = torch.randn(4, 3, 64, 64, generator=generator)
-    labels = torch.randint(0, CLASSES, (4,), generator=generator)
+    images, labels = labelled_batch(5)
 
     our_parameters = ours.named_parameters()
     their_parameters = dict(theirs.named_parameters())
@@ -138,27 +155,23 @@ def test_one_backward_pass_on_channels_last_weights_gives_torchvisions_gradients
     # backward pass is compared in evaluation mode, on channels-last weights and images as kiln trains: there the
     # gradients pass through kiln's own kernels (the depthwise weight gradient; resnet34's Winograd and small-map
     # convolutions) where torchvision's pass through oneDNN's.
-    theirs = torchvision_model(name)
-    randomise_norm_statistics(theirs)
-    ours = _core.Model(name, CLASSES)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = same_weights(name)
     ours.eval()
     theirs.eval()
     our_parameters = ours.named_parameters()
     for value in our_parameters.values():
         if value.dim() == 4:
             value.data = value.data.contiguous(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(7)
-    images = torch.randn(4, 3, 64, 64, generator=generator).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, CLASSES, (4,), generator=generator)
+    images, labels = labelled_batch(7)
+    images = images.contiguous(memory_format=torch.channels_last)
     functional.cross_entropy(ours(images), labels).backward()
     functional.cross_entropy(theirs(images), labels).backward()
     their_parameters = dict(theirs.named_parameters())
     for key, value in our_parameters.items():
         expected = their_parameters[key].grad
         # Tolerance: float32 sums in another order (and Winograd's transforms) through up to ~50 layers; measured
-        # at most 8.1e-7 (mobilenet_v3_small), 1.1e-6, 1.7e-6 (efficientnet_b0) and 5.7e-6 (resnet34) of the
-        # tensor's largest gradient.
+        # at most 9.4e-7 (mobilenet_v3_small), 2.3e-6 (mobilenet_v3_large), 2.4e-6 (efficientnet_b0) and 8.9e-6
+        # (resnet34) of the tensor's largest gradient.
         torch.testing.assert_close(value.grad, expected, rtol=0, atol=1e-4 * expected.abs().max().item(), msg=key)
 
 
