@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kiln/detail/floats8.hpp"
 #include "kiln/detail/isa_dispatch.hpp"
 
 namespace kiln::detail {
@@ -40,20 +41,7 @@ struct Geometry {
 // out[i][j][c0 + c] ([kh][kw][C]) the sum over images n, output rows oy and output columns ox (in that order)
 // of grad[n, oy, ox, c0 + c] * x[n, oy*sh - ph + i*dh, ox*sw - pw + j*dw, c0 + c], zero outside the image.
 
-// 8 floats as one value (GCC's and Clang's vector extension): one AVX2 register, half an AVX-512 one, loaded
-// and stored anywhere (aligned to a float, may alias floats) as _mm256_loadu_ps would. GCC does not vectorise
-// the same sums written over a local float array (it kept them in scalars), lowers a 16-float vector to AVX2
-// through the stack, and copied memcpy'd vectors through the stack in 16-byte halves (each reload a stalled
-// store forward).
-using Floats8 = float __attribute__((vector_size(8 * sizeof(float)), aligned(alignof(float)), may_alias));
-constexpr std::int64_t kLanes = 8;
-
-[[gnu::always_inline]] inline const Floats8& floats8_at(const float* p) {
-  return *reinterpret_cast<const Floats8*>(p);
-}
-[[gnu::always_inline]] inline Floats8& floats8_at(float* p) {
-  return *reinterpret_cast<Floats8*>(p);
-}
+constexpr std::int64_t kLanes = kFloats8Lanes;  // detail/floats8.hpp
 
 // The kernel widths the models have (3 and 5), kKernelW of them, with a block of kVectors x 8 channels: all the
 // running sums stay in registers (10 of AVX2's 16 for 5 taps x 16 channels) through the chunk, and each pixel of

@@ -5,10 +5,10 @@
 #include <torch/nn/modules/linear.h>
 
 #include "kiln/detail/activation_observer.hpp"
+#include "kiln/detail/conv_relu_pool.hpp"
 #include "kiln/detail/dropout.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
 #include "kiln/detail/small_conv.hpp"
-#include "kiln/detail/winograd_conv.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::detail::mnist_cnn {
@@ -47,10 +47,11 @@ class MnistCnn : public Classifier {
     // conv1 + ReLU in kiln's own loop for few input channels (detail/small_conv.hpp) where it applies.
     const auto conv1 =
         channels_last ? conv3x3_relu(x, conv1_->weight, conv1_->bias) : torch::relu(conv1_->forward(x).contiguous());
-    // conv2 in Winograd's form where it applies (detail/winograd_conv.hpp): 4x fewer multiplications.
-    const auto conv2 = channels_last ? conv3x3_winograd(conv1, conv2_->weight, conv2_->bias) : conv2_->forward(conv1);
-    // Pooling keeps conv2's largest activation: it is observed after pooling (4x fewer values).
-    x = relu_max_pool2x2(conv2);
+    // conv2 in Winograd's form, then ReLU and pooling, with a backward that only computes the gradients of the
+    // outputs pooling kept (detail/conv_relu_pool.hpp). Pooling keeps conv2's largest activation: it is observed
+    // after pooling (4x fewer values).
+    x = channels_last ? conv3x3_relu_max_pool2x2(conv1, conv2_->weight, conv2_->bias)
+                      : relu_max_pool2x2(conv2_->forward(conv1));
     const auto pooled = x;
     x = dropout(x, 0.25, is_training(), dropout_stream_);
     // Flattened in memory order: (h, w, c) for channels-last activations, which fc1's weights then

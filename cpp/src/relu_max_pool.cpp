@@ -137,18 +137,22 @@ void unpool(const at::Tensor& grad_out, const at::Tensor& winner, at::Tensor& gr
   });
 }
 
-struct ReluMaxPool2x2 : torch::autograd::Function<ReluMaxPool2x2> {
-  static bool applies(const at::Tensor& x) {
-    return x.device().is_cpu() && x.dim() == 4 && x.size(2) >= 2 && x.size(3) >= 2 &&
-           (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-           x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  }
+at::Tensor pooled(const at::Tensor& x, std::uint8_t* winner) {
+  const std::int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  at::Tensor out = at::empty({n, c, h / 2, w / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  pool(x, out, winner);
+  return out;
+}
 
+at::Tensor winners_for(const at::Tensor& x) {
+  return at::empty({x.size(0), x.size(2) / 2, x.size(3) / 2, x.size(1)}, x.options().dtype(at::kByte));
+}
+
+struct ReluMaxPool2x2 : torch::autograd::Function<ReluMaxPool2x2> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
     const std::int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-    at::Tensor out = at::empty({n, c, h / 2, w / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    at::Tensor winner = at::empty({n, h / 2, w / 2, c}, x.options().dtype(at::kByte));
-    pool(x, out, winner.data_ptr<std::uint8_t>());
+    at::Tensor winner = winners_for(x);
+    at::Tensor out = pooled(x, winner.data_ptr<std::uint8_t>());
     ctx->save_for_backward({winner});
     ctx->saved_data["shape"] = std::vector<std::int64_t>{n, c, h, w};
     return out;
@@ -168,14 +172,21 @@ struct ReluMaxPool2x2 : torch::autograd::Function<ReluMaxPool2x2> {
 
 }  // namespace
 
+bool relu_max_pool2x2_applies(const at::Tensor& x) {
+  return x.device().is_cpu() && x.dim() == 4 && x.size(2) >= 2 && x.size(3) >= 2 &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor relu_max_pool2x2(const at::Tensor& x) {
-  if (!ReluMaxPool2x2::applies(x)) return at::max_pool2d(at::relu(x), 2);
+  if (!relu_max_pool2x2_applies(x)) return at::max_pool2d(at::relu(x), 2);
   if (at::GradMode::is_enabled() && x.requires_grad()) return ReluMaxPool2x2::apply(x);
-  // Evaluation: the values only, no record of the winners.
-  const std::int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  at::Tensor out = at::empty({n, c, h / 2, w / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  pool(x, out, nullptr);
-  return out;
+  return pooled(x, nullptr);  // evaluation: the values only, no record of the winners
+}
+
+at::Tensor relu_max_pool2x2_winners(const at::Tensor& x, at::Tensor& winner) {
+  winner = winners_for(x);
+  return pooled(x, winner.data_ptr<std::uint8_t>());
 }
 
 }  // namespace kiln::detail
