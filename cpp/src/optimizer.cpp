@@ -78,10 +78,15 @@ template <Algorithm A>
 
 // All of an update in one pass over memory, instead of the ~10 passes of the tensor-op form; with a
 // bf16 working copy, the updated weight written there too.
+// The scalars are copied first: read through the reference, they could alias the arrays written, so the compiler
+// reloaded them per element and left the loop scalar (measured: Adadelta's step over mnist_cnn's 1.2M weights
+// was 11% of an AVX2 training epoch).
 template <Algorithm A, typename Grad, bool Copy>
-[[gnu::always_inline]] inline void step_range(float* param, const Grad* grad, float* first, float* second,
-                                              at::BFloat16* copy, std::int64_t begin, std::int64_t end,
-                                              const StepScalars& s) {
+[[gnu::always_inline]] inline void step_range(float* __restrict param, const Grad* __restrict grad,
+                                              float* __restrict first, float* __restrict second,
+                                              at::BFloat16* __restrict copy, std::int64_t begin, std::int64_t end,
+                                              const StepScalars& scalars) {
+  const StepScalars s = scalars;
   for (std::int64_t i = begin; i < end; ++i) {
     const float updated = update<A>(param[i], static_cast<float>(grad[i]), first[i], second[i], s);
     param[i] = updated;
