@@ -55,43 +55,49 @@ struct NonzeroGradients {
   std::unique_ptr<float[]> channel_value;
 };
 
-// Bit i of the result: keys[i] is a position (not kPositions), for `count` (at most 64) keys.
-[[gnu::always_inline]] inline std::uint64_t listed_bits(const std::uint8_t* keys, std::int64_t count) {
+// Bit i of the result: output i of the window gets a gradient (a nonzero `value` and a winning `position`), for
+// `count` (at most 64) outputs. SSE2's compares and movemasks where there are 64, a loop otherwise.
+[[gnu::always_inline]] inline std::uint64_t listed_bits(const float* values, const std::uint8_t* positions,
+                                                        std::int64_t count) {
   std::uint64_t bits = 0;
 #if defined(__SSE2__)
   if (count == 64) {
     const __m128i none = _mm_set1_epi8(static_cast<char>(kPositions));
+    const __m128 zero = _mm_setzero_ps();
+    std::uint64_t won = 0, nonzero = 0;
     for (int i = 0; i < 4; ++i) {
-      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 16 * i));
-      const auto unlisted = static_cast<std::uint64_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(chunk, none)));
-      bits |= (~unlisted & 0xFFFFu) << (16 * i);
+      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + 16 * i));
+      won |= static_cast<std::uint64_t>(_mm_movemask_epi8(_mm_cmplt_epi8(chunk, none))) << (16 * i);
     }
-    return bits;
+    for (int i = 0; i < 16; ++i) {
+      nonzero |= static_cast<std::uint64_t>(_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(values + 4 * i), zero)))
+                 << (4 * i);
+    }
+    return won & nonzero;
   }
 #endif
-  for (std::int64_t i = 0; i < count; ++i) bits |= static_cast<std::uint64_t>(keys[i] != kPositions) << i;
+  for (std::int64_t i = 0; i < count; ++i) {
+    bits |= static_cast<std::uint64_t>(values[i] != 0.0f && positions[i] < kPositions) << i;
+  }
   return bits;
 }
 
 // Image n's windows, listed by window, with how many entries each channel has in `image_counts` (zeros).
-// `keys` holds O bytes, `bits` (O + 63) / 64 words: each channel's position if it is listed, else kPositions,
-// and which are listed (a few in 10 once training is under way: the loops visit those only).
+// `bits` holds (O + 63) / 64 words: which outputs are listed (a few in 10 once training is under way: the loops
+// visit those only).
 [[gnu::always_inline]] inline void list_image_body(const Geometry& g, const float* __restrict grad,
                                                    const std::uint8_t* __restrict winner, NonzeroGradients& lists,
                                                    std::int64_t n, std::int64_t* __restrict image_counts,
-                                                   std::uint8_t* __restrict keys, std::uint64_t* __restrict bits) {
+                                                   std::uint64_t* __restrict bits) {
   const std::int64_t outputs = g.outputs, image_windows = g.pooled_height * g.pooled_width;
   const std::int64_t words = (outputs + 63) / 64;
   for (std::int64_t w = n * image_windows; w < (n + 1) * image_windows; ++w) {
     const float* values = grad + w * outputs;
     const std::uint8_t* positions = winner + w * outputs;
-    for (std::int64_t o = 0; o < outputs; ++o) {
-      keys[o] = values[o] != 0.0f && positions[o] < kPositions ? positions[o] : std::uint8_t{kPositions};
-    }
     std::int64_t next[kPositions + 1] = {};
     for (std::int64_t word = 0; word < words; ++word) {
-      bits[word] = listed_bits(keys + 64 * word, std::min<std::int64_t>(64, outputs - 64 * word));
-      for (std::uint64_t b = bits[word]; b != 0; b &= b - 1) ++next[keys[64 * word + std::countr_zero(b)] + 1];
+      bits[word] = listed_bits(values + 64 * word, positions + 64 * word, std::min<std::int64_t>(64, outputs - 64 * word));
+      for (std::uint64_t b = bits[word]; b != 0; b &= b - 1) ++next[positions[64 * word + std::countr_zero(b)] + 1];
     }
     std::int64_t* group = lists.group.get() + w * (kPositions + 1);
     next[0] = w * outputs;
@@ -100,7 +106,7 @@ struct NonzeroGradients {
     for (std::int64_t word = 0; word < words; ++word) {
       for (std::uint64_t b = bits[word]; b != 0; b &= b - 1) {
         const std::int64_t o = 64 * word + std::countr_zero(b);
-        const std::int64_t k = next[keys[o]]++;
+        const std::int64_t k = next[positions[o]]++;
         lists.channel[k] = static_cast<std::int32_t>(o);
         lists.window_value[k] = values[o];
         ++image_counts[o];
@@ -111,8 +117,8 @@ struct NonzeroGradients {
 
 KILN_ISA_VARIANTS(void, list_image,
                   (const Geometry& g, const float* grad, const std::uint8_t* winner, NonzeroGradients& lists,
-                   std::int64_t n, std::int64_t* image_counts, std::uint8_t* keys, std::uint64_t* bits),
-                  list_image_body(g, grad, winner, lists, n, image_counts, keys, bits))
+                   std::int64_t n, std::int64_t* image_counts, std::uint64_t* bits),
+                  list_image_body(g, grad, winner, lists, n, image_counts, bits))
 
 // `grad`: the pooled output's gradient and `winner` the pool's winners, both [N, PH, PW, O]. Images are listed
 // in parallel, each by one thread.
@@ -125,10 +131,9 @@ NonzeroGradients list_nonzero(const Geometry& g, const float* grad, const std::u
   lists.group = std::make_unique_for_overwrite<std::int64_t[]>(static_cast<std::size_t>(windows * (kPositions + 1)));
   std::vector<std::int64_t> counts(static_cast<std::size_t>(images * outputs), 0);  // [n][o]
   at::parallel_for(0, images, 1, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<std::uint8_t> keys(static_cast<std::size_t>(outputs));
     std::vector<std::uint64_t> bits(static_cast<std::size_t>((outputs + 63) / 64));
     for (std::int64_t n = begin; n < end; ++n) {
-      list_image(g, grad, winner, lists, n, counts.data() + n * outputs, keys.data(), bits.data());
+      list_image(g, grad, winner, lists, n, counts.data() + n * outputs, bits.data());
     }
   });
   // Channel o's entries, image by image.

@@ -33,7 +33,8 @@ Result run(bool ours, const at::Tensor& x, const at::Tensor& weight, const at::T
 }
 
 // (input size, output channels, padding, bias, layout, threads): mnist_cnn's conv2 (32 -> 64 on 26x26, padding 0),
-// odd convolution outputs whose last row and column pooling drops, padding 1, 8 and 48 input channels (blocks of
+// odd convolution outputs whose last row and column pooling drops, padding 1 with 80 outputs (a listing word of 64
+// and one of 16), 8 and 48 input channels (blocks of
 // 8 and 16 + 32 channels), no bias, and a contiguous input and weight.
 class conv_relu_pool
     : public ::testing::TestWithParam<
@@ -74,7 +75,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         std::make_tuple(std::vector<std::int64_t>{4, 32, 26, 26}, 64, 0, true, at::MemoryFormat::ChannelsLast, 2),
         std::make_tuple(std::vector<std::int64_t>{3, 8, 9, 11}, 12, 0, true, at::MemoryFormat::ChannelsLast, 1),
-        std::make_tuple(std::vector<std::int64_t>{2, 48, 7, 8}, 20, 1, false, at::MemoryFormat::ChannelsLast, 2),
+        std::make_tuple(std::vector<std::int64_t>{2, 48, 7, 8}, 80, 1, false, at::MemoryFormat::ChannelsLast, 2),
         std::make_tuple(std::vector<std::int64_t>{2, 16, 6, 5}, 9, 1, true, at::MemoryFormat::Contiguous, 1)));
 
 TEST(conv_relu_pool, gradients_do_not_depend_on_the_thread_count) {
