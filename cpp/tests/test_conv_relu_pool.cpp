@@ -34,8 +34,8 @@ Result run(bool ours, const at::Tensor& x, const at::Tensor& weight, const at::T
 
 // (input size, output channels, padding, bias, layout, threads): mnist_cnn's conv2 (32 -> 64 on 26x26, padding 0),
 // odd convolution outputs whose last row and column pooling drops, padding 1 with 80 outputs (a listing word of 64
-// and one of 16), 8 and 48 input channels (blocks of
-// 8 and 16 + 32 channels), no bias, and a contiguous input and weight.
+// and one of 16), 8 and 48 input channels (blocks of 8 and 16 + 32 channels), no bias, and a contiguous input and
+// weight.
 class conv_relu_pool
     : public ::testing::TestWithParam<
           std::tuple<std::vector<std::int64_t>, std::int64_t, std::int64_t, bool, at::MemoryFormat, int>> {};
