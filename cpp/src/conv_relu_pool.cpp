@@ -290,7 +290,7 @@ struct Conv3x3ReluMaxPool : torch::autograd::Function<Conv3x3ReluMaxPool> {
     const at::Tensor bias_values = bias.has_value() ? *bias : at::Tensor();
     const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor winner;
-    at::Tensor out = relu_max_pool2x2_winners(conv3x3_winograd(input, weight, bias_values, padding), winner);
+    at::Tensor out = conv3x3_winograd_relu_max_pool(input, weight, bias_values, padding, &winner);
     ctx->save_for_backward({input, weight, winner});
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["has_bias"] = bias_values.defined();
@@ -346,23 +346,34 @@ struct Conv3x3ReluMaxPool : torch::autograd::Function<Conv3x3ReluMaxPool> {
   }
 };
 
+// Where the Winograd form's output transform can pool: an output of at least 2x2.
+bool pooled_winograd_applies(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             std::int64_t padding) {
+  return conv3x3_winograd_applies(x, weight, bias, padding) && x.size(2) + 2 * padding >= 4 &&
+         x.size(3) + 2 * padding >= 4;
+}
+
 }  // namespace
 
 bool conv3x3_relu_max_pool2x2_applies(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                       std::int64_t padding) {
-  return conv3x3_winograd_applies(x, weight, bias, padding) && x.size(1) % kFloats8Lanes == 0 &&
-         weight.size(0) <= INT32_MAX && x.size(2) + 2 * padding >= 4 && x.size(3) + 2 * padding >= 4;
+  return pooled_winograd_applies(x, weight, bias, padding) && x.size(1) % kFloats8Lanes == 0 &&
+         weight.size(0) <= INT32_MAX;
 }
 
 at::Tensor conv3x3_relu_max_pool2x2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                     std::int64_t padding) {
   const bool recorded = at::GradMode::is_enabled() &&
                         (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
-  if (!recorded || !conv3x3_relu_max_pool2x2_applies(x, weight, bias, padding)) {
-    return relu_max_pool2x2(conv3x3_winograd(x, weight, bias, padding));
+  if (recorded && conv3x3_relu_max_pool2x2_applies(x, weight, bias, padding)) {
+    return Conv3x3ReluMaxPool::apply(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                                     padding);
   }
-  return Conv3x3ReluMaxPool::apply(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                   padding);
+  // Evaluation: pooled in Winograd's output transform, nothing recorded.
+  if (!recorded && pooled_winograd_applies(x, weight, bias, padding)) {
+    return conv3x3_winograd_relu_max_pool(x, weight, bias, padding);
+  }
+  return relu_max_pool2x2(conv3x3_winograd(x, weight, bias, padding));
 }
 
 }  // namespace kiln::detail

@@ -5,9 +5,6 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <bit>
-#include <type_traits>
-
 #include "kiln/detail/isa_dispatch.hpp"
 
 namespace kiln::detail {
@@ -18,22 +15,8 @@ namespace {
 // window whose maximum is not positive), in one pass over channels-last activations each way. The
 // two ATen ops cost ~2.5 ms of a ~12 ms bf16 training step here: their backward fills and converts
 // the 24x24 gradient several times. Other layouts take the ATen ops.
-// The pooling loops, branch-free so they vectorise: per output position, the four inputs of its
-// window for all channels at once (channels-last: each is a contiguous run of `c` values).
-template <typename T>
-[[gnu::always_inline]] inline float widen(T v) {
-  return static_cast<float>(v);
-}
-// `v` is one of the inputs or 0: exactly representable, so the bits are cut, not rounded.
-template <typename T>
-[[gnu::always_inline]] inline T narrow(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return T(static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(v) >> 16), T::from_bits());
-  }
-}
-
+// The pooling loops: per output position, the four inputs of its window for all channels at once
+// (channels-last: each is a contiguous run of `c` values).
 template <typename T>
 [[gnu::always_inline]] inline void pool_rows(const T* __restrict in, T* __restrict out, std::uint8_t* __restrict winner,
                                              std::int64_t begin, std::int64_t end, std::int64_t h, std::int64_t w,
@@ -48,24 +31,7 @@ template <typename T>
       const T* __restrict e = d + c;
       T* __restrict o = out + (row * ow + x) * c;
       std::uint8_t* __restrict win = winner != nullptr ? winner + (row * ow + x) * c : nullptr;
-      for (std::int64_t k = 0; k < c; ++k) {
-        // torch's scan: a later value wins if greater or NaN.
-        float best = widen(a[k]);
-        std::uint8_t at = 0;
-        const float vb = widen(b[k]), vd = widen(d[k]), ve = widen(e[k]);
-        bool take = vb > best || vb != vb;
-        best = take ? vb : best;
-        at = take ? 1 : at;
-        take = vd > best || vd != vd;
-        best = take ? vd : best;
-        at = take ? 2 : at;
-        take = ve > best || ve != ve;
-        best = take ? ve : best;
-        at = take ? 3 : at;
-        const bool passes = best > 0.0f || best != best;  // relu keeps NaN
-        o[k] = narrow<T>(passes ? best : 0.0f);
-        if (win != nullptr) win[k] = passes ? at : std::uint8_t{4};  // 4: no gradient
-      }
+      pooling::window(a, b, d, e, o, win, c);
     }
   }
 }
@@ -170,23 +136,18 @@ struct ReluMaxPool2x2 : torch::autograd::Function<ReluMaxPool2x2> {
   }
 };
 
-}  // namespace
-
-bool relu_max_pool2x2_applies(const at::Tensor& x) {
+bool applies(const at::Tensor& x) {
   return x.device().is_cpu() && x.dim() == 4 && x.size(2) >= 2 && x.size(3) >= 2 &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
          x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+}  // namespace
+
 at::Tensor relu_max_pool2x2(const at::Tensor& x) {
-  if (!relu_max_pool2x2_applies(x)) return at::max_pool2d(at::relu(x), 2);
+  if (!applies(x)) return at::max_pool2d(at::relu(x), 2);
   if (at::GradMode::is_enabled() && x.requires_grad()) return ReluMaxPool2x2::apply(x);
   return pooled(x, nullptr);  // evaluation: the values only, no record of the winners
-}
-
-at::Tensor relu_max_pool2x2_winners(const at::Tensor& x, at::Tensor& winner) {
-  winner = winners_for(x);
-  return pooled(x, winner.data_ptr<std::uint8_t>());
 }
 
 }  // namespace kiln::detail

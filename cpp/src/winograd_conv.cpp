@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kiln/detail/isa_dispatch.hpp"
+#include "kiln/detail/relu_max_pool.hpp"
 
 // MKL's batched matrix product (its LP64 interface: 32-bit integers; CBLAS's enum values), which the x86-64 Linux
 // torch wheels' libtorch_cpu exports. A weak reference, null in a torch build without MKL; elsewhere (aarch64,
@@ -191,6 +192,16 @@ KILN_ISA_VARIANTS(void, transform_input,
                    float* __restrict v, std::int64_t point_stride, float* __restrict scratch),
                   transform_input_body(g, x, first, count, v, point_stride, scratch))
 
+// rows [4][6][O] = A^T applied down each of tile t's six columns of the 36 matrices M[p][t][o]: the first half
+// of the output transform, the same for the pooled one.
+[[gnu::always_inline]] inline void output_columns(const float* __restrict m, std::int64_t point_stride, std::int64_t t,
+                                                  std::int64_t o_count, float* __restrict rows) {
+  for (std::int64_t col = 0; col < kInTile; ++col) {
+    output_rows(m + col * point_stride + t * o_count, kInTile * point_stride, rows + col * o_count, kInTile * o_count,
+                nullptr, o_count);
+  }
+}
+
 // out (channels-last) = A^T m_t A + bias for the tiles t of images [first, first + count), from the 36
 // matrices M[p][t][o] (bias: O floats, or null for none); the parts of edge tiles outside the output are
 // dropped. `scratch` holds (24 + 16) x O floats.
@@ -204,10 +215,7 @@ KILN_ISA_VARIANTS(void, transform_input,
   for (std::int64_t t = 0; t < block_tiles; ++t) {
     const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
     const std::int64_t y0 = g.tile_y(in_image), x0 = g.tile_x(in_image);
-    for (std::int64_t col = 0; col < kInTile; ++col) {
-      output_rows(m + col * point_stride + t * o_count, kInTile * point_stride, rows + col * o_count, kInTile * o_count,
-                  nullptr, o_count);
-    }
+    output_columns(m, point_stride, t, o_count, rows);
     float* image_out = out + image * g.out_height * g.out_width * o_count;
     const bool whole = y0 + kOutTile <= g.out_height && x0 + kOutTile <= g.out_width;
     for (std::int64_t r = 0; r < kOutTile; ++r) {
@@ -229,6 +237,43 @@ KILN_ISA_VARIANTS(void, transform_output,
                    const float* __restrict bias, std::int64_t first, std::int64_t count, float* __restrict out,
                    float* __restrict scratch),
                   transform_output_body(g, m, point_stride, bias, first, count, out, scratch))
+
+// transform_output's tiles ReLU'd and max-pooled 2x2 (floor) as they come, into `pooled` ([N, PH, PW, O] with
+// PH = out_height / 2, PW = out_width / 2) and, where `winner` is not null, each value's winner (relu_max_pool2x2's
+// values and winners: output tiles start at even pixels, so each window lies in one tile). The convolution's
+// output itself is never written. `scratch` holds (24 + 16) x O floats.
+[[gnu::always_inline]] inline void transform_output_pooled_body(const Geometry& g, const float* __restrict m,
+                                                                std::int64_t point_stride,
+                                                                const float* __restrict bias, std::int64_t first,
+                                                                std::int64_t count, float* __restrict pooled,
+                                                                std::uint8_t* __restrict winner,
+                                                                float* __restrict scratch) {
+  const std::int64_t o_count = g.outputs, block_tiles = count * g.tiles_per_image();
+  const std::int64_t pooled_height = g.out_height / 2, pooled_width = g.out_width / 2;
+  float* __restrict rows = scratch;                                 // [4][6][O]
+  float* __restrict tile = scratch + kOutTile * kInTile * o_count;  // [4][4][O]
+  for (std::int64_t t = 0; t < block_tiles; ++t) {
+    const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
+    const std::int64_t y0 = g.tile_y(in_image), x0 = g.tile_x(in_image);
+    output_columns(m, point_stride, t, o_count, rows);
+    for (std::int64_t r = 0; r < kOutTile; ++r) {
+      output_rows(rows + r * kInTile * o_count, o_count, tile + r * kOutTile * o_count, o_count, bias, o_count);
+    }
+    for (std::int64_t wy = 0; wy < kOutTile / 2 && y0 / 2 + wy < pooled_height; ++wy) {
+      for (std::int64_t wx = 0; wx < kOutTile / 2 && x0 / 2 + wx < pooled_width; ++wx) {
+        const float* a = tile + (2 * wy * kOutTile + 2 * wx) * o_count;
+        const std::int64_t at = ((image * pooled_height + y0 / 2 + wy) * pooled_width + x0 / 2 + wx) * o_count;
+        pooling::window(a, a + o_count, a + kOutTile * o_count, a + (kOutTile + 1) * o_count, pooled + at,
+                        winner != nullptr ? winner + at : nullptr, o_count);
+      }
+    }
+  }
+}
+KILN_ISA_VARIANTS(void, transform_output_pooled,
+                  (const Geometry& g, const float* __restrict m, std::int64_t point_stride,
+                   const float* __restrict bias, std::int64_t first, std::int64_t count, float* __restrict pooled,
+                   std::uint8_t* __restrict winner, float* __restrict scratch),
+                  transform_output_pooled_body(g, m, point_stride, bias, first, count, pooled, winner, scratch))
 
 // out_i = (A y)_i for the four vectors y_k = in + k * in_stride of n floats each.
 [[gnu::always_inline]] inline void grad_rows(const float* __restrict in, std::int64_t in_stride, float* __restrict out,
@@ -441,12 +486,15 @@ void for_each_block(const Geometry& g, std::int64_t n, std::int64_t blocks, std:
 }
 
 // The 3x3 convolution of `x` (padded by `padding`) with the transformed weights `u` [36, C, O], plus `bias`
-// (O floats, or null): channels-last [N, O, H + 2 padding - 2, W + 2 padding - 2].
-at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& u, const float* bias, std::int64_t padding) {
+// (O floats, or null): channels-last [N, O, H + 2 padding - 2, W + 2 padding - 2]. With `pooled`, ReLU'd and
+// max-pooled 2x2 in the output transform instead ([N, O, out_height / 2, out_width / 2]), the winners into `winner`
+// ([N, PH, PW, O] bytes) unless it is null.
+at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& u, const float* bias, std::int64_t padding,
+                         bool pooled = false, std::uint8_t* winner = nullptr) {
   const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g = geometry_of(input, u.size(2), padding);
-  const std::int64_t n = input.size(0);
-  at::Tensor out = at::empty({n, g.outputs, g.out_height, g.out_width},
+  const std::int64_t n = input.size(0), scale = pooled ? 2 : 1;
+  at::Tensor out = at::empty({n, g.outputs, g.out_height / scale, g.out_width / scale},
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* in_data = input.const_data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -455,7 +503,12 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& u, const float* 
       [&](std::int64_t, std::int64_t first, std::int64_t count, at::Tensor& v, at::Tensor& m, float* scratch) {
         transform_input(g, in_data, first, count, v.data_ptr<float>(), v.stride(0), scratch);
         point_products(m, v, u);  // [36, tiles, O]
-        transform_output(g, m.const_data_ptr<float>(), m.stride(0), bias, first, count, out_data, scratch);
+        if (pooled) {
+          transform_output_pooled(g, m.const_data_ptr<float>(), m.stride(0), bias, first, count, out_data, winner,
+                                  scratch);
+        } else {
+          transform_output(g, m.const_data_ptr<float>(), m.stride(0), bias, first, count, out_data, scratch);
+        }
       });
   return out;
 }
@@ -553,6 +606,22 @@ bool conv3x3_winograd_applies(const at::Tensor& x, const at::Tensor& weight, con
          (!bias.defined() || bias.scalar_type() == at::kFloat) && x.dim() == 4 && weight.dim() == 4 &&
          weight.size(1) == x.size(1) && weight.size(2) == 3 && weight.size(3) == 3 && x.size(0) > 0 && padding >= 0 &&
          x.size(2) + 2 * padding >= 3 && x.size(3) + 2 * padding >= 3 && !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+at::Tensor conv3x3_winograd_relu_max_pool(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                         std::int64_t padding, at::Tensor* winner) {
+  TORCH_CHECK(conv3x3_winograd_applies(x, weight, bias, padding) && x.size(2) + 2 * padding >= 4 &&
+                  x.size(3) + 2 * padding >= 4,
+              "conv3x3_winograd_relu_max_pool: not a convolution conv3x3_winograd computes, or its output is under 2x2");
+  const at::Tensor bias_values = bias.defined() ? bias.contiguous() : at::Tensor();
+  std::uint8_t* winner_data = nullptr;
+  if (winner != nullptr) {
+    const std::int64_t pooled_height = (x.size(2) + 2 * padding - 2) / 2, pooled_width = (x.size(3) + 2 * padding - 2) / 2;
+    *winner = at::empty({x.size(0), pooled_height, pooled_width, weight.size(0)}, x.options().dtype(at::kByte));
+    winner_data = winner->data_ptr<std::uint8_t>();
+  }
+  return winograd_conv(x, transform_weight(weight), bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr,
+                       padding, /*pooled=*/true, winner_data);
 }
 
 at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -8,9 +8,12 @@
 
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernel_testing.hpp"
+#include "kiln/detail/relu_max_pool.hpp"
+#include "kiln/detail/winograd_conv.hpp"
 
 namespace kiln {
 namespace {
@@ -77,6 +80,33 @@ INSTANTIATE_TEST_SUITE_P(
         std::make_tuple(std::vector<std::int64_t>{3, 8, 9, 11}, 12, 0, true, at::MemoryFormat::ChannelsLast, 1),
         std::make_tuple(std::vector<std::int64_t>{2, 48, 7, 8}, 80, 1, false, at::MemoryFormat::ChannelsLast, 2),
         std::make_tuple(std::vector<std::int64_t>{2, 16, 6, 5}, 9, 1, true, at::MemoryFormat::Contiguous, 1)));
+
+// Output tiles are 4x4 from even pixels: the pooled transform sees each window whole, the edge tiles cut by the
+// output's size (odd sizes: pooling drops the last row or column) included.
+TEST(conv_relu_pool, pooling_in_the_output_transform_gives_the_unfused_values_and_winners_bit_for_bit) {
+  at::manual_seed(8);
+  for (const auto& [size, padding] : std::vector<std::pair<std::vector<std::int64_t>, std::int64_t>>{
+           {{3, 32, 26, 26}, 0}, {{2, 8, 9, 11}, 0}, {{2, 12, 7, 8}, 1}, {{1, 16, 4, 5}, 0}}) {
+    const at::Tensor x = at::randn(size).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor weight = at::randn({20, size[1], 3, 3}) * 0.2;
+    const at::Tensor bias = at::randn({20}) * 0.1;
+    at::Tensor winner;
+    const at::Tensor fused = detail::conv3x3_winograd_relu_max_pool(x, weight, bias, padding, &winner);
+    const at::Tensor conv = detail::conv3x3_winograd(x, weight, bias, padding);
+    EXPECT_TRUE(at::equal(fused, detail::relu_max_pool2x2(conv)));
+    // The winners, as the values' positions: gathering the convolution's output at them gives the pooled values.
+    const std::int64_t ph = conv.size(2) / 2, pw = conv.size(3) / 2;
+    const at::Tensor windows = conv.narrow(2, 0, 2 * ph)
+                                   .narrow(3, 0, 2 * pw)
+                                   .reshape({size[0], 20, ph, 2, pw, 2})
+                                   .permute({0, 2, 4, 1, 3, 5})
+                                   .reshape({size[0], ph, pw, 20, 4});
+    const at::Tensor kept = winner < 4;
+    const at::Tensor picked = windows.gather(4, winner.clamp_max(3).to(at::kLong).unsqueeze(4)).squeeze(4);
+    EXPECT_TRUE(at::equal(picked.masked_fill(kept.logical_not(), 0), fused.permute({0, 2, 3, 1})));
+    EXPECT_TRUE(at::equal(kept, fused.permute({0, 2, 3, 1}) > 0));
+  }
+}
 
 TEST(conv_relu_pool, gradients_do_not_depend_on_the_thread_count) {
   at::manual_seed(6);

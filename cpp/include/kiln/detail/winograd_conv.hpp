@@ -21,6 +21,14 @@ namespace kiln::detail {
 at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             std::int64_t padding = 0);
 
+// relu_max_pool2x2(conv3x3_winograd(x, weight, bias, padding)) with the same values, recorded for no gradient, where
+// conv3x3_winograd_applies and the convolution's output is at least 2x2: each 4x4 output tile is ReLU'd and pooled
+// as the output transform computes it (tiles start at even pixels, so no window spans two), and the convolution's
+// output is never written out. Where `winner` is not null it is set to
+// [N, PH, PW, O] bytes: each value's position in its window (0-3, row by row), or 4 where no gradient flows back.
+at::Tensor conv3x3_winograd_relu_max_pool(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                         std::int64_t padding, at::Tensor* winner = nullptr);
+
 // Whether conv3x3_winograd computes this convolution in Winograd form: float32 CPU tensors outside autocast,
 // a 3x3 weight matching x's channels, a non-empty batch and an output of at least one pixel.
 bool conv3x3_winograd_applies(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
