@@ -8,6 +8,7 @@
 #include "kiln/detail/conv_relu_pool.hpp"
 #include "kiln/detail/dropout.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
+#include "kiln/detail/sparse_linear.hpp"
 #include "kiln/detail/small_conv.hpp"
 #include "kiln/error.hpp"
 
@@ -57,7 +58,8 @@ class MnistCnn : public Classifier {
     // Flattened in memory order: (h, w, c) for channels-last activations, which fc1's weights then
     // follow (prepare_channels_last_inference), so no copy is made.
     x = hwc_flatten_ ? x.permute({0, 2, 3, 1}).flatten(1) : torch::flatten(x, 1);
-    x = torch::relu(fc1_->forward(x));
+    // fc1 reads pooled, dropped-out activations: mostly zeros once training is under way (detail/sparse_linear.hpp).
+    x = torch::relu(sparse_input_linear(x, fc1_->weight, fc1_->bias));
     if (observer_ != nullptr) observer_->observe({conv1, pooled, x}, input.size(0));  // kObservedActivations
     x = dropout(x, 0.5, is_training(), dropout_stream_);
     return fc2_->forward(x);
