@@ -96,7 +96,8 @@ struct NonzeroGradients {
     const std::uint8_t* positions = winner + w * outputs;
     std::int64_t next[kPositions + 1] = {};
     for (std::int64_t word = 0; word < words; ++word) {
-      bits[word] = listed_bits(values + 64 * word, positions + 64 * word, std::min<std::int64_t>(64, outputs - 64 * word));
+      bits[word] =
+          listed_bits(values + 64 * word, positions + 64 * word, std::min<std::int64_t>(64, outputs - 64 * word));
       for (std::uint64_t b = bits[word]; b != 0; b &= b - 1) ++next[positions[64 * word + std::countr_zero(b)] + 1];
     }
     std::int64_t* group = lists.group.get() + w * (kPositions + 1);
@@ -176,9 +177,8 @@ NonzeroGradients list_nonzero(const Geometry& g, const float* grad, const std::u
 // times their channels' weights ([O][3][3][C]) to those pixels, 8 channels and all 9 taps at a time in registers
 // (9 of AVX2's 16). Each image is one thread's, and its sums run in window order.
 [[gnu::always_inline]] inline void input_grad_images_body(const Geometry& g, const NonzeroGradients& lists,
-                                                          const float* __restrict weight_rows,
-                                                          float* __restrict out, std::int64_t begin,
-                                                          std::int64_t end) {
+                                                          const float* __restrict weight_rows, float* __restrict out,
+                                                          std::int64_t begin, std::int64_t end) {
   const std::int64_t channels = g.channels, row = g.padded_width() * channels;
   const std::int64_t image_windows = g.pooled_height * g.pooled_width;
   const std::int32_t* channel = lists.channel.get();
@@ -199,7 +199,8 @@ NonzeroGradients list_nonzero(const Geometry& g, const float* grad, const std::u
             for (std::int64_t t = 0; t < kTaps; ++t) sum[t] += v * floats8_at(taps + t * channels);
           }
           for (std::int64_t ky = 0; ky < 3; ++ky) {
-            for (std::int64_t kx = 0; kx < 3; ++kx) floats8_at(patch + ky * row + kx * channels + c0) += sum[ky * 3 + kx];
+            for (std::int64_t kx = 0; kx < 3; ++kx)
+              floats8_at(patch + ky * row + kx * channels + c0) += sum[ky * 3 + kx];
           }
         }
       }
@@ -229,7 +230,8 @@ template <std::int64_t kVectors>
       const Floats8 v = Floats8{} + value[k];
       const float* pixels = padded + patch[k] + ky * row + c0;
       for (std::int64_t kx = 0; kx < 3; ++kx) {
-        for (std::int64_t i = 0; i < kVectors; ++i) sum[kx][i] += v * floats8_at(pixels + kx * channels + i * kFloats8Lanes);
+        for (std::int64_t i = 0; i < kVectors; ++i)
+          sum[kx][i] += v * floats8_at(pixels + kx * channels + i * kFloats8Lanes);
       }
     }
     for (std::int64_t kx = 0; kx < 3; ++kx) {
@@ -239,8 +241,8 @@ template <std::int64_t kVectors>
 }
 
 [[gnu::always_inline]] inline void weight_grad_channels_body(const Geometry& g, const NonzeroGradients& lists,
-                                                             const float* padded, float* grad_weight,
-                                                             float* grad_bias, std::int64_t begin, std::int64_t end) {
+                                                             const float* padded, float* grad_weight, float* grad_bias,
+                                                             std::int64_t begin, std::int64_t end) {
   const std::int64_t channels = g.channels;
   std::fill(grad_weight + begin * kTaps * channels, grad_weight + end * kTaps * channels, 0.0f);
   for (std::int64_t n = 0; n < g.batch; ++n) {
@@ -285,8 +287,7 @@ at::Tensor padded_input(const at::Tensor& x, std::int64_t padding) {
 struct Conv3x3ReluMaxPool : torch::autograd::Function<Conv3x3ReluMaxPool> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, std::int64_t padding) {
-    // Optional: autograd's Function takes no undefined tensor as an input. Grad mode is off in here, so the
-    // convolution keeps nothing for a backward of its own.
+    // Optional: autograd's Function takes no undefined tensor as an input.
     const at::Tensor bias_values = bias.has_value() ? *bias : at::Tensor();
     const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor winner;
@@ -321,9 +322,9 @@ struct Conv3x3ReluMaxPool : torch::autograd::Function<Conv3x3ReluMaxPool> {
       const std::int64_t p = g.padding;
       grad_input = padded.slice(1, p, p + g.height).slice(2, p, p + g.width).permute({0, 3, 1, 2});
       // In the input's own layout, as oneDNN's would be.
-      grad_input = grad_input.contiguous(ctx->saved_data["input_channels_last"].toBool()
-                                             ? at::MemoryFormat::ChannelsLast
-                                             : at::MemoryFormat::Contiguous);
+      grad_input =
+          grad_input.contiguous(ctx->saved_data["input_channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous);
     }
     // needs_input_grad counts the tensor inputs only: no index 2 without a bias.
     const bool bias_grad = has_bias && ctx->needs_input_grad(2);

@@ -8,8 +8,8 @@
 #include "kiln/detail/conv_relu_pool.hpp"
 #include "kiln/detail/dropout.hpp"
 #include "kiln/detail/relu_max_pool.hpp"
-#include "kiln/detail/sparse_linear.hpp"
 #include "kiln/detail/small_conv.hpp"
+#include "kiln/detail/sparse_linear.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::detail::mnist_cnn {

@@ -132,8 +132,8 @@ template <std::int64_t kVectors>
 
 // Column blocks [begin, end) (of kColumnBlock; the last may be narrower) of y [N, O], from the bias (or zeros):
 // the weight's rows in passes of kRowBlock, every sample's values in a pass added before the next.
-[[gnu::always_inline]] inline void forward_body(const NonzeroRows& rows, const float* wt, const float* bias,
-                                                float* y, std::int64_t n, std::int64_t size, std::int64_t outputs,
+[[gnu::always_inline]] inline void forward_body(const NonzeroRows& rows, const float* wt, const float* bias, float* y,
+                                                std::int64_t n, std::int64_t size, std::int64_t outputs,
                                                 std::int64_t begin, std::int64_t end) {
   std::vector<std::int64_t> cursor(static_cast<std::size_t>(n));
   for (std::int64_t block = begin; block < end; ++block) {

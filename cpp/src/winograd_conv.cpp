@@ -243,9 +243,9 @@ KILN_ISA_VARIANTS(void, transform_output,
 // values and winners: output tiles start at even pixels, so each window lies in one tile). The convolution's
 // output itself is never written. `scratch` holds (24 + 16) x O floats.
 [[gnu::always_inline]] inline void transform_output_pooled_body(const Geometry& g, const float* __restrict m,
-                                                                std::int64_t point_stride,
-                                                                const float* __restrict bias, std::int64_t first,
-                                                                std::int64_t count, float* __restrict pooled,
+                                                                std::int64_t point_stride, const float* __restrict bias,
+                                                                std::int64_t first, std::int64_t count,
+                                                                float* __restrict pooled,
                                                                 std::uint8_t* __restrict winner,
                                                                 float* __restrict scratch) {
   const std::int64_t o_count = g.outputs, block_tiles = count * g.tiles_per_image();
@@ -609,19 +609,22 @@ bool conv3x3_winograd_applies(const at::Tensor& x, const at::Tensor& weight, con
 }
 
 at::Tensor conv3x3_winograd_relu_max_pool(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                         std::int64_t padding, at::Tensor* winner) {
-  TORCH_CHECK(conv3x3_winograd_applies(x, weight, bias, padding) && x.size(2) + 2 * padding >= 4 &&
-                  x.size(3) + 2 * padding >= 4,
-              "conv3x3_winograd_relu_max_pool: not a convolution conv3x3_winograd computes, or its output is under 2x2");
+                                          std::int64_t padding, at::Tensor* winner) {
+  TORCH_CHECK(
+      conv3x3_winograd_applies(x, weight, bias, padding) && x.size(2) + 2 * padding >= 4 &&
+          x.size(3) + 2 * padding >= 4,
+      "conv3x3_winograd_relu_max_pool: not a convolution conv3x3_winograd computes, or its output is under 2x2");
   const at::Tensor bias_values = bias.defined() ? bias.contiguous() : at::Tensor();
   std::uint8_t* winner_data = nullptr;
   if (winner != nullptr) {
-    const std::int64_t pooled_height = (x.size(2) + 2 * padding - 2) / 2, pooled_width = (x.size(3) + 2 * padding - 2) / 2;
+    const std::int64_t pooled_height = (x.size(2) + 2 * padding - 2) / 2,
+                       pooled_width = (x.size(3) + 2 * padding - 2) / 2;
     *winner = at::empty({x.size(0), pooled_height, pooled_width, weight.size(0)}, x.options().dtype(at::kByte));
     winner_data = winner->data_ptr<std::uint8_t>();
   }
-  return winograd_conv(x, transform_weight(weight), bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr,
-                       padding, /*pooled=*/true, winner_data);
+  return winograd_conv(x, transform_weight(weight),
+                       bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr, padding, /*pooled=*/true,
+                       winner_data);
 }
 
 at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -39,8 +39,8 @@ Result run(bool ours, const at::Tensor& x, const at::Tensor& weight, const at::T
 }
 
 // (samples, inputs, outputs, density, threads): mnist_cnn's fc1 (9216 -> 128) sparse as in training and dense as at
-// its start (at::linear's products), more inputs than one pass of 2048 weight rows reads and a count that is not a multiple of 8, and 72
-// outputs (a block of 64 columns and one of 8).
+// its start (at::linear's products), more inputs than one pass of 2048 weight rows reads and a count that is not a
+// multiple of 8, and 72 outputs (a block of 64 columns and one of 8).
 class sparse_input_linear
     : public ::testing::TestWithParam<std::tuple<std::int64_t, std::int64_t, std::int64_t, double, int>> {};
 
@@ -66,9 +66,9 @@ TEST_P(sparse_input_linear, matches_torch_values_and_gradients) {
 }
 
 INSTANTIATE_TEST_SUITE_P(densities_and_shapes, sparse_input_linear,
-                         ::testing::Values(std::make_tuple(32, 9216, 128, 0.12, 2), std::make_tuple(32, 9216, 128, 0.7, 2),
-                                           std::make_tuple(5, 5003, 72, 0.2, 1), std::make_tuple(7, 100, 8, 0.05, 2),
-                                           std::make_tuple(3, 64, 16, 0.0, 1)));
+                         ::testing::Values(std::make_tuple(32, 9216, 128, 0.12, 2),
+                                           std::make_tuple(32, 9216, 128, 0.7, 2), std::make_tuple(5, 5003, 72, 0.2, 1),
+                                           std::make_tuple(7, 100, 8, 0.05, 2), std::make_tuple(3, 64, 16, 0.0, 1)));
 
 TEST(sparse_input_linear, values_do_not_depend_on_the_thread_count) {
   at::manual_seed(12);
@@ -91,8 +91,8 @@ TEST(sparse_input_linear, values_do_not_depend_on_the_thread_count) {
 TEST(sparse_input_linear, other_layouts_and_precisions_take_at_linear) {
   const at::Tensor x = sparse_input(4, 64, 0.1);
   EXPECT_TRUE(detail::sparse_input_linear_applies(x, transposed_weight(16, 64), {}));
-  EXPECT_FALSE(detail::sparse_input_linear_applies(x, at::randn({16, 64}), {}));          // not stored transposed
-  EXPECT_FALSE(detail::sparse_input_linear_applies(x, transposed_weight(12, 64), {}));    // 12 outputs
+  EXPECT_FALSE(detail::sparse_input_linear_applies(x, at::randn({16, 64}), {}));           // not stored transposed
+  EXPECT_FALSE(detail::sparse_input_linear_applies(x, transposed_weight(12, 64), {}));     // 12 outputs
   EXPECT_FALSE(detail::sparse_input_linear_applies(x.t(), transposed_weight(16, 4), {}));  // x not contiguous
   EXPECT_FALSE(detail::sparse_input_linear_applies(x.to(at::kBFloat16), transposed_weight(16, 64), {}));
   // Still at::linear's values.

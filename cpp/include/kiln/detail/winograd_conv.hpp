@@ -27,7 +27,7 @@ at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const
 // output is never written out. Where `winner` is not null it is set to
 // [N, PH, PW, O] bytes: each value's position in its window (0-3, row by row), or 4 where no gradient flows back.
 at::Tensor conv3x3_winograd_relu_max_pool(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                         std::int64_t padding, at::Tensor* winner = nullptr);
+                                          std::int64_t padding, at::Tensor* winner = nullptr);
 
 // Whether conv3x3_winograd computes this convolution in Winograd form: float32 CPU tensors outside autocast,
 // a 3x3 weight matching x's channels, a non-empty batch and an output of at least one pixel.
