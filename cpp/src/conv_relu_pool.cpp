@@ -63,16 +63,12 @@ struct NonzeroGradients {
 #if defined(__SSE2__)
   if (count == 64) {
     const __m128i none = _mm_set1_epi8(static_cast<char>(kPositions));
-    const __m128 zero = _mm_setzero_ps();
     std::uint64_t won = 0, nonzero = 0;
     for (int i = 0; i < 4; ++i) {
       const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(positions + 16 * i));
       won |= static_cast<std::uint64_t>(_mm_movemask_epi8(_mm_cmplt_epi8(chunk, none))) << (16 * i);
     }
-    for (int i = 0; i < 16; ++i) {
-      nonzero |= static_cast<std::uint64_t>(_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(values + 4 * i), zero)))
-                 << (4 * i);
-    }
+    for (int i = 0; i < 8; ++i) nonzero |= static_cast<std::uint64_t>(nonzero_bits8(values + 8 * i)) << (8 * i);
     return won & nonzero;
   }
 #endif

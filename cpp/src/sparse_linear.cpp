@@ -16,10 +16,6 @@
 #include "kiln/detail/floats8.hpp"
 #include "kiln/detail/isa_dispatch.hpp"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 namespace kiln::detail {
 namespace {
 
@@ -30,19 +26,6 @@ constexpr double kMostNonzero = 0.25;
 // cache while every sample's nonzero values in those rows are added.
 constexpr std::int64_t kRowBlock = 2048;
 constexpr std::int64_t kColumnBlock = 64;  // 8 vectors of 8 floats
-
-// Bit i: p[i] != 0 (NaN included), for 8 floats.
-[[gnu::always_inline]] inline unsigned nonzero_bits8(const float* p) {
-#if defined(__SSE2__)
-  const __m128 zero = _mm_setzero_ps();
-  return static_cast<unsigned>(_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(p), zero))) |
-         (static_cast<unsigned>(_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(p + 4), zero))) << 4);
-#else
-  unsigned bits = 0;
-  for (int i = 0; i < 8; ++i) bits |= static_cast<unsigned>(p[i] != 0.0f) << i;
-  return bits;
-#endif
-}
 
 // Calls visit(k) for each nonzero x[k] of a row of `size` floats, in order of k.
 template <typename Visit>

@@ -192,13 +192,17 @@ KILN_ISA_VARIANTS(void, transform_input,
                    float* __restrict v, std::int64_t point_stride, float* __restrict scratch),
                   transform_input_body(g, x, first, count, v, point_stride, scratch))
 
-// rows [4][6][O] = A^T applied down each of tile t's six columns of the 36 matrices M[p][t][o]: the first half
-// of the output transform, the same for the pooled one.
-[[gnu::always_inline]] inline void output_columns(const float* __restrict m, std::int64_t point_stride, std::int64_t t,
-                                                  std::int64_t o_count, float* __restrict rows) {
+// A^T m_t A + bias for tile t, from the 36 matrices M[p][t][o]: its 4 rows of 4 pixels x O floats, row r written
+// at dst + r * row_stride; `rows` holds the [4][6][O] half-way values. Shared by both output transforms.
+[[gnu::always_inline]] inline void output_tile(const float* __restrict m, std::int64_t point_stride, std::int64_t t,
+                                               std::int64_t o_count, const float* __restrict bias,
+                                               float* __restrict rows, float* __restrict dst, std::int64_t row_stride) {
   for (std::int64_t col = 0; col < kInTile; ++col) {
     output_rows(m + col * point_stride + t * o_count, kInTile * point_stride, rows + col * o_count, kInTile * o_count,
                 nullptr, o_count);
+  }
+  for (std::int64_t r = 0; r < kOutTile; ++r) {
+    output_rows(rows + r * kInTile * o_count, o_count, dst + r * row_stride, o_count, bias, o_count);
   }
 }
 
@@ -215,15 +219,15 @@ KILN_ISA_VARIANTS(void, transform_input,
   for (std::int64_t t = 0; t < block_tiles; ++t) {
     const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
     const std::int64_t y0 = g.tile_y(in_image), x0 = g.tile_x(in_image);
-    output_columns(m, point_stride, t, o_count, rows);
     float* image_out = out + image * g.out_height * g.out_width * o_count;
     const bool whole = y0 + kOutTile <= g.out_height && x0 + kOutTile <= g.out_width;
-    for (std::int64_t r = 0; r < kOutTile; ++r) {
-      // A whole tile's row of 4 pixels is 4 x O consecutive floats of the channels-last output.
-      float* dst = whole ? image_out + ((y0 + r) * g.out_width + x0) * o_count : edge + r * kOutTile * o_count;
-      output_rows(rows + r * kInTile * o_count, o_count, dst, o_count, bias, o_count);
+    // A whole tile's row of 4 pixels is 4 x O consecutive floats of the channels-last output.
+    if (whole) {
+      output_tile(m, point_stride, t, o_count, bias, rows, image_out + (y0 * g.out_width + x0) * o_count,
+                  g.out_width * o_count);
+      continue;
     }
-    if (whole) continue;
+    output_tile(m, point_stride, t, o_count, bias, rows, edge, kOutTile * o_count);
     for (std::int64_t r = 0; r < kOutTile && y0 + r < g.out_height; ++r) {
       for (std::int64_t col = 0; col < kOutTile && x0 + col < g.out_width; ++col) {
         std::copy_n(edge + (r * kOutTile + col) * o_count, o_count,
@@ -255,10 +259,7 @@ KILN_ISA_VARIANTS(void, transform_output,
   for (std::int64_t t = 0; t < block_tiles; ++t) {
     const std::int64_t image = first + t / g.tiles_per_image(), in_image = t % g.tiles_per_image();
     const std::int64_t y0 = g.tile_y(in_image), x0 = g.tile_x(in_image);
-    output_columns(m, point_stride, t, o_count, rows);
-    for (std::int64_t r = 0; r < kOutTile; ++r) {
-      output_rows(rows + r * kInTile * o_count, o_count, tile + r * kOutTile * o_count, o_count, bias, o_count);
-    }
+    output_tile(m, point_stride, t, o_count, bias, rows, tile, kOutTile * o_count);
     for (std::int64_t wy = 0; wy < kOutTile / 2 && y0 / 2 + wy < pooled_height; ++wy) {
       for (std::int64_t wx = 0; wx < kOutTile / 2 && x0 / 2 + wx < pooled_width; ++wx) {
         const float* a = tile + (2 * wy * kOutTile + 2 * wx) * o_count;
